@@ -17,7 +17,8 @@ from .errors import PgtttError
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "pgttt.checkpoints.cli": ("inspect", "import"),
     "pgttt.ttt.cli": ("eval",),
-    "pgttt.app.cli": ("serve", "sweep", "report"),
+    "pgttt.app.cli": ("serve",),
+    "pgttt.app.sweep_cli": ("sweep", "report"),
     "pgttt.training.cli": ("train",),
 }
 
