@@ -1,0 +1,112 @@
+"""The service's one error type and its translation to HTTP: ``{"error": {"code", "message", "detail"}}``.
+
+Errors from the other layers (``PgtttError`` and its subclasses) are translated here, once; FastAPI's
+own validation and HTTP errors are reshaped to the same body so that clients parse one format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pgttt.errors import PgtttError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("pgttt.app")
+
+
+class ApiError(PgtttError):
+    """An error with its HTTP status, a stable machine-readable code and optional detail."""
+
+    def __init__(
+        self, status: int, code: str, message: str, detail: Any = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.detail, self.headers = status, code, message, detail, headers
+
+
+def invalid_field(field: str, message: str, value: Any = None) -> ApiError:
+    """A 422 that names the field (``detail.field``) in its message."""
+    text = message if message.startswith(field) else f"{field}: {message}"
+    return ApiError(422, "invalid_field", text, {"field": field, "value": _jsonable(value)})
+
+
+def not_found(kind: str, name: str) -> ApiError:
+    return ApiError(404, f"{kind}_not_found", f"unknown {kind} {name!r}", {"field": kind, "value": name})
+
+
+def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "detail": detail}}
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _field_of(loc: tuple | list) -> str:
+    """The dotted field name of a pydantic error location, without the 'body'/'query' prefix."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.status, headers=exc.headers)
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
+    if first.get("type") == "json_invalid":
+        ctx = first.get("ctx") or {}
+        message = f"malformed JSON body: {ctx.get('error', first.get('msg'))}"
+        return JSONResponse(error_body("malformed_json", message, None), status_code=400)
+    field = _field_of(first.get("loc", ()))
+    if field == "body" and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
+        return JSONResponse(
+            error_body("malformed_body", "the request body must be a JSON object", {"field": "body"}), status_code=400
+        )
+    message = f"{field}: {first.get('msg', 'invalid value')}"
+    detail = {
+        "field": field,
+        "value": _jsonable(first.get("input")),
+        "errors": [
+            {"field": _field_of(e.get("loc", ())), "message": e.get("msg"), "type": e.get("type")} for e in errors
+        ],
+    }
+    return JSONResponse(error_body("invalid_field", message, detail), status_code=422)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    return JSONResponse(
+        error_body(code, str(exc.detail), None), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+    )
+
+
+async def _user_error(_request: Request, exc: PgtttError) -> JSONResponse:
+    # Another layer's input error that reached HTTP untranslated: still the client's input, so 422.
+    return JSONResponse(error_body("invalid_input", str(exc), None), status_code=422)
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(error_body("internal", f"internal error: {type(exc).__name__}", None), status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(PgtttError, _user_error)
+    app.add_exception_handler(Exception, _unexpected)
