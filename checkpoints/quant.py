@@ -57,7 +57,8 @@ class QuantizedTensor:
                 f"{name}: scale shape {tuple(self.scale.shape)} does not match {self.q.shape[0]} rows"
             )
         qmax = QMAX[self.scheme]
-        if self.q.numel() and int(self.q.abs().max()) > qmax:
+        # min/max, not abs: int8 abs(-128) overflows to -128 and would pass.
+        if self.q.numel() and (int(self.q.min()) < -qmax or int(self.q.max()) > qmax):
             raise ValueError(f"{name}: {self.scheme} values exceed +-{qmax}")
 
 
