@@ -16,6 +16,7 @@ import io
 import lzma
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -94,22 +95,23 @@ def _load_weights_only(raw: bytes, fail) -> Any:
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "Unsupported" in line or "global" in line.lower()), first[0])
+        # Name what it wanted, but not torch's advice to allowlist it.
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        detail = f"it references {found.group(1)}" if found else str(exc).strip().splitlines()[0][:200]
         raise fail(
-            f"refused to unpickle: the payload holds objects other than tensors, which could run code "
-            f"(torch.load weights_only: {detail.strip()})"
+            f"refused to unpickle: the payload holds objects other than tensors, which could run code ({detail})"
         ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... on a foreign blob
         raise fail(f"decompressed data is not a torch.save archive ({type(exc).__name__}: {exc})") from None
 
 
-def _describe_keys(obj: dict) -> str:
-    return str(sorted(map(str, obj))[:12])
+def _describe_keys(obj: dict, limit: int = 5) -> str:
+    keys = sorted(map(str, obj))
+    return str(keys) if len(keys) <= limit else f"{keys[:limit]} and {len(keys) - limit} more"
 
 
 def _tensors_from_layout(obj: Any, fail) -> dict[str, QuantizedTensor]:
-    supported = "supported: {'w': tensors, 'm': quantization meta} (the 2026-04 records' layout)"
+    supported = "supported: {'w': tensors, 'm': quantization meta}, as the 2026-04-09 record saves it"
     if not isinstance(obj, dict):
         raise fail(f"unsupported payload layout: a {type(obj).__name__}, not a dict; {supported}")
     if set(obj) != {"w", "m"}:

@@ -84,6 +84,13 @@ def tiny_tensors(seed: int = 0) -> dict[str, QuantizedTensor]:
     return out
 
 
+def float16_artifact(config) -> bytes:
+    """An artifact for any config: every tensor passthrough float16."""
+    with torch.device("meta"):
+        shapes = {n: t.shape for n, t in GPT(config).state_dict().items()}
+    return pack(challenge_layout({n: quantize_rows(torch.randn(s), "float16") for n, s in shapes.items()}))
+
+
 @pytest.fixture(scope="module")
 def tensors():
     return tiny_tensors()
@@ -117,10 +124,8 @@ def test_every_packing_imports_the_same_integers_and_scales(tmp_path, tensors, c
 
 def test_ptz_with_overrides_records_them(tmp_path):
     config = PRESETS["tiny"].with_overrides({"num_layers": 3, "xsa_last_n": 3, "mlp_mult": 3.0})
-    with torch.device("meta"):
-        shapes = {n: t.shape for n, t in GPT(config).state_dict().items()}
     path = tmp_path / "a.ptz"
-    path.write_bytes(pack(challenge_layout({n: quantize_rows(torch.randn(s), "float16") for n, s in shapes.items()})))
+    path.write_bytes(float16_artifact(config))
     ckpt = load_checkpoint(path, preset="tiny", overrides=["num_layers=3", "xsa_last_n=3", "mlp_mult=3"])
     assert ckpt.kind == "ptz" and ckpt.config == config
     assert ckpt.provenance["overrides"] == {"num_layers": 3, "xsa_last_n": 3, "mlp_mult": 3.0}
@@ -154,7 +159,7 @@ def test_a_pickle_that_runs_code_is_refused_not_executed(tmp_path):
 
     path = tmp_path / "evil.ptz"
     path.write_bytes(evil_artifact(tmp_path, "marker"))
-    with pytest.raises(CheckpointError, match="refused to unpickle: the payload holds objects other than tensors"):
+    with pytest.raises(CheckpointError, match=r"refused to unpickle: .* could run code \(it references io\.open\)"):
         load_checkpoint(path, preset="tiny")
     assert not (tmp_path / "marker").exists()
 
