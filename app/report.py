@@ -1,0 +1,375 @@
+"""The report of a sweep: ``results.csv``, a Pareto plot (``pareto.png``) and a markdown summary (``report.md``).
+
+Input is a ``results.jsonl`` written by ``pgttt sweep`` (one finished evaluation per line: its request and the
+engine's result). The no-TTT baseline of a point is the mean val_bpb of the ``ttt_epochs=0`` points that share its
+checkpoint, dataset and the fields that change a sliding-window score (:data:`BASELINE_FIELDS`); a point's gain is
+baseline minus its val_bpb (positive: TTT helped). Plain Python and matplotlib (Agg): no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pgttt.errors import PgtttError
+
+# Fields that change the no-TTT (sliding-window) number; every other evaluation field only matters to TTT.
+BASELINE_FIELDS = ("seq_len", "stride", "max_tokens", "precision")
+# Column order for the fields of the evaluation, as the API lists them; others follow in name order.
+FIELD_ORDER = (
+    "ttt_epochs", "chunk_tokens", "ttt_lr", "ttt_momentum", "seq_len", "stride", "batch_seqs", "max_tokens",
+    "grad_clip", "lr_schedule", "optimizer", "adapt_include", "adapt_exclude", "precision", "seed", "gpus",
+)
+METRICS = ("val_bpb", "val_loss", "eval_s", "tokens_per_s", "projected_8gpu_s", "baseline_bpb", "gain_bpb")
+
+
+class ResultsError(PgtttError):
+    """A results file that cannot be read: missing, or a line that is not a result record."""
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``results.jsonl``; a later record with the same key replaces an earlier one.
+
+    A last line that is not JSON and has no newline (a write cut short by a kill) is ignored; any other bad line
+    is an error naming its line number.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ResultsError(f"{path}: cannot read the results: {exc.strerror or exc}") from exc
+    lines = text.split("\n")
+    records: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            if number == len(lines):
+                break  # a partial last line: the write was cut short
+            raise ResultsError(f"{path}:{number}: not JSON ({exc})") from exc
+        if not isinstance(record, dict):
+            raise ResultsError(f"{path}:{number}: not a sweep result (a JSON {type(record).__name__})")
+        missing = [k for k in ("key", "checkpoint", "dataset", "request", "result") if k not in record]
+        if missing or not isinstance(record["result"], dict):
+            raise ResultsError(f"{path}:{number}: not a sweep result (missing {', '.join(missing) or 'result'})")
+        records[record["key"]] = record
+    return list(records.values())
+
+
+# ---- rows ------------------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One point of the report: its identity, the values of the evaluation fields, and its numbers."""
+
+    key: str
+    checkpoint: str
+    dataset: str
+    job_id: str
+    fields: dict[str, Any]
+    val_bpb: float
+    val_loss: float | None
+    eval_s: float | None
+    tokens_per_s: float | None
+    projected_8gpu_s: float | None
+    baseline_bpb: float | None = None
+    gain_bpb: float | None = None
+
+    @property
+    def group(self) -> tuple[str, str]:
+        return self.checkpoint, self.dataset
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.fields.get("ttt_epochs") == 0
+
+    def metric(self, name: str) -> float | None:
+        return getattr(self, name)
+
+
+def eval_seconds(result: dict[str, Any]) -> float | None:
+    """Seconds of the evaluation loop itself (scoring and training; the engine's ``timings.eval_s``), the time
+    the challenge's eval budget counts: checkpoint loading and warm-up are not in it."""
+    return _number((result.get("timings") or {}).get("eval_s"))
+
+
+def projected_8gpu_seconds(result: dict[str, Any]) -> float | None:
+    """The result's projection of its eval seconds on 8 GPUs, when it carries one."""
+    return _number(result.get("projected_8gpu_s", (result.get("timings") or {}).get("projected_8gpu_s")))
+
+
+def build_rows(records: list[dict[str, Any]]) -> tuple[list[Row], list[str]]:
+    """Rows (in file order) with baselines and gains filled in, and the field columns to show.
+
+    The columns are the fields any request set; a row's value is the engine's resolved value when the result
+    records it (so a field a request left to the default shows what ran), else the requested one.
+    """
+    names = {name for r in records for name in r["request"]}
+    columns = [n for n in FIELD_ORDER if n in names] + sorted(names - set(FIELD_ORDER))
+    rows = []
+    for r in records:
+        result, resolved = r["result"], r["result"].get("config") or {}
+        values = {n: resolved.get(n, r["request"].get(n)) for n in set(columns) | set(BASELINE_FIELDS) | {"ttt_epochs"}}
+        eval_s = eval_seconds(result)
+        tps = _number(result.get("tokens_per_second"))
+        if tps is None and eval_s and _number(result.get("tokens_scored")):
+            tps = result["tokens_scored"] / eval_s
+        bpb = _number(result.get("val_bpb"))
+        if bpb is None:
+            raise ResultsError(f"result {r['key']}: no val_bpb in the result")
+        rows.append(Row(
+            key=r["key"], checkpoint=r["checkpoint"], dataset=r["dataset"], job_id=str(r.get("job_id", "")),
+            fields=values, val_bpb=bpb, val_loss=_number(result.get("val_loss")), eval_s=eval_s,
+            tokens_per_s=tps, projected_8gpu_s=projected_8gpu_seconds(result),
+        ))
+    baselines: dict[tuple[Any, ...], list[float]] = defaultdict(list)
+    for row in rows:
+        if row.is_baseline:
+            baselines[_baseline_key(row)].append(row.val_bpb)
+    for row in rows:
+        found = baselines.get(_baseline_key(row))
+        if found:
+            row.baseline_bpb = statistics.fmean(found)
+            row.gain_bpb = row.baseline_bpb - row.val_bpb
+    return rows, columns
+
+
+def _baseline_key(row: Row) -> tuple[Any, ...]:
+    return (row.checkpoint, row.dataset, *(json.dumps(row.fields.get(f)) for f in BASELINE_FIELDS))
+
+
+def pareto_front(rows: list[Row], time: str) -> list[Row]:
+    """Rows no other row beats on both val_bpb and ``time`` (lower is better for both), fastest first.
+    Rows without that time are left out."""
+    timed = sorted((r for r in rows if r.metric(time) is not None), key=lambda r: (r.metric(time), r.val_bpb))
+    front: list[Row] = []
+    for row in timed:
+        if not front or row.val_bpb < front[-1].val_bpb:
+            front.append(row)
+    return front
+
+
+def budget_time(rows: list[Row]) -> str:
+    """The time that decides the budget: projected 8-GPU seconds when every row has them, else eval seconds."""
+    return "projected_8gpu_s" if rows and all(r.projected_8gpu_s is not None for r in rows) else "eval_s"
+
+
+def best_within(rows: list[Row], time: str, budget_s: float) -> Row | None:
+    inside = [r for r in rows if r.metric(time) is not None and r.metric(time) <= budget_s]
+    return min(inside, key=lambda r: (r.val_bpb, r.metric(time)), default=None)
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Report:
+    csv: Path
+    png: Path
+    markdown: Path
+    summary: str
+
+
+def write_report(results: str | Path, out_dir: str | Path | None = None, *, budget_s: float = 600.0) -> Report:
+    """Write ``results.csv``, ``pareto.png`` and ``report.md`` for a results file (default: beside it)."""
+    results = Path(results)
+    out = Path(out_dir) if out_dir is not None else results.parent
+    if not math.isfinite(budget_s) or budget_s <= 0:
+        raise ResultsError(f"--budget-s {budget_s}: must be a positive number of seconds")
+    records = read_results(results)
+    if not records:
+        raise ResultsError(f"{results}: no results yet")
+    rows, columns = build_rows(records)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path, md_path = out / "results.csv", out / "pareto.png", out / "report.md"
+    _write_csv(csv_path, rows, columns)
+    _plot(png_path, rows, columns, budget_s)
+    text, summary = _markdown(rows, columns, budget_s, results, png_path.name)
+    md_path.write_text(text)
+    return Report(csv_path, png_path, md_path, summary)
+
+
+def _write_csv(path: Path, rows: list[Row], columns: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "checkpoint", "dataset", *columns, *METRICS, "job_id"])
+        for row in rows:
+            values = [_cell(row.fields.get(c)) for c in columns] + [_cell(row.metric(m)) for m in METRICS]
+            writer.writerow([row.key, row.checkpoint, row.dataset, *values, row.job_id])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ";".join(map(str, value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _groups(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
+    groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[row.group].append(row)
+    return groups
+
+
+def _varying(rows: list[Row], columns: list[str]) -> list[str]:
+    """Columns whose value differs between rows (the ones worth printing in a label)."""
+    return [c for c in columns if len({json.dumps(r.fields.get(c)) for r in rows}) > 1] or columns[:1]
+
+
+def _plot(path: Path, rows: list[Row], columns: list[str], budget_s: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("eval_s", "eval seconds (measured on the server)")]
+    if any(r.projected_8gpu_s is not None for r in rows):
+        panels.append(("projected_8gpu_s", "projected seconds on 8 GPUs"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    groups = _groups(rows)
+    shown = {name: _varying(group, columns) for name, group in groups.items()}
+    budget = budget_time(rows)
+    for ax, (time, label) in zip(axes[0], panels, strict=True):
+        for (checkpoint, dataset), group in groups.items():
+            timed = [r for r in group if r.metric(time) is not None]
+            if not timed:
+                continue
+            name = f"{checkpoint} / {dataset}" if len(groups) > 1 else "points"
+            dots = ax.scatter([r.metric(time) for r in timed], [r.val_bpb for r in timed], s=22, alpha=0.6,
+                              label=name)
+            color = dots.get_facecolor()[0]
+            front = pareto_front(timed, time)
+            ax.plot([r.metric(time) for r in front], [r.val_bpb for r in front], "-o", color=color, ms=4, lw=1.2,
+                    label="Pareto frontier")
+            for r in front:
+                ax.annotate(_settings(r, shown[(checkpoint, dataset)]), (r.metric(time), r.val_bpb), fontsize=6,
+                            xytext=(4, 4), textcoords="offset points")
+            base = [r for r in timed if r.is_baseline]
+            if base:
+                ax.scatter([r.metric(time) for r in base], [r.val_bpb for r in base], marker="s", s=60,
+                           facecolors="none", edgecolors="black", label="no TTT (ttt_epochs=0)")
+        if time == budget:
+            ax.axvline(budget_s, color="grey", ls="--", lw=1, label=f"budget {budget_s:g} s")
+        ax.set_xlabel(label)
+        ax.set_ylabel("val_bpb (lower is better)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no timings in the results", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle("val_bpb against evaluation time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(
+    rows: list[Row], columns: list[str], budget_s: float, source: Path, png: str
+) -> tuple[str, str]:
+    """The report text, and a short summary (the best setting within budget per group) for the terminal."""
+    lines = [
+        "# Sweep report",
+        "",
+        f"{len(rows)} point(s) from `{source}`. Gain = no-TTT baseline val_bpb minus the point's val_bpb "
+        "(positive: TTT helped); the baseline of a point is the `ttt_epochs=0` point(s) with the same checkpoint, "
+        f"dataset, {', '.join(BASELINE_FIELDS)}.",
+        "",
+        f"![val_bpb against evaluation time]({png})",
+        "",
+    ]
+    summary = []
+    for (checkpoint, dataset), group in _groups(rows).items():
+        shown = _varying(group, columns)
+        lines += [f"## {checkpoint} on {dataset}", ""]
+        base = [r for r in group if r.is_baseline]
+        if base:
+            lines += ["### No-TTT baseline (ttt_epochs=0)", "", *_table(base, shown), ""]
+        else:
+            lines += ["No `ttt_epochs=0` point in this group: no baseline, no gains.", ""]
+        time = budget_time(group)
+        how = "projected 8-GPU seconds" if time == "projected_8gpu_s" else "eval seconds measured on the server"
+        best = best_within(group, time, budget_s)
+        lines += [f"### Best within the {budget_s:g} s budget ({how})", ""]
+        if best is None:
+            lines += [f"No point finished within {budget_s:g} s.", ""]
+            summary.append(f"{checkpoint} on {dataset}: no point within {budget_s:g} s")
+        else:
+            lines += [*_table([best], shown), ""]
+            gain = "" if best.gain_bpb is None else f", gain {best.gain_bpb:+.4f}"
+            summary.append(
+                f"{checkpoint} on {dataset}: best within {budget_s:g} s ({how}): val_bpb {best.val_bpb:.4f}{gain} "
+                f"at {_fmt(best.metric(time))} s with {_settings(best, shown)}"
+            )
+        for front_time, title in (("eval_s", "eval seconds"), ("projected_8gpu_s", "projected 8-GPU seconds")):
+            front = pareto_front(group, front_time)
+            if front:
+                lines += [f"### Pareto frontier: val_bpb against {title}", "", *_table(front, shown), ""]
+        lines += ["### All points (best first)", "", *_table(sorted(group, key=lambda r: r.val_bpb), shown), ""]
+        repeats = _repeats(group, columns)
+        if repeats:
+            lines += ["### Repeats over seeds", "", *repeats, ""]
+    return "\n".join(lines), "\n".join(summary)
+
+
+def _fmt_gain(value: float | None) -> str:
+    return "" if value is None else f"{value:+.4f}"
+
+
+# Table columns for the numbers: (Row attribute, heading, format).
+_NUMBERS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("val_bpb", "val_bpb", lambda v: _fmt(v, 4)),
+    ("gain_bpb", "gain", _fmt_gain),
+    ("eval_s", "eval s", lambda v: _fmt(v, 1)),
+    ("projected_8gpu_s", "8-GPU s", lambda v: _fmt(v, 1)),
+    ("tokens_per_s", "tokens/s", lambda v: _fmt(v, 0)),
+)
+
+
+def _table(rows: list[Row], fields: list[str]) -> list[str]:
+    """A markdown table of rows: the given fields, then the numbers any of the rows has."""
+    numbers = [n for n in _NUMBERS if any(r.metric(n[0]) is not None for r in rows)]
+    head = [*fields, *(title for _, title, _ in numbers), "key"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [_cell(r.fields.get(f)) for f in fields] + [fmt(r.metric(m)) for m, _, fmt in numbers]
+        out.append("| " + " | ".join([*cells, f"`{r.key}`"]) + " |")
+    return out
+
+
+def _repeats(rows: list[Row], columns: list[str]) -> list[str]:
+    """Mean and standard deviation of val_bpb over seeds, for settings run with more than one seed."""
+    by_setting: dict[str, list[Row]] = defaultdict(list)
+    others = [c for c in columns if c != "seed"]
+    for row in rows:
+        by_setting[json.dumps([row.fields.get(c) for c in others])].append(row)
+    shown = _varying(rows, others)
+    out = []
+    for group in by_setting.values():
+        if len(group) > 1:
+            bpbs = [r.val_bpb for r in group]
+            out.append(
+                f"| {_settings(group[0], shown)} | {len(group)} | {statistics.fmean(bpbs):.4f} "
+                f"| {statistics.stdev(bpbs):.4f} |"
+            )
+    return ["| setting | seeds | mean val_bpb | std |", "|---|---|---|---|", *out] if out else []
+
+
+def _settings(row: Row, fields: list[str]) -> str:
+    return ", ".join(f"{f}={_cell(row.fields.get(f))}" for f in fields)
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    return "" if value is None else f"{value:,.{digits}f}"
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None

@@ -1,0 +1,96 @@
+"""``pgttt sweep`` (run a spec of evaluations against servers over HTTP) and ``pgttt report`` (CSV, plot, markdown)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pgttt.app.client import RetryPolicy
+from pgttt.app.report import Report, write_report
+from pgttt.app.sweep import SweepError, SweepRunner, load_spec
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sweep = subparsers.add_parser(
+        "sweep",
+        help="run a grid/list/random sweep of evaluation settings on one or more servers",
+        description="Run every point of SPEC on the servers, append results to OUT/results.jsonl (a rerun submits "
+        "only what is missing), then write the report. Ctrl-C cancels the submitted jobs. See docs/sweeps.md.",
+    )
+    sweep.add_argument("spec", type=Path, metavar="SPEC.yaml", help="the sweep spec (docs/sweeps.md)")
+    sweep.add_argument("--server", action="append", required=True, metavar="URL",
+                       help="a pgttt serve URL, e.g. http://127.0.0.1:8000 (repeat for several)")
+    sweep.add_argument("--out", type=Path, default=Path("sweep-out"), metavar="DIR",
+                       help="where results.jsonl and the report go (default: ./sweep-out)")
+    sweep.add_argument("--concurrency", type=int, default=2, metavar="N", help="jobs in flight per server (default 2)")
+    sweep.add_argument("--api-key", metavar="K", help="the servers' API key (or set PGTTT_API_KEY)")
+    sweep.add_argument("--retries", type=int, default=8, metavar="N",
+                       help="tries per request on connection errors, 503 and 429, with exponential backoff "
+                            "(default 8: about 35 s before a server is declared gone)")
+    sweep.add_argument("--max-attempts", type=int, default=3, metavar="N",
+                       help="jobs per point before it counts as failed (default 3)")
+    sweep.add_argument("--poll-s", type=float, default=0.5, metavar="S", help="seconds between polls of a job")
+    sweep.add_argument("--ready-timeout-s", type=float, default=600.0, metavar="S",
+                       help="how long to wait for a server to load and warm up (default 600)")
+    sweep.add_argument("--budget-s", type=float, default=600.0, metavar="S", help="the report's time budget")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.set_defaults(func=_sweep)
+
+    report = subparsers.add_parser(
+        "report",
+        help="write results.csv, pareto.png and report.md from a sweep's results.jsonl",
+        description="Summarise a sweep: one CSV row per point, a Pareto plot of val_bpb against eval seconds, and a "
+        "markdown report with the frontier, the no-TTT baseline, gains, and the best setting within the budget.",
+    )
+    report.add_argument("results", type=Path, metavar="RESULTS.jsonl")
+    report.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: beside RESULTS.jsonl)")
+    report.add_argument("--budget-s", type=float, default=600.0, metavar="S",
+                        help="seconds for 'best within budget' (default 600, the challenge's)")
+    report.set_defaults(func=_report)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    if args.retries < 1:
+        raise SweepError(f"--retries {args.retries}: must be at least 1")
+    spec = load_spec(args.spec)
+    points = spec.expand()
+    runner = SweepRunner(
+        args.server,
+        args.out,
+        concurrency=args.concurrency,
+        api_key=args.api_key or os.environ.get("PGTTT_API_KEY"),
+        retry=RetryPolicy(attempts=args.retries),
+        poll_s=args.poll_s,
+        ready_timeout_s=args.ready_timeout_s,
+        max_attempts=args.max_attempts,
+        force=spec.force,
+        progress=not args.quiet,
+    )
+    print(f"{len(points)} point(s) in {args.spec}; results in {runner.results.path}", file=sys.stderr)
+    outcome = runner.run(points)
+    if outcome.already:
+        print(f"{outcome.already} point(s) were already in {runner.results.path}", file=sys.stderr)
+    for server, why in outcome.dead.items():
+        print(f"server {server} was lost: {why}", file=sys.stderr)
+    if outcome.interrupted:
+        print(f"cancelled {outcome.cancelled} job(s); {outcome.done} point(s) finished and saved; rerun to resume",
+              file=sys.stderr)
+        raise KeyboardInterrupt
+    for point, why in outcome.failed:
+        print(f"failed: {point.checkpoint} {point.dataset} {point.label()}: {why}", file=sys.stderr)
+    print(f"{outcome.done} point(s) evaluated, {len(outcome.failed)} failed", file=sys.stderr)
+    if runner.results.path.exists() and runner.results.keys():
+        _print_report(write_report(runner.results.path, args.out, budget_s=args.budget_s))
+    return 1 if outcome.failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    _print_report(write_report(args.results, args.out, budget_s=args.budget_s))
+    return 0
+
+
+def _print_report(report: Report) -> None:
+    print(report.summary)
+    print(f"wrote {report.csv}, {report.png}, {report.markdown}")
