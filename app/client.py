@@ -64,7 +64,8 @@ class ApiError(PgtttError):
         self.detail = detail
         self.url = url
         where = f" (field {field!r})" if field else ""
-        super().__init__(f"{url}: {status if status is not None else 'no answer'} {code}: {message}{where}")
+        answer = code if status is None else f"{status} {code}"
+        super().__init__(f"{url}: {answer}: {message}{where}")
 
 
 class ServerUnreachable(ApiError):

@@ -451,7 +451,7 @@ class SweepRunner:
         if not outcome.interrupted and self._pending:
             raise SweepError(
                 f"every server is gone with {self._pending} point(s) left ({outcome.done} finished and saved "
-                f"in {self.results.path}; rerun to resume): " + "; ".join(f"{u}: {w}" for u, w in outcome.dead.items())
+                f"in {self.results.path}; rerun to resume): " + "; ".join(outcome.dead.values())
             )
         return outcome
 
@@ -485,7 +485,7 @@ class SweepRunner:
             live.append(server)
         if not live:
             dead = self._outcome.dead
-            raise SweepError("no server can be reached: " + "; ".join(f"{u}: {w}" for u, w in dead.items()))
+            raise SweepError("no server can be reached: " + "; ".join(dead.values()))
         return live
 
     @staticmethod

@@ -216,7 +216,8 @@ def test_a_server_lost_mid_sweep_hands_its_points_to_the_others(tmp_path):
 def test_every_server_dead_is_an_error_naming_them(tmp_path):
     dead = FakeServer("http://dead:2")
     dead.down = 10**6
-    with pytest.raises(SweepError, match=r"no server can be reached: http://dead:2: .*Connection refused"):
+    message = r"no server can be reached: http://dead:2/checkpoints/demo: unreachable: .*Connection refused"
+    with pytest.raises(SweepError, match=message):
         runner(tmp_path, dead).run(parse_spec(SPEC).expand())
 
 
