@@ -211,19 +211,23 @@ def save_model_bin(
     """Validate, then write atomically: a temp file in the same folder, fsync, rename over ``path``."""
     path = Path(path)
     check_tensors(tensors, config, f"{path}: refusing to write")
+    try:
+        json.dumps(provenance)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: refusing to write: provenance is not JSON-serialisable ({exc})") from None
     entries, sections, offset = [], [], 0
 
-    def section(array: np.ndarray) -> list[int]:
+    def section(t: torch.Tensor, dtype: np.dtype) -> list[int]:
         nonlocal offset
-        data = array.tobytes()
+        data = t.detach().cpu().contiguous().numpy().astype(dtype, copy=False).tobytes()
         sections.append(data)
         offset += len(data)
         return [offset - len(data), len(data)]
 
     for name in expected_shapes(config):
         qt = tensors[name]
-        values = section(qt.q.contiguous().numpy().astype(_VALUES_DTYPE[qt.scheme], copy=False))
-        scale = None if qt.scale is None else section(qt.scale.contiguous().numpy().astype(_SCALE_DTYPE, copy=False))
+        values = section(qt.q, _VALUES_DTYPE[qt.scheme])
+        scale = None if qt.scale is None else section(qt.scale, _SCALE_DTYPE)
         entries.append({"name": name, "scheme": qt.scheme, "shape": list(qt.shape), "q": values, "scale": scale})
     header = {
         "config": config.to_dict(),
@@ -232,10 +236,6 @@ def save_model_bin(
         "payload": {"compression": "brotli", "shuffle_stride": SHUFFLE_STRIDE, "raw_bytes": offset},
         "tensors": entries,
     }
-    try:
-        json.dumps(provenance)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: refusing to write: provenance is not JSON-serialisable ({exc})") from None
     _write_atomic(path, _encode(header, b"".join(sections)))
 
 
@@ -244,6 +244,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
             tmp_name = f.name
+            os.fchmod(f.fileno(), 0o644)  # temp files are created 0600; a checkpoint is an ordinary file
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

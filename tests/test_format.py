@@ -74,7 +74,7 @@ def test_round_trip_is_bit_exact_for_every_preset(tmp_path, name):
     mb = read_model_bin(path)
     assert mb.config == config and mb.tokenizer == TOKENIZER and mb.provenance == provenance
     assert_identical(tensors, mb.tensors)
-    assert mb.size_bytes == path.stat().st_size
+    assert mb.size_bytes == path.stat().st_size and path.stat().st_mode & 0o777 == 0o644
     assert mb.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert parameter_count(mb.tensors) == config.num_parameters()
 
