@@ -1,0 +1,198 @@
+"""GPU benchmark of the evaluation engine on the compat artifact: checks and times everything in one go.
+
+    python bench/bench_gpu.py --shared ../shared --out OUT_DIR
+
+1. The ``gpu_bf16`` cases of ``compat/expected.json`` on the full val shard: bpb against the reference's,
+   seconds against its ``reference_seconds``.
+2. The 2,000,000-token throughput stream (val tokens, then train tokens): TTT 3/32K, TTT 4/64K and sliding
+   windows, against the reference's 100.3 s (TTT 3/32K) and ~55,000 tokens/s (sliding).
+3. The floor: FLOPs per scored token for each mode, achieved TFLOP/s against a measured bf16 matmul rate.
+4. A second request with another config after warm-up, to show it does not compile.
+5. A profile of one scoring batch and one training step (top CUDA kernels) under ``OUT_DIR``.
+
+Prints a short table last; full results as JSON under ``OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from pgttt.checkpoints.config import ModelConfig
+from pgttt.ttt.config import EvalConfig
+from pgttt.ttt.data import load_val, open_shard
+from pgttt.ttt.engine import EvalSession
+
+REFERENCE_SLIDING_TOKENS_PER_S = 55_000.0
+SHARD_MAGIC, SHARD_VERSION = 20240520, 1
+
+
+def log(*args: object) -> None:
+    print(*args, flush=True)
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, stride: int, epochs: int) -> float:
+    """Forward over every window position, logits only where scored; TTT: forward+backward (3x) per epoch."""
+    d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
+    matmul = 2 * d * d + 2 * kv * d + 2 * cfg.mlp_hidden * d
+    apps = len(cfg.layer_schedule())
+    per_position = 2 * matmul * apps + 4 * cfg.num_heads * cfg.head_dim * (seq_len + 1) / 2 * apps
+    logits = 2 * d * cfg.vocab_size
+    scoring = seq_len / stride * per_position + logits
+    training = 3 * epochs * (per_position + logits)
+    return scoring + training
+
+
+def matmul_tflops(device: torch.device) -> float:
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / float(np.median(times)) / 1e12
+
+
+def profile(session: EvalSession, tokens_dir: Path, tokenizer: Path, out: Path, device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cfg = EvalConfig(ttt_epochs=1, chunk_tokens=65536, max_tokens=131072)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        session.evaluate(tokens_dir, tokenizer, cfg, device=device)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    (out / "profile.txt").write_text(table)
+    log(table[:6000])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=Path("../shared"))
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--skip-stream", action="store_true", help="only the compat cases")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda")
+    expected = json.loads((args.shared / "compat" / "expected.json").read_text())
+    gpu = expected["gpu_bf16"]
+    artifact = args.shared / "compat" / expected["artifact"]
+    tokenizer = args.shared / "data" / "tokenizers" / "fineweb_8192_bpe.model"
+    data_dir = args.shared / "data" / "gutenberg_sp8192"
+    log(f"device {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+
+    rate = matmul_tflops(device)
+    log(f"measured bf16 matmul rate (8192^3): {rate:.0f} TFLOP/s")
+
+    t0 = time.perf_counter()
+    session = EvalSession.load(artifact, preset=expected["architecture"]["preset"], tokenizer=tokenizer)
+    load_s = time.perf_counter() - t0
+    model_cfg = session.config
+    rows: list[dict] = []
+
+    def run(name: str, val: object, cfg: EvalConfig, ref_bpb: float | None, tol: float | None,
+            ref_s: float | None, ref_tps: float | None = None) -> dict:
+        result = session.evaluate(val, tokenizer, cfg, device=device)
+        rc = result.config
+        secs = result.timings["eval_s"]
+        tps = result.tokens_per_second
+        fl = flops_per_token(model_cfg, rc["seq_len"], rc["stride"], rc["ttt_epochs"])
+        row = {
+            "case": name, "tokens": result.tokens_scored, "seconds": secs, "tokens_per_s": tps,
+            "speedup": (ref_s / secs) if ref_s else (tps / ref_tps if ref_tps else None),
+            "val_bpb": result.val_bpb, "ref_bpb": ref_bpb,
+            "bpb_diff": (result.val_bpb - ref_bpb) if ref_bpb is not None else None,
+            "within_tol": (abs(result.val_bpb - ref_bpb) <= tol) if ref_bpb is not None else None,
+            "peak_gib": (result.peak_gpu_memory_bytes or 0) / 2**30, "warmup_s": result.timings["warmup_s"],
+            "scoring_s": result.timings["scoring_s"], "training_s": result.timings["training_s"],
+            "tflops": fl * tps / 1e12, "compliance": result.compliance,
+        }
+        log(json.dumps({k: v for k, v in row.items() if k != "compliance"}))
+        rows.append(row)
+        return row
+
+    # Warm-up once for the default shapes: what a server pays at start.
+    t0 = time.perf_counter()
+    warm_s = session.warmup(EvalConfig(), device=device, seq_lens=[2048])
+    warm_s += session.warmup(EvalConfig(chunk_tokens=65536), device=device, seq_lens=[2048])
+    log(f"load {load_s:.1f}s, warm-up {warm_s:.1f}s ({time.perf_counter() - t0:.1f}s wall)")
+
+    for case in gpu["cases"]:
+        if case["kind"] == "sliding":
+            cfg = EvalConfig(seq_len=case["seq_len"], stride=case["stride"], ttt_epochs=0)
+            tol = gpu["tolerance_bpb"]["sliding"]
+            name = "compat sliding"
+        else:
+            cfg = EvalConfig(seq_len=case["seq_len"], stride=case["stride"], ttt_epochs=case["epochs"],
+                             chunk_tokens=case["chunk_tokens"], ttt_lr=case["lr"], ttt_momentum=case["momentum"],
+                             batch_seqs=case["batch_seqs"])
+            tol = gpu["tolerance_bpb"]["ttt"]
+            name = f"compat ttt {case['epochs']}/{case['chunk_tokens'] // 1024}K"
+        run(name, data_dir, cfg, case["val_bpb"], tol, case["reference_seconds"])
+
+    if not args.skip_stream:
+        stream_info = gpu["throughput_stream"]
+        n = stream_info["tokens"] + 1
+        val = open_shard(data_dir / "fineweb_val_000000.bin")
+        train = open_shard(data_dir / "fineweb_train_000000.bin")
+        stream = np.concatenate([np.asarray(val), np.asarray(train)])[:n]
+        with tempfile.TemporaryDirectory() as tmp:
+            write_shard(Path(tmp) / "fineweb_val_000000.bin", stream)
+            stream_set = load_val(Path(tmp), model_cfg.vocab_size)
+            ref = stream_info["reference_ttt_3_32768_seconds"]
+            run("2M stream ttt 3/32K", stream_set, EvalConfig(), None, None, ref)
+            run("2M stream ttt 4/64K", stream_set, EvalConfig(ttt_epochs=4, chunk_tokens=65536), None, None, None)
+            run("2M stream sliding", stream_set, EvalConfig(ttt_epochs=0), None, None, None,
+                REFERENCE_SLIDING_TOKENS_PER_S)
+            # A request with another config after warm-up: its warmup_s shows whether it compiled.
+            second = run("2nd request ttt 2/48K lr .01", stream_set,
+                         replace(EvalConfig(), ttt_epochs=2, chunk_tokens=49152, ttt_lr=0.01, max_tokens=400_000),
+                         None, None, None)
+            log(f"second request warm-up (compile) seconds: {second['warmup_s']:.2f}")
+            if args.profile:
+                profile(session, Path(tmp), tokenizer, args.out, device)
+
+    (args.out / "bench.json").write_text(json.dumps({"matmul_tflops": rate, "load_s": load_s, "warmup_s": warm_s,
+                                                     "device": torch.cuda.get_device_name(device),
+                                                     "torch": torch.__version__, "rows": rows}, indent=2))
+    log("")
+    log(f"{'case':32} {'tokens':>9} {'s':>7} {'tok/s':>9} {'x ref':>6} {'val_bpb':>10} {'diff':>9} "
+        f"{'ok':>3} {'TFLOP/s':>8} {'%mm':>4} {'GiB':>5}")
+    for r in rows:
+        diff = f"{r['bpb_diff']:+.1e}" if r["bpb_diff"] is not None else "-"
+        ok = {True: "yes", False: "NO", None: "-"}[r["within_tol"]]
+        speed = f"{r['speedup']:.2f}" if r["speedup"] else "-"
+        log(f"{r['case']:32} {r['tokens']:>9} {r['seconds']:>7.1f} {r['tokens_per_s']:>9.0f} {speed:>6} "
+            f"{r['val_bpb']:>10.6f} {diff:>9} {ok:>3} {r['tflops']:>8.0f} {100 * r['tflops'] / rate:>4.0f} "
+            f"{r['peak_gib']:>5.1f}")
+    log(f"matmul {rate:.0f} TFLOP/s; load {load_s:.1f}s; warm-up {warm_s:.1f}s")
+    bad = [r["case"] for r in rows if r["within_tol"] is False or not r["compliance"]["score_before_update"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
