@@ -45,7 +45,7 @@ def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
 
 def _jsonable(value: Any) -> Any:
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)
         return value
     except (TypeError, ValueError):
         return repr(value)
@@ -53,7 +53,9 @@ def _jsonable(value: Any) -> Any:
 
 def _field_of(loc: tuple | list) -> str:
     """The dotted field name of a pydantic error location, without the 'body'/'query' prefix."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [str(p) for p in loc]
+    if len(parts) > 1 and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
     return ".".join(parts) or "body"
 
 
@@ -69,7 +71,7 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
         message = f"malformed JSON body: {ctx.get('error', first.get('msg'))}"
         return JSONResponse(error_body("malformed_json", message, None), status_code=400)
     field = _field_of(first.get("loc", ()))
-    if field == "body" and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
+    if field == "body" and first.get("type") in ("missing", "model_attributes_type", "model_type", "dict_type"):
         return JSONResponse(
             error_body("malformed_body", "the request body must be a JSON object", {"field": "body"}), status_code=400
         )

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     path TEXT NOT NULL,
     preset TEXT,
     overrides TEXT,
+    tokenizer TEXT,
     created_at TEXT NOT NULL
 );
 """
@@ -98,12 +99,13 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class Registration:
-    """A checkpoint registered over HTTP: a file under a checkpoint dir, with .ptz architecture."""
+    """A checkpoint registered over HTTP: a file under a checkpoint dir (a .ptz with its architecture)."""
 
     name: str
     path: str
-    preset: str | None
-    overrides: dict[str, Any] | None
+    preset: str | None = None
+    overrides: dict[str, Any] | None = None
+    tokenizer: str | None = None
 
 
 class JobStore:
@@ -230,14 +232,17 @@ class JobStore:
     def register_checkpoint(self, reg: Registration) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO checkpoints (name, path, preset, overrides, created_at) VALUES (?, ?, ?, ?, ?)",
-                (reg.name, reg.path, reg.preset, json.dumps(reg.overrides), utc_now()),
+                "INSERT OR REPLACE INTO checkpoints (name, path, preset, overrides, tokenizer, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (reg.name, reg.path, reg.preset, json.dumps(reg.overrides), reg.tokenizer, utc_now()),
             )
 
     def registrations(self) -> list[Registration]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM checkpoints ORDER BY created_at, name").fetchall()
-        return [Registration(r["name"], r["path"], r["preset"], json.loads(r["overrides"])) for r in rows]
+        return [
+            Registration(r["name"], r["path"], r["preset"], json.loads(r["overrides"]), r["tokenizer"]) for r in rows
+        ]
 
     # ---- internals ------------------------------------------------------------------------
     def _update(self, job_id: str, from_states: Iterable[str], **values: Any) -> bool:

@@ -135,12 +135,14 @@ def test_survives_a_killed_writer(tmp_path):
 def test_registrations_persist(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
     store.register_checkpoint(Registration("mine", "/ckpt/mine.ptz", "tiny", {"num_layers": 3}))
-    store.register_checkpoint(Registration("other", "/ckpt/other.bin", None, None))
+    store.register_checkpoint(Registration("other", "/ckpt/other.bin"))
+    store.register_checkpoint(Registration("tok", "/ckpt/tok.ptz", "tiny", {}, "/data/tok.model"))
     store.close()
     again = JobStore(tmp_path / "jobs.sqlite")
     assert again.registrations() == [
         Registration("mine", "/ckpt/mine.ptz", "tiny", {"num_layers": 3}),
         Registration("other", "/ckpt/other.bin", None, None),
+        Registration("tok", "/ckpt/tok.ptz", "tiny", {}, "/data/tok.model"),
     ]
     again.close()
 

@@ -1,0 +1,54 @@
+"""``pgttt serve``: the evaluation service on uvicorn; flags override ``PGTTT_*`` variables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+EPILOG = """With no arguments it serves the bundled demo checkpoint and demo val data on the CPU at
+http://127.0.0.1:8000 (API docs at /docs). Every flag has a PGTTT_ variable, e.g. PGTTT_DEVICES=cuda:0,cuda:1."""
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve", help="run the evaluation server", description=__doc__.splitlines()[0], epilog=EPILOG
+    )
+    p.add_argument("--checkpoint-dir", action="append", dest="checkpoint_dirs", metavar="DIR",
+                   help="folder with *.bin / *.ptz checkpoints (repeatable; default: the demo)")
+    p.add_argument("--data-dir", action="append", dest="data_dirs", metavar="DIR",
+                   help="folder with datasets (fineweb_val_*.bin + tokenizer; repeatable; default: the demo)")
+    p.add_argument("--devices", help="cpu, cuda, or cuda:0,cuda:1 (default: all visible GPUs, else cpu)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
+    p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY or X-API-Key)")
+    p.add_argument("--state-dir", help="job database and uploads (default ~/.local/state/pgttt)")
+    p.add_argument("--database", help="SQLite job database (default STATE_DIR/jobs.sqlite)")
+    p.add_argument("--queue-limit", type=int, help="queued jobs accepted before 429 (default 256)")
+    p.add_argument("--max-upload-bytes", type=int, help="largest request body (default 64 MiB)")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="warm up each checkpoint before /readyz says ready (default on)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .main import create_app
+    from .settings import Settings, SettingsError
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    if "devices" in given:
+        given["devices"] = given["devices"].split(",")
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SettingsError(f"--{where.replace('_', '-')}: {first['msg']} (got {first.get('input')!r})") from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0

@@ -1,0 +1,224 @@
+"""The service's one door to the engine and the checkpoint loader: everything ``app/`` needs from them.
+
+Server side: inspect a checkpoint or a dataset (fully validated), resolve a request's evaluation
+settings into the engine's config. Worker side: ``DeviceEngine`` holds the loaded checkpoints of one
+device (pristine weights; each job adapts its own copy) and runs evaluations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pgttt import __version__
+from pgttt.checkpoints.config import ConfigError, ModelConfig
+from pgttt.checkpoints.format import MAGIC, tokenizer_identity
+from pgttt.checkpoints.loading import LoadedCheckpoint, load_checkpoint
+from pgttt.errors import PgtttError
+from pgttt.ttt.bytes import load_byte_tables
+from pgttt.ttt.config import EvalConfig
+from pgttt.ttt.data import VAL_PATTERN, ValSet, fingerprint, load_val, read_header, resolve_val_files
+from pgttt.ttt.engine import EvalSession, Progress
+from pgttt.ttt.errors import EvalError
+
+__all__ = ["MAGIC", "VAL_PATTERN"]
+
+# The request fields that are the engine's settings, under the engine's own names.
+EVAL_FIELDS: tuple[str, ...] = (
+    "ttt_epochs", "chunk_tokens", "ttt_lr", "ttt_momentum", "seq_len", "stride", "batch_seqs", "max_tokens",
+    "grad_clip", "lr_schedule", "optimizer", "adapt_include", "adapt_exclude", "precision", "seed",
+)
+
+
+class FieldError(PgtttError):
+    """A request's evaluation setting the engine refuses; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """How to load a checkpoint (sent to the workers, so plain values only)."""
+
+    name: str
+    path: str
+    preset: str | None = None
+    overrides: dict[str, Any] | None = None
+    tokenizer: str | None = None
+
+    def load(self) -> LoadedCheckpoint:
+        return load_checkpoint(self.path, preset=self.preset, overrides=self.overrides or None,
+                               tokenizer=self.tokenizer)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    kind: str
+    sha256: str
+    size_bytes: int
+    parameters: int
+    config: ModelConfig
+    tokenizer: dict[str, Any] | None
+    parameter_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    path: str
+    tokenizer: str
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    val_files: list[str]
+    val_tokens: int
+    fingerprint: str
+    tokenizer_sha256: str
+    tokenizer_vocab_size: int
+
+
+def is_model_bin(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def inspect_checkpoint(spec: CheckpointSpec) -> CheckpointInfo:
+    """Read and validate the whole file (CheckpointError naming the file otherwise)."""
+    ckpt = spec.load()
+    return CheckpointInfo(
+        kind=ckpt.kind,
+        sha256=ckpt.sha256,
+        size_bytes=ckpt.size_bytes,
+        parameters=ckpt.config.num_parameters(),
+        config=ckpt.config,
+        tokenizer=None if ckpt.tokenizer is None else ckpt.tokenizer.to_dict(),
+        parameter_names=tuple(ckpt.tensors),
+    )
+
+
+def inspect_dataset(spec: DatasetSpec) -> DatasetInfo:
+    """Check every shard's header and the tokenizer; fingerprint the shards (read once, cached)."""
+    files = resolve_val_files(spec.path)
+    identity = tokenizer_identity(spec.tokenizer)
+    return DatasetInfo(
+        val_files=[f.name for f in files],
+        val_tokens=sum(read_header(f) for f in files),
+        fingerprint=fingerprint(files),
+        tokenizer_sha256=identity.sha256,
+        tokenizer_vocab_size=identity.vocab_size,
+    )
+
+
+def resolve_eval_config(
+    fields: dict[str, Any], checkpoint: CheckpointInfo, dataset: DatasetInfo, device: str
+) -> dict[str, Any]:
+    """The engine's resolved config for these request fields on this checkpoint, dataset and device."""
+    recorded = checkpoint.tokenizer
+    if recorded is not None and recorded["sha256"] != dataset.tokenizer_sha256:
+        raise FieldError(
+            "dataset",
+            f"dataset: its tokenizer (sha256 {dataset.tokenizer_sha256[:12]}) is not the one the checkpoint was "
+            f"trained with ({recorded['name']}, sha256 {recorded['sha256'][:12]})",
+        )
+    if dataset.tokenizer_vocab_size > checkpoint.config.vocab_size:
+        raise FieldError(
+            "dataset",
+            f"dataset: its tokenizer has {dataset.tokenizer_vocab_size} tokens, more than the checkpoint's "
+            f"vocab_size={checkpoint.config.vocab_size}",
+        )
+    try:
+        config = EvalConfig.from_dict(dict(fields), where="request").resolved(checkpoint.config, device)
+        config.adapted(list(checkpoint.parameter_names))
+    except EvalError as exc:
+        message = str(exc)
+        match = re.match(r"^(\w+)\s*[=:]", message)
+        field = match.group(1) if match and match.group(1) in EVAL_FIELDS else "config"
+        raise FieldError(field, message) from None
+    return config.to_dict()
+
+
+def cache_key(checkpoint: CheckpointInfo, dataset: DatasetInfo, config: dict[str, Any]) -> str:
+    """Same checkpoint bytes, same val data and tokenizer, same resolved settings: the same answer."""
+    identity = {
+        "checkpoint_sha256": checkpoint.sha256,
+        "dataset_fingerprint": dataset.fingerprint,
+        "tokenizer_sha256": dataset.tokenizer_sha256,
+        "config": config,
+        "pgttt": __version__,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def progress_to_api(p: Progress) -> dict[str, Any]:
+    """The engine's progress as the API's: rate and ETA from scored tokens over elapsed seconds."""
+    rate = p.tokens_scored / p.elapsed_s if p.elapsed_s > 0 and p.tokens_scored else None
+    eta = (p.tokens_total - p.tokens_scored) / rate if rate else None
+    return {
+        "phase": p.phase, "chunks_done": p.chunks_done, "chunks_total": p.num_chunks,
+        "tokens_scored": p.tokens_scored, "tokens_total": p.tokens_total,
+        "tokens_per_s": rate, "eta_s": eta, "running_bpb": p.bpb,
+    }
+
+
+class DeviceEngine:
+    """In a worker process: every checkpoint's ``EvalSession`` with its working model on this device,
+    val sets and byte tables loaded once per dataset."""
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+        self.sessions: dict[str, EvalSession] = {}
+        self._val: dict[tuple[str, int], ValSet] = {}
+
+    def load(self, spec: CheckpointSpec) -> None:
+        t0 = time.perf_counter()
+        session = EvalSession.from_checkpoint(spec.load())
+        session.load_s = time.perf_counter() - t0
+        # Put the working model on the device now, not in the first job.
+        session.worker(self.device, EvalConfig().resolved(session.config, self.device).precision)
+        self.sessions[spec.name] = session
+
+    def warmup(self) -> None:
+        for session in self.sessions.values():
+            session.warmup(device=self.device)
+
+    def evaluate(self, order: Any, progress: Callable[..., None], cancel: Any) -> dict[str, Any]:
+        session = self.sessions.get(order.checkpoint)
+        if session is None:
+            raise EvalError(f"checkpoint {order.checkpoint!r} is not loaded on {self.device}")
+        dataset = DatasetSpec(**order.dataset)
+        vocab = session.config.vocab_size
+        key = (dataset.path, vocab)
+        if key not in self._val:
+            self._val[key] = load_val(dataset.path, vocab)
+        tables = load_byte_tables(dataset.tokenizer, vocab)
+        result = session.evaluate(
+            self._val[key], tables, EvalConfig.from_dict(order.config), device=self.device,
+            progress=lambda p: progress(progress_to_api(p)), cancel=cancel,
+        )
+        done = {
+            "phase": "done", "chunks_done": len(result.chunks), "chunks_total": len(result.chunks),
+            "tokens_scored": result.tokens_scored, "tokens_total": result.tokens_scored,
+            "tokens_per_s": result.tokens_per_second, "eta_s": 0.0, "running_bpb": result.val_bpb,
+        }
+        progress(done, final=True)
+        return result.to_dict()
+
+
+def error_field(exc: Exception, default: str) -> str:
+    """The request field a checkpoint's load error is about: its architecture, or the file itself."""
+    if isinstance(exc, ConfigError):
+        return "preset" if str(exc).startswith("unknown preset") else "overrides"
+    return default

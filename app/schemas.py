@@ -1,0 +1,230 @@
+"""Pydantic models of every request and response body, with the examples ``/docs`` shows."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+EVAL_EXAMPLE = {
+    "checkpoint": "demo",
+    "dataset": "demo",
+    "ttt_epochs": 1,
+    "chunk_tokens": 4096,
+    "ttt_lr": 0.005,
+    "max_tokens": 16384,
+}
+
+
+class EvalRequest(BaseModel):
+    """``POST /eval``: what to evaluate; engine settings omitted (or null) take the engine's defaults."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra={"examples": [EVAL_EXAMPLE, {"checkpoint": "demo", "dataset": "demo", "ttt_epochs": 0}]},
+    )
+
+    checkpoint: str = Field(min_length=1, description="a name from GET /checkpoints")
+    dataset: str = Field(min_length=1, description="a name from GET /datasets")
+    ttt_epochs: int | None = Field(None, description="TTT passes over each chunk; 0: sliding-window score only")
+    chunk_tokens: int | None = Field(None, description="tokens per score-then-train chunk")
+    ttt_lr: float | None = Field(None, description="peak learning rate of the TTT optimizer")
+    ttt_momentum: float | None = None
+    seq_len: int | None = Field(None, description="window length; default the checkpoint's train_seq_len")
+    stride: int | None = Field(None, description="sliding-window stride")
+    batch_seqs: int | None = None
+    max_tokens: int | None = Field(None, description="score only the first max_tokens targets")
+    grad_clip: float | None = None
+    lr_schedule: str | None = Field(None, description="cosine or constant")
+    optimizer: str | None = Field(None, description="sgd or adamw")
+    adapt_include: list[str] | None = Field(None, description="fnmatch patterns of parameters TTT updates")
+    adapt_exclude: list[str] | None = None
+    precision: str | None = Field(None, description="bf16 or fp32; default bf16 on CUDA, fp32 on CPU")
+    seed: int | None = None
+    gpus: int = Field(1, ge=1, description="workers ganged for one data-parallel evaluation")
+    force: bool = Field(False, description="run even when the result cache has the answer")
+    wait: bool = Field(False, description="answer when the job has finished (or wait_timeout_s passed)")
+    wait_timeout_s: float = Field(60.0, gt=0, le=600)
+
+
+class Progress(BaseModel):
+    phase: str
+    chunks_done: int
+    chunks_total: int
+    tokens_scored: int
+    tokens_total: int
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    running_bpb: float | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "3f2c0d6a9b1e4c7f8a5d2e1b0c9f8e7d",
+                    "url": "/jobs/3f2c0d6a9b1e4c7f8a5d2e1b0c9f8e7d",
+                    "state": "running",
+                    "cached": False,
+                    "cancel_requested": False,
+                    "checkpoint": "demo",
+                    "dataset": "demo",
+                    "request": {"ttt_epochs": 1, "max_tokens": 16384},
+                    "config": {"ttt_epochs": 1, "seq_len": 128, "precision": "fp32"},
+                    "gpus": 1,
+                    "created_at": "2026-05-01T12:00:00.000Z",
+                    "started_at": "2026-05-01T12:00:00.100Z",
+                    "finished_at": None,
+                    "progress": {
+                        "phase": "ttt", "chunks_done": 2, "chunks_total": 4, "tokens_scored": 8192,
+                        "tokens_total": 16384, "tokens_per_s": 20000.0, "eta_s": 0.4, "running_bpb": 2.31,
+                    },
+                    "result": None,
+                    "error": None,
+                }
+            ]
+        }
+    )
+
+    id: str
+    url: str
+    state: JobState
+    cached: bool
+    cancel_requested: bool = False
+    checkpoint: str
+    dataset: str
+    request: dict[str, Any]
+    config: dict[str, Any] | None
+    gpus: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    progress: Progress | None
+    result: dict[str, Any] | None = Field(None, description="the engine's EvalResult.to_dict()")
+    error: JobError | None
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    total: int
+    limit: int
+    offset: int
+
+
+class WorkerStatus(BaseModel):
+    device: str
+    state: str
+    job_id: str | None
+
+
+class Readiness(BaseModel):
+    ready: bool
+    workers: list[WorkerStatus]
+    problems: list[str] = Field(default_factory=list, description="checkpoints or datasets that were skipped")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Checkpoint(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "demo", "kind": "model.bin", "path": "/srv/pgttt/checkpoints/demo/model.bin",
+                    "sha256": "9b1c...", "size_bytes": 301234, "parameters": 331000, "config": {"vocab_size": 1024},
+                    "tokenizer": {"sha256": "4e5f...", "vocab_size": 1024, "name": "tokenizer.model"},
+                    "fits_16mb": True, "devices": ["cpu"],
+                }
+            ]
+        }
+    )
+
+    name: str
+    kind: Literal["model.bin", "ptz"]
+    path: str
+    sha256: str
+    size_bytes: int
+    parameters: int
+    config: dict[str, Any]
+    tokenizer: dict[str, Any] | None
+    fits_16mb: bool = Field(description="artifact bytes alone <= 16,000,000 (the challenge also counts code)")
+    devices: list[str]
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[Checkpoint]
+
+
+class RegisterCheckpoint(BaseModel):
+    """``POST /checkpoints`` as JSON: serve a file already under a checkpoint folder."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"name": "run7", "path": "runs/run7/model.bin"},
+                {"name": "record", "path": "final_model.int6.ptz", "preset": "pg-2026-04-09", "overrides": {}},
+            ]
+        },
+    )
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1, description="relative to a checkpoint folder, or absolute inside one")
+    preset: str | None = Field(None, description=".ptz only: the architecture preset")
+    overrides: dict[str, Any] | None = Field(None, description=".ptz only: architecture keys from its training log")
+    tokenizer: str | None = Field(None, description=".ptz only: its tokenizer, a path inside a data folder")
+
+
+class Dataset(BaseModel):
+    name: str
+    path: str
+    tokenizer: str
+    tokenizer_sha256: str
+    val_files: list[str]
+    val_tokens: int
+    fingerprint: str
+
+
+class DatasetList(BaseModel):
+    datasets: list[Dataset]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    detail: Any = None
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "invalid_field",
+                        "message": "ttt_lr=-1.0: must be within 0.0..10.0",
+                        "detail": {"field": "ttt_lr", "value": -1.0},
+                    }
+                }
+            ]
+        }
+    )
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for a route's error answers, all in the one error shape."""
+    return {status: {"model": ErrorBody} for status in statuses}

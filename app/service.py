@@ -1,0 +1,425 @@
+"""The job service: submissions, the result cache, fair FIFO scheduling onto workers, progress and events.
+
+Everything here runs on the server's event loop (worker reports are handed to it by the pool), so the
+in-memory view of live jobs needs no locks; the store is the durable record. Scheduling is strict FIFO:
+the oldest queued job runs as soon as enough workers are idle for its ``gpus``, and no later job jumps
+ahead of it, so a big (ganged) job is never starved by a stream of small ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from pgttt.errors import PgtttError
+
+from . import engine_bridge as bridge
+from .catalog import NAME_RE, SIDECAR_SUFFIX, Catalog, PathError, ptz_spec, safe_path
+from .errors import ApiError, invalid_field, not_found
+from .metrics import Metrics
+from .schemas import EvalRequest, RegisterCheckpoint
+from .settings import Settings
+from .store import JobRecord, JobStore, Registration, new_job_id, utc_now
+from .workers import GANG_GRACE_S, RunOrder, Worker, WorkerPool
+
+log = logging.getLogger("pgttt.app")
+
+PROGRESS_PERSIST_S = 1.0
+RETRY_AFTER_S = 5
+KEEPALIVE_S = 15.0
+
+
+def job_to_api(job: JobRecord) -> dict[str, Any]:
+    """The API's job object. JSON has no NaN or infinity (a diverged TTT run): they are given as null."""
+    data = finite(dataclasses.asdict(job))
+    data.pop("cache_key")
+    data["url"] = f"/jobs/{job.id}"
+    return data
+
+
+def finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+class Service:
+    def __init__(self, settings: Settings, engine_factory: Callable[[str], Any] | None = None) -> None:
+        self.settings = settings
+        self.devices = settings.resolved_devices()
+        self.store = JobStore(settings.database_path)
+        self.catalog: Catalog | None = None
+        self.catalog_error: str | None = None
+        self.live: dict[str, JobRecord] = {}  # queued and running jobs, progress current
+        self.pending: deque[str] = deque()
+        self._subscribers: dict[str, set[asyncio.Queue]] = {}
+        self._persisted_at: dict[str, float] = {}
+        self.metrics = Metrics(self)
+        self.pool = WorkerPool(
+            self.devices,
+            engine_factory or bridge.DeviceEngine,
+            checkpoints=lambda: self.catalog.specs() if self.catalog else [],
+            on_report=self._on_report,
+            on_exit=self._on_exit,
+            warmup=settings.warmup,
+        )
+        self._startup: asyncio.Task | None = None
+        self._adding = asyncio.Lock()
+
+    # ---- life cycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Recover the store, then find checkpoints and start workers in the background."""
+        queued, failed = self.store.recover()
+        for job_id in failed:
+            log.warning("job %s was running when the server stopped: marked failed", job_id)
+        for job in queued:
+            self.live[job.id] = job
+            self.pending.append(job.id)
+        if queued:
+            log.info("re-queued %d job(s) from the last run", len(queued))
+        self._startup = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        catalog = Catalog([*self.settings.checkpoint_dirs, self.settings.upload_dir], [*self.settings.data_dirs])
+        registered = [
+            bridge.CheckpointSpec(r.name, r.path, r.preset, r.overrides, r.tokenizer)
+            for r in self.store.registrations()
+        ]
+        try:
+            await asyncio.to_thread(catalog.discover, registered)
+        except Exception as exc:  # noqa: BLE001 - reported on /readyz, the server stays up
+            self.catalog_error = f"{type(exc).__name__}: {exc}"
+            log.exception("discovery failed")
+            return
+        log.info("serving %d checkpoint(s) %s and %d dataset(s) %s on %s", len(catalog.checkpoints),
+                 sorted(catalog.checkpoints), len(catalog.datasets), sorted(catalog.datasets), self.devices)
+        self.catalog = catalog
+        self.pool.start()
+        self._dispatch()
+
+    async def stop(self) -> None:
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._startup
+        await asyncio.to_thread(self.pool.stop)
+        self.store.close()
+
+    # ---- readiness ------------------------------------------------------------------------
+    def readiness(self) -> dict[str, Any]:
+        workers = [{"device": w.device, "state": w.state, "job_id": w.job_id} for w in self.pool.workers]
+        ready = self.catalog is not None and all(w.ready for w in self.pool.workers)
+        problems = list(self.catalog.problems) if self.catalog else []
+        if self.catalog_error:
+            problems.append(self.catalog_error)
+        return {"ready": ready, "workers": workers, "problems": problems}
+
+    def require_catalog(self) -> Catalog:
+        if self.catalog is None:
+            message = "still loading checkpoints" if self.catalog_error is None else self.catalog_error
+            raise ApiError(503, "not_ready", f"not ready: {message}", self.readiness(),
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        return self.catalog
+
+    # ---- jobs -----------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRecord:
+        job = self.live.get(job_id) or self.store.get(job_id)
+        if job is None:
+            raise not_found("job", job_id)
+        return job
+
+    def list(self, **filters: Any) -> tuple[list[JobRecord], int]:
+        jobs, total = self.store.list(**filters)
+        return [self.live.get(j.id, j) for j in jobs], total
+
+    def submit(self, req: EvalRequest) -> tuple[JobRecord, bool]:
+        """A new queued job, or (cached=True) a finished one answered from the result cache."""
+        catalog = self.require_catalog()
+        ckpt = catalog.checkpoints.get(req.checkpoint)
+        if ckpt is None:
+            raise not_found("checkpoint", req.checkpoint)
+        dataset = catalog.datasets.get(req.dataset)
+        if dataset is None:
+            raise not_found("dataset", req.dataset)
+        alive = sum(w.state != "failed" for w in self.pool.workers)
+        if req.gpus > alive:
+            raise invalid_field("gpus", f"asks for {req.gpus} workers; this server has {alive} ({self.devices})",
+                                req.gpus)
+        fields = {k: v for k in bridge.EVAL_FIELDS if (v := getattr(req, k)) is not None}
+        try:
+            config = bridge.resolve_eval_config(fields, ckpt.info, dataset.info, self.devices[0])
+        except bridge.FieldError as exc:
+            raise invalid_field(exc.field, str(exc), fields.get(exc.field)) from None
+        key = bridge.cache_key(ckpt.info, dataset.info, config)
+        now = utc_now()
+        job = JobRecord(id=new_job_id(), state="queued", checkpoint=req.checkpoint, dataset=req.dataset,
+                        request=fields, gpus=req.gpus, created_at=now, config=config, cache_key=key)
+        if not req.force and (hit := self.store.find_cached(key)) is not None:
+            job = dataclasses.replace(job, state="succeeded", cached=True, started_at=now, finished_at=now,
+                                      progress=hit.progress, result=hit.result)
+            self.store.create(job)
+            self.metrics.cache_hits.inc()
+            return job, True
+        if len(self.pending) >= self.settings.queue_limit:
+            raise ApiError(429, "queue_full", f"the queue is full ({len(self.pending)} jobs waiting); retry later",
+                           {"queued": len(self.pending)}, headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.store.create(job)
+        self.live[job.id] = job
+        self.pending.append(job.id)
+        self._dispatch()
+        return self.live.get(job.id, job), False
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job.final:
+            raise ApiError(409, "job_finished", f"job {job_id} has already {job.state}; nothing to cancel",
+                           {"state": job.state})
+        if job.state == "queued":
+            with contextlib.suppress(ValueError):
+                self.pending.remove(job_id)
+            self._finish(job_id, "cancelled", error={"code": "cancelled", "message": "cancelled while queued"})
+            return self.get(job_id)
+        if not job.cancel_requested:
+            job.cancel_requested = True
+            self.store.request_cancel(job_id)
+            self.pool.cancel(job_id)
+            self._publish(job_id, "state")
+        return job
+
+    async def wait(self, job_id: str, timeout: float) -> JobRecord:
+        """The job once final, or as it is when ``timeout`` seconds have passed."""
+        async with contextlib.aclosing(self.events(job_id, timeout=timeout)) as events:
+            async for _event, job in events:
+                if job.final:
+                    return job
+        return self.get(job_id)
+
+    async def events(self, job_id: str, timeout: float | None = None) -> AsyncIterator[tuple[str, JobRecord]]:
+        """("state", job) now, then ("progress"/"state", job) as they happen, ("end", job) after a final
+        state; ("keepalive", job) every KEEPALIVE_S of silence. Stops at ``timeout`` if given."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._subscribers.setdefault(job_id, set()).add(queue)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            job = self.get(job_id)
+            yield "state", job
+            if job.final:
+                yield "end", job
+                return
+            while True:
+                wait = KEEPALIVE_S if deadline is None else min(KEEPALIVE_S, deadline - time.monotonic())
+                if wait <= 0:
+                    return
+                try:
+                    event = await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    if deadline is None or time.monotonic() < deadline:
+                        yield "keepalive", self.get(job_id)
+                    continue
+                job = self.get(job_id)
+                # Events queued before the final state are read after it: the last one is a state event.
+                yield ("state" if job.final else event), job
+                if job.final:
+                    yield "end", job
+                    return
+        finally:
+            subs = self._subscribers.get(job_id)
+            if subs is not None:
+                subs.discard(queue)
+                if not subs:
+                    del self._subscribers[job_id]
+
+    def _publish(self, job_id: str, event: str) -> None:
+        for queue in self._subscribers.get(job_id, ()):
+            queue.put_nowait(event)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def checkpoint_api(self, name: str) -> dict[str, Any]:
+        entry = self.require_catalog().checkpoints.get(name)
+        if entry is None:
+            raise not_found("checkpoint", name)
+        return entry.to_api(self.devices)
+
+    async def register(self, req: RegisterCheckpoint) -> dict[str, Any]:
+        """Serve a file already under a checkpoint folder; remembered across restarts."""
+        async with self._adding:
+            catalog = self._check_new_name(req.name)
+            try:
+                path = catalog.checkpoint_path(req.path)
+                tokenizer = None if req.tokenizer is None else str(
+                    safe_path(req.tokenizer, [*catalog.data_dirs, *catalog.checkpoint_dirs], "tokenizer"))
+            except PathError as exc:
+                raise invalid_field(str(exc).split(":")[0], str(exc), req.path) from None
+            self._check_architecture(bridge.is_model_bin(path), req.preset, req.overrides)
+            if bridge.is_model_bin(path) and req.tokenizer is not None:
+                raise invalid_field("tokenizer", "tokenizer: a model.bin records its own tokenizer", req.tokenizer)
+            spec = bridge.CheckpointSpec(req.name, str(path), req.preset, req.overrides, tokenizer)
+            entry = await self._add(catalog, spec, "path")
+            self.store.register_checkpoint(Registration(spec.name, spec.path, spec.preset, spec.overrides, tokenizer))
+        return entry
+
+    async def upload(self, name: str, file: Any, preset: str | None, overrides: Any) -> dict[str, Any]:
+        """Write an uploaded checkpoint to the upload folder (found there again after a restart), validate it,
+        serve it; a file that does not validate is removed."""
+        async with self._adding:
+            catalog = self._check_new_name(name)
+            head = await file.read(len(bridge.MAGIC))
+            await file.seek(0)
+            model_bin = head == bridge.MAGIC
+            self._check_architecture(model_bin, preset, overrides)
+            folder = self.settings.upload_dir
+            path = folder / f"{name}{'.bin' if model_bin else '.ptz'}"
+            sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+            await asyncio.to_thread(_write_upload, file.file, path, sidecar,
+                                    None if model_bin else {"preset": preset, "overrides": overrides or {}})
+            spec = bridge.CheckpointSpec(name, str(path)) if model_bin else ptz_spec(path)
+            try:
+                return await self._add(catalog, spec, "file")
+            except ApiError:
+                for leftover in (path, sidecar):
+                    leftover.unlink(missing_ok=True)
+                raise
+
+    def _check_new_name(self, name: str) -> Catalog:
+        catalog = self.require_catalog()
+        if not NAME_RE.match(name):
+            raise invalid_field("name", "name: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+                                "or digit", name)
+        if name in catalog.checkpoints:
+            raise ApiError(409, "checkpoint_exists", f"name: a checkpoint called {name!r} is already served",
+                           {"field": "name", "value": name})
+        return catalog
+
+    @staticmethod
+    def _check_architecture(model_bin: bool, preset: str | None, overrides: Any) -> None:
+        if model_bin and (preset is not None or overrides):
+            raise invalid_field("preset", "preset: a model.bin carries its own architecture; give no preset or "
+                                "overrides", preset)
+        if not model_bin and not preset:
+            raise invalid_field("preset", "preset: not a model.bin, so read as a challenge .ptz, which carries no "
+                                "architecture: name a preset (e.g. pg-2026-04-09) and the overrides from its "
+                                "training log", preset)
+        if overrides is not None and not isinstance(overrides, dict):
+            raise invalid_field("overrides", "overrides: must be an object of architecture keys", overrides)
+
+    async def _add(self, catalog: Catalog, spec: bridge.CheckpointSpec, field: str) -> dict[str, Any]:
+        try:
+            entry = await asyncio.to_thread(catalog.add_checkpoint, spec)
+        except PgtttError as exc:
+            raise invalid_field(bridge.error_field(exc, field), str(exc), spec.path) from None
+        self.pool.load(spec)
+        return entry.to_api(self.devices)
+
+    # ---- scheduling -----------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        if self.catalog is None:
+            return
+        while self.pending:
+            job = self.live[self.pending[0]]
+            alive = sum(w.state != "failed" for w in self.pool.workers)
+            if job.gpus > alive:
+                self.pending.popleft()
+                self._finish(job.id, "failed", error={
+                    "code": "no_workers", "message": f"needs {job.gpus} workers; {alive} are alive"})
+                continue
+            if job.checkpoint not in self.catalog.checkpoints or job.dataset not in self.catalog.datasets:
+                self.pending.popleft()
+                self._finish(job.id, "failed", error={
+                    "code": "not_served",
+                    "message": f"checkpoint {job.checkpoint!r} or dataset {job.dataset!r} is no longer served"})
+                continue
+            idle = self.pool.idle()
+            if len(idle) < job.gpus:
+                return  # strict FIFO: the head job waits; nothing behind it jumps ahead
+            self.pending.popleft()
+            if not self.store.mark_running(job.id):
+                self.live.pop(job.id, None)
+                continue
+            job.state, job.started_at = "running", utc_now()
+            workers = idle[: job.gpus]
+            init_method = f"tcp://127.0.0.1:{_free_port()}" if job.gpus > 1 else None
+            dataset = dataclasses.asdict(self.catalog.datasets[job.dataset].spec)
+            for rank, worker in enumerate(workers):
+                order = RunOrder(job.id, job.checkpoint, dataset, job.config, rank, job.gpus, init_method)
+                self.pool.run(worker, order)
+            self._publish(job.id, "state")
+
+    def _on_report(self, worker: Worker, report: dict[str, Any]) -> None:
+        op = report["op"]
+        job_id = report.get("job_id")
+        if op == "state" and report["state"] == "idle":
+            self._dispatch()
+        elif op == "progress" and job_id in self.live:
+            self._progress(job_id, report["progress"])
+        elif op == "done" and report.get("rank", 0) == 0:
+            self._finish(job_id, "succeeded", result=report["result"])
+        elif op == "failed":
+            self._finish(job_id, "failed", error={"code": report["code"], "message": report["message"]})
+        elif op == "cancelled":
+            self._finish(job_id, "cancelled", error={"code": "cancelled", "message": "cancelled while running"})
+        elif op == "load_failed":
+            log.error("worker %d (%s) could not load %s: %s", worker.index, worker.device, report["name"],
+                      report["message"])
+
+    def _on_exit(self, worker: Worker, job_id: str | None, reason: str) -> None:
+        if job_id is not None:
+            self._finish(job_id, "failed", error={"code": "worker_died", "message": reason})
+        self._dispatch()
+
+    def _progress(self, job_id: str, progress: dict[str, Any]) -> None:
+        job = self.live[job_id]
+        job.progress = progress
+        now = time.monotonic()
+        if now - self._persisted_at.get(job_id, 0.0) >= PROGRESS_PERSIST_S:
+            self._persisted_at[job_id] = now
+            self.store.set_progress(job_id, progress)
+        self._publish(job_id, "progress")
+
+    def _finish(self, job_id: str, state: str, *, result: dict | None = None, error: dict | None = None) -> None:
+        job = self.live.pop(job_id, None)
+        if job is None:
+            return  # already final (a late report from a gang member)
+        self._persisted_at.pop(job_id, None)
+        if not self.store.finish(job_id, state, result=result, error=error, progress=job.progress):
+            return
+        final = self.store.get(job_id)
+        self.metrics.job_finished(final)
+        self._publish(job_id, "state")
+        # A worker still on a finished job (a gang peer stuck in a collective with a dead or failed rank)
+        # gets a grace, then is killed and restarted.
+        asyncio.get_running_loop().call_later(GANG_GRACE_S, self.pool.kill, job_id)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_upload(src: Any, path: Path, sidecar: Path, meta: dict[str, Any] | None) -> None:
+    """Copy the upload next to its final name, then move it there (a half-written file is never served)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+    os.replace(partial, path)
+    if meta is None:
+        sidecar.unlink(missing_ok=True)
+    else:
+        sidecar.write_text(json.dumps(meta))

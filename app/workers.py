@@ -1,0 +1,372 @@
+"""Worker processes: one per device (spawn context), each loading every checkpoint once and running jobs.
+
+The server process talks to each worker over a pipe: orders in (load a checkpoint, run a job, stop),
+reports out (state, progress, result, failure). Cancelling is a shared event the engine checks between
+batches. A pump thread per worker turns its reports into calls on the server's event loop; a worker
+that dies (crash, out of memory, killed) is seen as the pipe closing: its job fails with the reason and
+the worker is started again. Several workers can be ganged on one job: they then form a
+torch.distributed group (gloo on CPUs, NCCL on GPUs) for one data-parallel evaluation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("pgttt.app.workers")
+SPAWN = multiprocessing.get_context("spawn")
+
+# Worker states, as /readyz and /metrics show them.
+WORKER_STATES = ("starting", "loading", "warming", "idle", "busy", "restarting", "failed")
+MAX_START_FAILURES = 5
+PROGRESS_INTERVAL_S = 0.2
+GANG_GRACE_S = 10.0
+
+
+@dataclass
+class RunOrder:
+    """One worker's share of a job: ``rank`` of ``world_size``; ``init_method`` set when ganged."""
+
+    job_id: str
+    checkpoint: str
+    dataset: dict[str, Any]
+    config: dict[str, Any]
+    rank: int = 0
+    world_size: int = 1
+    init_method: str | None = None
+
+
+# ---- inside the worker process ------------------------------------------------------------------
+
+
+class _Reporter:
+    """Sends reports to the server; progress is thinned to one every PROGRESS_INTERVAL_S."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
+        self.conn, self._last = conn, 0.0
+
+    def send(self, op: str, **payload: Any) -> None:
+        self.conn.send({"op": op, **payload})
+
+    def progress(self, job_id: str, progress: dict[str, Any], *, final: bool = False) -> None:
+        now = time.monotonic()
+        if final or now - self._last >= PROGRESS_INTERVAL_S:
+            self._last = now
+            self.send("progress", job_id=job_id, progress=progress)
+
+
+def _exit_with_parent() -> None:
+    """A worker must not outlive the server (e.g. SIGKILLed): exit when its parent's sentinel fires."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _memory(device: str) -> dict[str, int] | None:
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
+
+
+def worker_main(
+    device: str,
+    conn: multiprocessing.connection.Connection,
+    cancel: Any,
+    engine_factory: Callable[[str], Any],
+    checkpoints: list[Any],
+    warmup: bool,
+    threads: int | None,
+) -> None:
+    """The worker process: load, warm up, then serve orders until told to stop."""
+    _exit_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us in order
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    report = _Reporter(conn)
+    try:
+        report.send("state", state="loading")
+        engine = engine_factory(device)
+        for spec in checkpoints:
+            engine.load(spec)
+        if warmup:
+            report.send("state", state="warming")
+            engine.warmup()
+    except Exception as exc:  # noqa: BLE001 - reported to the server, which decides to retry
+        report.send("fatal", message=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
+        return
+    report.send("state", state="idle", memory=_memory(device))
+    while True:
+        try:
+            order = conn.recv()
+        except (EOFError, OSError):
+            return
+        kind = order[0]
+        if kind == "stop":
+            return
+        if kind == "load":
+            try:
+                engine.load(order[1])
+                report.send("loaded", name=order[1].name)
+            except Exception as exc:  # noqa: BLE001
+                report.send("load_failed", name=order[1].name, message=f"{type(exc).__name__}: {exc}")
+        elif kind == "run":
+            _run(engine, order[1], report, cancel, device)
+
+
+def _run(engine: Any, order: RunOrder, report: _Reporter, cancel: Any, device: str) -> None:
+    from pgttt.errors import PgtttError
+    from pgttt.ttt.errors import EvalCancelled
+
+    group = False
+    try:
+        if order.world_size > 1:
+            import datetime
+
+            import torch.distributed as dist
+
+            dist.init_process_group(
+                "nccl" if device.startswith("cuda") else "gloo",
+                init_method=order.init_method,
+                rank=order.rank,
+                world_size=order.world_size,
+                timeout=datetime.timedelta(minutes=10),
+            )
+            group = True
+
+        def progress(p: dict[str, Any], final: bool = False) -> None:
+            if order.rank == 0:
+                report.progress(order.job_id, p, final=final)
+
+        result = engine.evaluate(order, progress, cancel)
+        report.send("done", job_id=order.job_id, rank=order.rank, result=result if order.rank == 0 else None)
+    except EvalCancelled:
+        report.send("cancelled", job_id=order.job_id, rank=order.rank)
+    except PgtttError as exc:
+        report.send("failed", job_id=order.job_id, rank=order.rank, code="invalid_input", message=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a job's failure must not take the worker down
+        log.error("job %s failed on %s:\n%s", order.job_id, device, traceback.format_exc())
+        report.send(
+            "failed", job_id=order.job_id, rank=order.rank, code="engine_error", message=f"{type(exc).__name__}: {exc}"
+        )
+    finally:
+        if group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+    report.send("state", state="idle", memory=_memory(device))
+
+
+# ---- in the server process ----------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    """The server's view of one worker process."""
+
+    index: int
+    device: str
+    state: str = "starting"
+    job_id: str | None = None
+    memory: dict[str, int] | None = None
+    start_failures: int = 0
+    generation: int = 0
+    process: Any = field(default=None, repr=False)
+    conn: Any = field(default=None, repr=False)
+    cancel: Any = field(default=None, repr=False)
+    last_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state in ("idle", "busy")
+
+
+class WorkerPool:
+    """Starts, feeds, watches and restarts the workers; reports go to ``on_report(worker, report)``
+    and ``on_exit(worker, job_id, reason)`` on the event loop."""
+
+    def __init__(
+        self,
+        devices: list[str],
+        engine_factory: Callable[[str], Any],
+        *,
+        checkpoints: Callable[[], list[Any]],
+        on_report: Callable[[Worker, dict[str, Any]], None],
+        on_exit: Callable[[Worker, str | None, str], None],
+        warmup: bool = True,
+    ) -> None:
+        self.workers = [Worker(index=i, device=d) for i, d in enumerate(devices)]
+        self._engine_factory, self._checkpoints, self._warmup = engine_factory, checkpoints, warmup
+        self._on_report, self._on_exit = on_report, on_exit
+        cpu_workers = sum(d == "cpu" for d in devices)
+        self._threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for worker in self.workers:
+            self._spawn(worker)
+
+    def _spawn(self, worker: Worker) -> None:
+        worker.generation += 1
+        parent_conn, child_conn = SPAWN.Pipe()
+        worker.cancel = SPAWN.Event()
+        worker.conn, worker.state, worker.job_id = parent_conn, "starting", None
+        worker.process = SPAWN.Process(
+            target=worker_main,
+            args=(
+                worker.device, child_conn, worker.cancel, self._engine_factory, self._checkpoints(),
+                self._warmup, self._threads if worker.device == "cpu" else None,
+            ),
+            name=f"pgttt-worker-{worker.index}-{worker.device}",
+            daemon=True,
+        )
+        worker.process.start()
+        child_conn.close()
+        threading.Thread(
+            target=self._pump, args=(worker, parent_conn, worker.generation), name=worker.process.name, daemon=True
+        ).start()
+
+    def _pump(self, worker: Worker, conn: Any, generation: int) -> None:
+        assert self._loop is not None
+        while True:
+            try:
+                report = conn.recv()
+            except (EOFError, OSError):
+                break
+            self._loop.call_soon_threadsafe(self._handle, worker, generation, report)
+        self._loop.call_soon_threadsafe(self._exited, worker, generation)
+
+    def _handle(self, worker: Worker, generation: int, report: dict[str, Any]) -> None:
+        if generation != worker.generation:
+            return
+        op = report["op"]
+        if op == "state":
+            worker.state = report["state"]
+            if worker.state == "idle":  # started, or done with its job
+                worker.start_failures, worker.job_id = 0, None
+            if report.get("memory") is not None:
+                worker.memory = report["memory"]
+        elif op == "fatal":
+            worker.last_error = report["message"]
+            log.error("worker %d (%s) failed to start: %s\n%s", worker.index, worker.device, report["message"],
+                      report.get("trace", ""))
+        self._on_report(worker, report)
+
+    def _exited(self, worker: Worker, generation: int) -> None:
+        if generation != worker.generation:
+            return
+        process = worker.process
+        process.join(timeout=5)
+        code = process.exitcode
+        reason = _describe_exit(worker, code)
+        job_id = worker.job_id
+        worker.job_id = None
+        if self._stopping:
+            return
+        if worker.state in ("starting", "loading", "warming") or worker.last_error:
+            worker.start_failures += 1
+        log.warning("worker %d (%s) exited: %s", worker.index, worker.device, reason)
+        self._on_exit(worker, job_id, reason)
+        if worker.start_failures >= MAX_START_FAILURES:
+            worker.state = "failed"
+            log.error("worker %d (%s) gave up after %d failed starts", worker.index, worker.device,
+                      worker.start_failures)
+            return
+        worker.state = "restarting"
+        delay = min(2.0 ** worker.start_failures - 1, 30.0)
+        assert self._loop is not None
+        self._loop.call_later(delay, self._restart, worker, worker.generation)
+
+    def _restart(self, worker: Worker, generation: int) -> None:
+        if not self._stopping and worker.generation == generation:
+            worker.last_error = None
+            self._spawn(worker)
+
+    # ---- orders ---------------------------------------------------------------------------
+    def idle(self) -> list[Worker]:
+        return [w for w in self.workers if w.state == "idle"]
+
+    def run(self, worker: Worker, order: RunOrder) -> None:
+        worker.cancel.clear()  # the worker is idle: nothing can race with this
+        worker.state, worker.job_id = "busy", order.job_id
+        worker.conn.send(("run", order))
+
+    def load(self, spec: Any) -> None:
+        """Tell every live worker to load a newly registered checkpoint (after its current job)."""
+        for worker in self.workers:
+            if worker.state not in ("failed", "restarting") and worker.process is not None:
+                try:
+                    worker.conn.send(("load", spec))
+                except OSError:
+                    pass  # it is dying; it loads everything when it starts again
+
+    def cancel(self, job_id: str) -> None:
+        for worker in self.workers:
+            if worker.job_id == job_id:
+                worker.cancel.set()
+
+    def kill(self, job_id: str) -> None:
+        """Kill the workers still busy with a job (a gang member stuck waiting for a dead peer)."""
+        for worker in self.workers:
+            if worker.job_id == job_id and worker.process is not None and worker.process.is_alive():
+                worker.process.kill()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        for worker in self.workers:
+            if worker.process is not None and worker.process.is_alive():
+                worker.cancel.set()
+                try:
+                    worker.conn.send(("stop",))
+                except OSError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            if worker.process is not None:
+                worker.process.join(max(0.0, deadline - time.monotonic()))
+                if worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join(5)
+
+
+def _describe_exit(worker: Worker, code: int | None) -> str:
+    where = f"worker on {worker.device} (pid {worker.process.pid})"
+    if worker.last_error:
+        return f"{where} failed: {worker.last_error}"
+    if code is None:
+        return f"{where} stopped answering"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (killed: out of memory?)" if name == "SIGKILL" else ""
+        return f"{where} died from {name}{hint}"
+    return f"{where} exited with status {code}"
