@@ -1,0 +1,56 @@
+"""Two gloo ranks on the CPU give the numbers (and TTT weights) of one process, within float noise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ttt_dist_worker import CASES, run_case
+from ttt_helpers import one_thread  # noqa: F401 (a fixture)
+
+WORKER = Path(__file__).with_name("ttt_dist_worker.py")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ranks")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(out / "init"), str(out)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_equal_one(two_ranks, name):
+    single, model = run_case(name)
+    ranks = [json.loads((two_ranks / f"{name}.{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # every rank ends with the all-reduced sums and the merged compliance record
+    double = ranks[0]
+    assert (double["tokens"], double["bytes"], double["chunks"]) == (single["tokens"], single["bytes"],
+                                                                    single["chunks"])
+    assert double["val_bpb"] == pytest.approx(single["val_bpb"], rel=0, abs=1e-6)
+    assert double["loss_sum"] == pytest.approx(single["loss_sum"], rel=1e-7)
+    assert double["compliance"]["scored_exactly_once"] and double["compliance"]["score_before_update"]
+    assert double["compliance"]["score_spans"] == 2 * single["compliance"]["score_spans"]  # one per rank and chunk
+    for r in range(2):
+        weights = torch.load(two_ranks / f"{name}.{r}.pt", weights_only=True)
+        for key, value in model.state_dict().items():
+            where = f"rank {r} {key}"
+            torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, w=where: f"{w}: {m}")

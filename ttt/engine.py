@@ -1,0 +1,543 @@
+"""Score-first chunked test-time training (spec sections 3-4), and the session that serves it.
+
+``run_protocol`` runs the protocol on a model in place: for each chunk, score its windows with the
+current weights, then (unless it is the last chunk) train on the chunk's whole sequences. Windows are
+planned with numpy (``plan``), batched by one gather into fixed ``(batch_seqs, seq_len)`` tensors, and
+only the scored positions go through the output layer. ``EvalSession`` holds a checkpoint's pristine
+weights and one working model per (device, precision), reset before every evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pgttt import __version__
+from pgttt.checkpoints.config import ModelConfig
+from pgttt.checkpoints.model import GPT, apply_precision, autocast
+from torch import Tensor
+
+from .bytes import ByteTables, load_byte_tables
+from .compliance import ComplianceLog, check_compliance
+from .config import EvalConfig
+from .distributed import World
+from .errors import EvalCancelled, EvalError
+from .plan import Plan, merged_spans, plan_windows, share
+
+ENGINE_VERSION = __version__
+
+
+class CancelEvent(Protocol):
+    def is_set(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Progress:
+    phase: str  # "scoring" or "training"
+    chunk: int
+    chunks_done: int
+    num_chunks: int
+    tokens_scored: int  # through finished chunks, plus this rank's batches of the current chunk
+    tokens_total: int
+    loss: float | None  # running values, as of the last finished chunk
+    bpb: float | None
+    elapsed_s: float
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class ChunkTrace:
+    index: int
+    windows: int
+    scored_tokens: int
+    scored_bytes: int
+    running_loss: float
+    running_bpb: float | None
+    lr: float | None  # None: not trained on (the last chunk, epochs 0, or shorter than seq_len)
+    train_loss: list[float]  # mean training loss of each epoch
+    scoring_s: float
+    training_s: float
+
+
+@dataclass
+class ProtocolRun:
+    loss_sum: float
+    tokens: int
+    bytes: int
+    chunks: list[ChunkTrace]
+    compliance: dict[str, Any]
+    scoring_s: float
+    training_s: float
+
+    @property
+    def val_loss(self) -> float:
+        return self.loss_sum / self.tokens
+
+    @property
+    def val_bpb(self) -> float:
+        if self.bytes <= 0:
+            raise EvalError(f"the {self.tokens} scored tokens stand for 0 bytes: bits per byte is undefined")
+        return self.val_loss / math.log(2.0) * self.tokens / self.bytes
+
+
+def score_batch(model: GPT, x: Tensor, positions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Summed cross-entropy (float64) at the masked ``positions`` of each window: logits only where scored."""
+    hidden = model.forward_hidden(x)
+    hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+    logits = model.logits_from_hidden(hidden).float()
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return torch.where(mask.flatten(), nll, 0.0).sum(dtype=torch.float64)
+
+
+class Steps:
+    """The protocol's two model calls, compiled with static shapes or plain; shapes seen are remembered."""
+
+    def __init__(self, model: GPT, compiled: bool) -> None:
+        self.compiled = compiled
+        self.warmed: set[tuple[Any, ...]] = set()
+
+        def score(x: Tensor, positions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+            return score_batch(model, x, positions, targets, mask)
+
+        if compiled:
+            # Each (shape, adapted set) is its own graph; a service sees a few seq_lens, never 8 is too few.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.score = torch.compile(score, dynamic=False)
+            self.loss = torch.compile(model.loss, dynamic=False)
+        else:
+            self.score, self.loss = score, model.loss
+
+
+class _Batches:
+    """Builds fixed-shape batches on the device from the plan by index arithmetic and one gather each."""
+
+    def __init__(self, plan: Plan, stream: Tensor, batch_seqs: int) -> None:
+        device = stream.device
+        self.plan, self.stream, self.size = plan, stream, batch_seqs
+        self.starts = torch.from_numpy(plan.starts).to(device)
+        self.ends = torch.from_numpy(plan.ends).to(device)
+        self.score_from = torch.from_numpy(plan.score_from).to(device)
+        self.offsets = torch.arange(plan.seq_len, device=device)
+
+    def scored_positions(self, lo: int, hi: int) -> int:
+        """Positions per window the batch gathers: ``stride`` unless a window scores more (window 0)."""
+        longest = int((self.plan.ends[lo:hi] - self.plan.score_from[lo:hi]).max())
+        return self.plan.stride if longest <= self.plan.stride else self.plan.seq_len
+
+    def score(self, lo: int, hi: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Windows ``lo .. hi-1`` padded to ``batch_seqs`` rows: inputs, scored positions, targets, mask."""
+        total = self.plan.total_targets
+        rows = torch.arange(lo, lo + self.size, device=self.stream.device)
+        real = rows < hi
+        rows = rows.clamp(max=hi - 1)
+        ws, we, sf = self.starts[rows], self.ends[rows], self.score_from[rows]
+        pos = ws[:, None] + self.offsets
+        x = torch.where(real[:, None] & (pos < we[:, None]), self.stream[pos.clamp(max=total)], 0)
+        # The window's last `width` positions; those before its first scored one are masked off.
+        local = (we - ws)[:, None] - width + self.offsets[:width]
+        mask = real[:, None] & (local >= (sf - ws)[:, None])
+        local = local.clamp(min=0)
+        targets = self.stream[ws[:, None] + local + 1]
+        return x, local, targets, mask
+
+    def train(self, first: int, count: int) -> tuple[Tensor, Tensor]:
+        """``count`` consecutive sequences from ``first``: inputs and targets shifted by one."""
+        length = self.plan.seq_len
+        tokens = self.stream[first : first + count * length + 1]
+        return tokens[:-1].view(count, length), tokens[1:].view(count, length)
+
+
+def make_optimizer(config: EvalConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.ttt_lr, betas=(config.ttt_momentum, 0.999), weight_decay=0.0)
+    return torch.optim.SGD(params, lr=config.ttt_lr, momentum=config.ttt_momentum, nesterov=False, weight_decay=0.0)
+
+
+def set_adapted(model: GPT, config: EvalConfig) -> list[torch.nn.Parameter]:
+    """Switch gradients on for the parameters TTT adapts (none with epochs 0) and return them."""
+    names = [n for n, _ in model.named_parameters()]
+    adapted = set(config.adapted(names)) if config.ttt_epochs > 0 else set()
+    if config.ttt_epochs > 0 and not adapted:
+        raise EvalError(
+            f"adapt_include={list(config.adapt_include)} adapt_exclude={list(config.adapt_exclude)}: "
+            "no parameter is left to adapt (use ttt_epochs=0 for a sliding-window evaluation)"
+        )
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in adapted)
+        if name in adapted:
+            params.append(p)
+    return params
+
+
+def run_protocol(
+    model: GPT,
+    tokens: np.ndarray,
+    tables: ByteTables,
+    config: EvalConfig,
+    *,
+    steps: Steps | None = None,
+    world: World | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelEvent | None = None,
+) -> ProtocolRun:
+    """Spec sections 3-4 on ``model`` in place (its weights end adapted). ``tokens``: the trimmed val stream
+    (T + 1 ids); ``config``: resolved. Sliding-window evaluation is ``ttt_epochs=0``."""
+    if config.seq_len is None or config.precision is None:
+        raise ValueError("run_protocol needs a resolved EvalConfig (EvalConfig.resolved)")
+    world = world or World.current()
+    steps = steps or Steps(model, compiled=False)
+    device = next(model.parameters()).device
+    length, stride, batch_seqs, epochs = config.seq_len, config.stride, config.batch_seqs, config.ttt_epochs
+    total = len(tokens) - 1
+    plan = plan_windows(total, length, stride, config.chunk_tokens, tables.target_bytes(tokens))
+    if plan.num_windows == 0:
+        raise EvalError(
+            f"max_tokens={config.max_tokens}: {total} targets leave no window; more than "
+            f"seq_len - stride = {length - stride} targets are needed"
+        )
+    stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
+    batches = _Batches(plan, stream, batch_seqs)
+    params = set_adapted(model, config)
+    optimizer = make_optimizer(config, params) if params else None
+    model.eval()
+    log = ComplianceLog()
+    chunks: list[ChunkTrace] = []
+    loss_sum, scored, scored_bytes = 0.0, 0, 0
+    scoring_s = training_s = 0.0
+    started = time.perf_counter()
+
+    def report(phase: str, chunk: int, extra_tokens: int) -> None:
+        if cancel is not None and cancel.is_set():
+            raise EvalCancelled(f"cancelled in chunk {chunk + 1} of {plan.num_chunks} ({phase})")
+        if progress is not None:
+            loss = loss_sum / scored if scored else None
+            bpb = loss / math.log(2.0) * scored / scored_bytes if scored and scored_bytes else None
+            progress(Progress(phase, chunk, len(chunks), plan.num_chunks, scored + extra_tokens, total, loss, bpb,
+                              time.perf_counter() - started))
+
+    for c in range(plan.num_chunks):
+        w0, w1 = plan.chunk_windows(c)
+        if w0 == w1:
+            continue  # a chunk with no windows is neither scored nor trained on
+        lo, hi = (w0 + i for i in share(w1 - w0, world.rank, world.size))
+
+        # 1. Score the chunk's windows with the current weights, before any update that could see them.
+        t0 = time.perf_counter()
+        chunk_loss = torch.zeros((), dtype=torch.float64, device=device)
+        observed = torch.zeros((), dtype=torch.int64, device=device)
+        with torch.no_grad():
+            for b in range(lo, hi, batch_seqs):
+                report("scoring", c, plan.scored_tokens(lo, b))
+                e = min(b + batch_seqs, hi)
+                x, positions, targets, mask = batches.score(b, e, batches.scored_positions(b, e))
+                with autocast(config.precision, device):
+                    chunk_loss += steps.score(x, positions, targets, mask)
+                observed += mask.sum()
+        local = [plan.scored_tokens(lo, hi), int(plan.window_bytes[lo:hi].sum())]
+        sums = torch.cat((torch.stack((chunk_loss, observed.double())),
+                          torch.tensor(local, dtype=torch.float64, device=device)))
+        observed_here = int(observed)
+        log.score(c, merged_spans(plan.score_from[lo:hi] + 1, plan.ends[lo:hi] + 1), observed_here)
+        chunk_loss_sum, _, chunk_tokens, chunk_bytes = world.all_reduce_sum(sums).tolist()
+        loss_sum += chunk_loss_sum
+        scored += int(chunk_tokens)
+        scored_bytes += int(chunk_bytes)
+        t1 = time.perf_counter()
+
+        # 2. Train on the chunk's whole sequences, unless it is the last chunk.
+        lr, epoch_losses = None, []
+        starts = plan.training_starts(c)
+        if optimizer is not None and c < plan.num_chunks - 1 and len(starts):
+            lr = config.lr_at(c, plan.num_chunks)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for epoch in range(epochs):
+                epoch_loss = torch.zeros((), dtype=torch.float32, device=device)
+                for j in range(0, len(starts), batch_seqs):
+                    report("training", c, 0)
+                    count = min(batch_seqs, len(starts) - j)
+                    a, b = share(count, world.rank, world.size)
+                    optimizer.zero_grad(set_to_none=True)
+                    batch_loss = torch.zeros((), dtype=torch.float32, device=device)
+                    if b > a:
+                        x, y = batches.train(int(starts[j + a]), b - a)
+                        with autocast(config.precision, device):
+                            loss = steps.loss(x, y)
+                        # This rank's share of the batch's mean: the sum over ranks is the mean over the batch.
+                        weighted = loss if b - a == count else loss * ((b - a) / count)
+                        weighted.backward()
+                        batch_loss = weighted.detach().float()
+                        if epoch == 0:
+                            log.train(c, [(int(starts[j + a]), int(starts[j + b - 1]) + length + 1)])
+                    batch_loss = world.all_reduce_grads(params, batch_loss)
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                    optimizer.step()
+                    epoch_loss += batch_loss
+                epoch_losses.append(float(epoch_loss) / -(-len(starts) // batch_seqs))
+        t2 = time.perf_counter()
+        scoring_s += t1 - t0
+        training_s += t2 - t1
+        running = loss_sum / scored
+        chunks.append(ChunkTrace(
+            index=c, windows=w1 - w0, scored_tokens=int(chunk_tokens), scored_bytes=int(chunk_bytes),
+            running_loss=running,
+            running_bpb=running / math.log(2.0) * scored / scored_bytes if scored_bytes else None,
+            lr=lr, train_loss=epoch_losses, scoring_s=t1 - t0, training_s=t2 - t1,
+        ))
+
+    merged = ComplianceLog.merge(world.all_gather(log)) if world.distributed else log
+    for p in params:
+        p.grad = None
+    return ProtocolRun(loss_sum, scored, scored_bytes, chunks, check_compliance(merged, total), scoring_s, training_s)
+
+
+# ---- the session: pristine weights, working models, results ----------------------------------------
+
+
+@dataclass
+class EvalResult:
+    val_loss: float
+    val_bpb: float
+    loss_sum: float
+    tokens_scored: int
+    bytes_scored: int
+    config: dict[str, Any]  # the resolved EvalConfig: what actually ran
+    model_config: dict[str, Any]
+    identity: dict[str, Any]  # checkpoint and tokenizer sha256, val fingerprint and files, engine version
+    chunks: list[ChunkTrace]
+    timings: dict[str, float]  # seconds: load (the session's), data, warmup, scoring, training, eval, total
+    tokens_per_second: float  # scored tokens over the evaluation loop's wall time (eval_s)
+    peak_gpu_memory_bytes: int | None
+    device: str
+    world_size: int
+    compliance: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        cfg = self.config
+        mode = "sliding" if cfg["ttt_epochs"] == 0 else f"ttt {cfg['ttt_epochs']}ep/{cfg['chunk_tokens']}"
+        ok = self.compliance["scored_exactly_once"] and self.compliance["score_before_update"]
+        return (
+            f"val_loss {self.val_loss:.8f} val_bpb {self.val_bpb:.8f} | {mode} seq_len {cfg['seq_len']} "
+            f"stride {cfg['stride']} | {self.tokens_scored} tokens {self.bytes_scored} bytes | "
+            f"{self.timings['eval_s']:.1f}s {self.tokens_per_second:.0f} tok/s | {self.device} x{self.world_size} "
+            f"{cfg['precision']} | compliance {'ok' if ok else 'VIOLATED'}"
+        )
+
+
+@dataclass
+class _Worker:
+    """A working model on one device in one precision, its pristine weights there, and its steps."""
+
+    model: GPT
+    pristine: dict[str, Tensor]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    steps: dict[bool, Steps] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """Copy the pristine weights in place: no re-allocation, so compiled graphs stay valid."""
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(self.pristine[name])
+                p.grad = None
+
+    def steps_for(self, compiled: bool) -> Steps:
+        if compiled not in self.steps:
+            self.steps[compiled] = Steps(self.model, compiled)
+        return self.steps[compiled]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class EvalSession:
+    """A checkpoint loaded once: its pristine float32 weights and a working model per (device, precision).
+
+    Every evaluation starts from the pristine weights, so none changes the next one's starting point.
+    Evaluations on one working model are serialised by its lock; use separate devices to run in parallel.
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        *,
+        checkpoint_sha256: str | None = None,
+        tokenizer_sha256: str | None = None,
+        source: str | None = None,
+        load_s: float = 0.0,
+    ) -> None:
+        self.template = copy.deepcopy(model).cpu().float().eval().requires_grad_(False)
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.tokenizer_sha256 = tokenizer_sha256  # what the checkpoint was trained with, when it says
+        self.source = source
+        self.load_s = load_s
+        self._workers: dict[tuple[str, str], _Worker] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Any, *, load_s: float = 0.0) -> EvalSession:
+        """From a ``LoadedCheckpoint`` (``pgttt.checkpoints.loading``)."""
+        from pgttt.checkpoints.loading import build_model
+
+        model = build_model(ckpt, precision="fp32", device="cpu")
+        tokenizer = ckpt.tokenizer.sha256 if ckpt.tokenizer is not None else None
+        return cls(model, checkpoint_sha256=ckpt.sha256, tokenizer_sha256=tokenizer, source=str(ckpt.path),
+                   load_s=load_s)
+
+    @classmethod
+    def load(cls, path: str | Path, *, preset: str | None = None, overrides: Any = None,
+             tokenizer: str | Path | None = None) -> EvalSession:
+        from pgttt.checkpoints.loading import load_checkpoint
+
+        t0 = time.perf_counter()
+        ckpt = load_checkpoint(path, preset=preset, overrides=overrides, tokenizer=tokenizer)
+        session = cls.from_checkpoint(ckpt)
+        session.load_s = time.perf_counter() - t0
+        return session
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.template.config
+
+    def worker(self, device: torch.device, precision: str) -> _Worker:
+        key = (str(device), precision)
+        with self._lock:
+            if key not in self._workers:
+                model = apply_precision(copy.deepcopy(self.template).to(device), precision).eval()
+                pristine = {n: p.detach().to(device) for n, p in self.template.named_parameters()}
+                self._workers[key] = _Worker(model, pristine)
+            return self._workers[key]
+
+    def warmup(self, config: EvalConfig | None = None, *, device: str | torch.device | None = None,
+               seq_lens: list[int] | None = None) -> float:
+        """Run every compiled shape of ``config`` (at each of ``seq_lens``) once, so no evaluation compiles.
+        Returns the seconds spent; nothing happens when compilation is off (the default on CPUs)."""
+        device = torch.device(device) if device is not None else default_device()
+        config = config or EvalConfig()
+        t0 = time.perf_counter()
+        for seq_len in seq_lens or [config.seq_len]:
+            cfg = replace(config, seq_len=seq_len).resolved(self.config, device)
+            worker = self.worker(device, cfg.precision)
+            with worker.lock:
+                self._warm(worker, cfg)
+        return time.perf_counter() - t0
+
+    def _warm(self, worker: _Worker, cfg: EvalConfig) -> None:
+        if not cfg.compile:
+            return
+        steps, model, world = worker.steps_for(True), worker.model, World.current()
+        device = next(model.parameters()).device
+        rows, length = cfg.batch_seqs, cfg.seq_len
+        params = set_adapted(model, cfg)
+        for width in sorted({cfg.stride, length}):
+            key = ("score", rows, length, width)
+            if key not in steps.warmed:
+                zeros = torch.zeros(rows, width, dtype=torch.long, device=device)
+                x = torch.zeros(rows, length, dtype=torch.long, device=device)
+                with torch.no_grad(), autocast(cfg.precision, device):
+                    steps.score(x, zeros, zeros, zeros.bool())
+                steps.warmed.add(key)
+        chunk_seqs = cfg.chunk_tokens // length if cfg.ttt_epochs > 0 else 0
+        for count in {min(rows, chunk_seqs), chunk_seqs % rows} - {0}:
+            a, b = share(count, world.rank, world.size)
+            key = ("train", b - a, length, tuple(id(p) for p in params))
+            if b > a and key not in steps.warmed:
+                x = torch.zeros(b - a, length, dtype=torch.long, device=device)
+                with autocast(cfg.precision, device):
+                    steps.loss(x, x).backward()
+                steps.warmed.add(key)
+        for p in params:
+            p.grad = None
+
+    def evaluate(
+        self,
+        val: Any,
+        tokenizer: str | Path | ByteTables,
+        config: EvalConfig | None = None,
+        *,
+        device: str | torch.device | None = None,
+        progress: ProgressFn | None = None,
+        cancel: CancelEvent | None = None,
+    ) -> EvalResult:
+        """One evaluation. ``val``: a ``ValSet`` or what ``load_val`` takes (a directory, glob or file)."""
+        from .data import ValSet, load_val
+
+        t_start = time.perf_counter()
+        device = torch.device(device) if device is not None else default_device()
+        cfg = (config or EvalConfig()).resolved(self.config, device)
+        vocab = self.config.vocab_size
+        valset = val if isinstance(val, ValSet) else load_val(val, vocab)
+        valset.check_vocab(vocab)
+        tables = tokenizer if isinstance(tokenizer, ByteTables) else load_byte_tables(tokenizer, vocab)
+        if tables.vocab_size != vocab:
+            raise EvalError(f"byte tables cover {tables.vocab_size} ids, the model's vocab_size is {vocab}")
+        if self.tokenizer_sha256 is not None and tables.tokenizer_sha256 != self.tokenizer_sha256:
+            raise EvalError(
+                f"tokenizer sha256 {tables.tokenizer_sha256[:12]}… is not the one this checkpoint records "
+                f"({self.tokenizer_sha256[:12]}…): bits per byte would be counted with the wrong pieces"
+            )
+        tokens = valset.trimmed(cfg.seq_len, cfg.max_tokens)
+        world = World.current()
+        data_s = time.perf_counter() - t_start
+
+        worker = self.worker(device, cfg.precision)
+        with worker.lock:
+            t0 = time.perf_counter()
+            self._warm(worker, cfg)
+            warmup_s = time.perf_counter() - t0
+            worker.reset()
+            torch.manual_seed(cfg.seed)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            run = run_protocol(worker.model, tokens, tables, cfg, steps=worker.steps_for(cfg.compile), world=world,
+                               progress=progress, cancel=cancel)
+            eval_s = time.perf_counter() - t0
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return EvalResult(
+            val_loss=run.val_loss,
+            val_bpb=run.val_bpb,
+            loss_sum=run.loss_sum,
+            tokens_scored=run.tokens,
+            bytes_scored=run.bytes,
+            config=cfg.to_dict(),
+            model_config=self.config.to_dict(),
+            identity={
+                "checkpoint_sha256": self.checkpoint_sha256,
+                "checkpoint": self.source,
+                "tokenizer_sha256": tables.tokenizer_sha256,
+                "val_fingerprint": valset.fingerprint,
+                "val_files": [str(f) for f in valset.files],
+                "engine_version": ENGINE_VERSION,
+            },
+            chunks=run.chunks,
+            timings={
+                "load_s": self.load_s,
+                "data_s": data_s,
+                "warmup_s": warmup_s,
+                "scoring_s": run.scoring_s,
+                "training_s": run.training_s,
+                "eval_s": eval_s,
+                "total_s": time.perf_counter() - t_start,
+            },
+            tokens_per_second=run.tokens / eval_s if eval_s > 0 else 0.0,
+            peak_gpu_memory_bytes=peak,
+            device=str(device),
+            world_size=world.size,
+            compliance=run.compliance,
+        )
