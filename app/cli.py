@@ -32,22 +32,29 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
+def settings_from_args(args: argparse.Namespace):
+    """Settings from the flags given, the ``PGTTT_*`` environment for the rest."""
     from pydantic import ValidationError
 
-    from .main import create_app
     from .settings import Settings, SettingsError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
     if "devices" in given:
         given["devices"] = given["devices"].split(",")
     try:
-        settings = Settings(**given)
+        return Settings(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise SettingsError(f"--{where.replace('_', '-')}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .main import create_app
+
+    settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
