@@ -299,3 +299,31 @@ def test_a_worker_that_dies_fails_its_job_and_comes_back(api):
     assert "SIGKILL" in failed["error"]["message"] and "cpu" in failed["error"]["message"]
     wait_ready(c)
     assert wait_job(c, submit(api, seed=21)["id"])["state"] == "succeeded"
+
+
+def test_api_key_and_not_ready(tmp_path):
+    app = create_app(Settings(checkpoint_dirs=[DEMO], data_dirs=[DEMO], state_dir=tmp_path, devices=["cpu"],
+                              api_key="s3cret"))
+    c = TestClient(app)  # no lifespan: nothing loaded, so never ready; the store answers
+    assert c.get("/healthz").json() == {"status": "ok"}
+    r = c.get("/readyz")
+    assert r.status_code == 503 and r.json()["ready"] is False
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}, {"Authorization": "s3cret"}):
+        for method, url in (("GET", "/jobs"), ("POST", "/eval"), ("GET", "/metrics"), ("GET", "/checkpoints")):
+            r = c.request(method, url, headers=headers, json=QUICK)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", (method, url, headers)
+    assert c.get("/jobs", headers={"Authorization": "Bearer s3cret"}).json()["total"] == 0
+    assert c.get("/jobs", headers={"X-API-Key": "s3cret"}).status_code == 200
+    r = c.post("/eval", headers={"X-API-Key": "s3cret"}, json=QUICK)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and int(r.headers["retry-after"]) > 0
+
+
+def test_non_finite_numbers_are_null_in_json():
+    from pgttt.app.service import job_to_api
+    from pgttt.app.store import JobRecord
+
+    job = JobRecord(id="j", state="succeeded", checkpoint="c", dataset="d", request={}, gpus=1, created_at="t",
+                    result={"val_bpb": float("nan"), "chunks": [{"loss": float("inf")}, {"loss": 1.5}]})
+    out = job_to_api(job)
+    assert out["result"] == {"val_bpb": None, "chunks": [{"loss": None}, {"loss": 1.5}]}
+    json.dumps(out, allow_nan=False)
