@@ -36,8 +36,7 @@ INT_FIELDS = ("ttt_epochs", "chunk_tokens", "seq_len", "stride", "batch_seqs", "
 FLOAT_FIELDS = ("ttt_lr", "ttt_momentum", "grad_clip")
 STR_FIELDS = ("lr_schedule", "optimizer", "precision")
 LIST_FIELDS = ("adapt_include", "adapt_exclude")
-BOOL_FIELDS = ("compile",)
-FIELDS = INT_FIELDS + FLOAT_FIELDS + STR_FIELDS + LIST_FIELDS + BOOL_FIELDS
+FIELDS = INT_FIELDS + FLOAT_FIELDS + STR_FIELDS + LIST_FIELDS
 SPEC_KEYS = ("checkpoint", "dataset", "fixed", "grid", "points", "random", "seeds", "force")
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
 
@@ -278,14 +277,10 @@ def _check_value(key: str, name: str, value: Any, fail: Callable[[str, str], Swe
         if not isinstance(value, str):
             raise fail(key, f"{name} must be a string, got {value!r}")
         return value
-    if name in LIST_FIELDS:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise fail(key, f"{name} must be a list of parameter-name patterns, got {value!r}")
-        return value
-    if not isinstance(value, bool):
-        raise fail(key, f"{name} must be true or false, got {value!r}")
+    if isinstance(value, str):  # a list field: one pattern, or a list of them
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise fail(key, f"{name} must be a list of parameter-name patterns, got {value!r}")
     return value
 
 

@@ -123,7 +123,7 @@ def test_point_fields_are_sorted_so_records_read_the_same():
     (spec(grid={"ttt_epochs": [True]}), "grid.ttt_epochs[0]: ttt_epochs must be an integer"),
     (spec(fixed={"optimizer": 3}), "fixed.optimizer: optimizer must be a string"),
     (spec(fixed={"adapt_include": [""]}), "fixed.adapt_include: adapt_include must be a list of parameter-name"),
-    (spec(fixed={"compile": "yes"}), "fixed.compile: compile must be true or false"),
+    (spec(fixed={"compile": True}), "fixed.compile: unknown evaluation field"),
     (spec(fixed=[1]), "fixed: expected a mapping"),
     (spec(points={"ttt_epochs": 1}), "points: expected a list of mappings"),
     (spec(points=[{}]), "points[0]: expected a non-empty mapping"),
