@@ -37,6 +37,7 @@ class FakeServer:
         self.max_active = 0
         self.on_submit = None
         self.fail_codes: list[str] = []  # error codes for the next jobs to fail with
+        self.warming = 0  # /readyz answers 503 this many times (and POST /eval 503 meanwhile)
 
     def active(self) -> int:
         return sum(j["state"] in ("queued", "running") for j in self.jobs.values())
@@ -57,7 +58,10 @@ class FakeServer:
                 return error(401, "unauthorized", "missing or wrong API key")
             method, path = request.method, request.url.path
             if path == "/readyz":
-                return httpx.Response(200, json={"ready": True, "workers": []})
+                self.warming -= 1
+                return httpx.Response(200 if self.warming < 0 else 503, json={"ready": self.warming < 0, "workers": []})
+            if self.warming >= 0 and method == "POST":
+                return error(503, "not_ready", "warming up")
             if path == "/checkpoints/demo":
                 return httpx.Response(200, json={"name": "demo", "sha256": self.sha256})
             if path.startswith("/checkpoints/"):
@@ -145,6 +149,21 @@ def test_points_spread_over_servers_within_the_concurrency_bound(tmp_path):
         assert r["request"] == job["request"] == next(p.fields for p in points if p.key == r["key"])
     assert a.submitted and b.submitted and len(a.submitted) + len(b.submitted) == 6
     assert 1 <= a.max_active <= 2 and 1 <= b.max_active <= 2
+
+
+def test_the_sweep_waits_for_a_warming_server_and_passes_force(tmp_path):
+    server = FakeServer("http://a:1")
+    server.warming = 3
+    outcome = runner(tmp_path, server, force=True).run(parse_spec(SPEC).expand())
+    assert outcome.done == 6 and server.warming < 0
+    assert all(body["force"] is True for body in server.submitted)
+
+
+def test_a_server_that_goes_back_to_warming_up_is_waited_for(tmp_path):
+    server = FakeServer("http://a:1")
+    server.on_submit = lambda s: setattr(s, "warming", 5) if len(s.submitted) == 2 else None
+    outcome = runner(tmp_path, server).run(parse_spec(SPEC).expand())
+    assert (outcome.done, outcome.failed, outcome.dead) == (6, [], {}) and len(server.submitted) == 6
 
 
 def test_a_rerun_submits_only_what_is_missing(tmp_path):
