@@ -6,6 +6,7 @@ import argparse
 import logging
 from typing import Any
 
+GRACEFUL_SHUTDOWN_S = 5
 EPILOG = """With no arguments it serves the bundled demo checkpoint and demo val data on the CPU at
 http://127.0.0.1:8000 (API docs at /docs). Every flag has a PGTTT_ variable, e.g. PGTTT_DEVICES=cuda:0,cuda:1."""
 
@@ -57,5 +58,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # Event streams never end by themselves: give open requests a few seconds on shutdown, then close them.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return 0
