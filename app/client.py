@@ -144,7 +144,7 @@ class Event:
     id: str | None = None
 
 
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date; None if absent or unreadable."""
     if value is None:
         return None
@@ -159,7 +159,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
 def iter_sse(lines: Iterator[str]) -> Iterator[Event]:
@@ -305,7 +305,9 @@ class Client:
         >>> for ev in api.events(job.id):                                           # doctest: +SKIP
         ...     print(ev.event, ev.data["state"])
         """
-        response = self._request("GET", f"/jobs/{job_id}/events", stream=True)
+        # No read timeout: a job may run for minutes between two events.
+        timeout = httpx.Timeout(self._http.timeout.connect, read=None)
+        response = self._request("GET", f"/jobs/{job_id}/events", stream=True, timeout=timeout)
         try:
             for event in iter_sse(response.iter_lines()):
                 yield event

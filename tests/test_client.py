@@ -229,6 +229,7 @@ def test_events_streams_until_end():
     assert [e.event for e in events] == ["state", "progress", "state", "end"]
     assert events[2].data["state"] == "succeeded"
     assert script.requests[0].url.path == "/jobs/j1/events"
+    assert script.requests[0].extensions["timeout"]["read"] is None  # a long job may be quiet for minutes
 
 
 def test_events_of_an_unknown_job_raise():
