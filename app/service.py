@@ -81,6 +81,7 @@ class Service:
         )
         self._startup: asyncio.Task | None = None
         self._adding = asyncio.Lock()
+        self._closing = False
 
     # ---- life cycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -222,6 +223,8 @@ class Service:
             if job.final:
                 yield "end", job
                 return
+            if self._closing:
+                return
             while True:
                 wait = KEEPALIVE_S if deadline is None else min(KEEPALIVE_S, deadline - time.monotonic())
                 if wait <= 0:
@@ -232,6 +235,8 @@ class Service:
                     if deadline is None or time.monotonic() < deadline:
                         yield "keepalive", self.get(job_id)
                     continue
+                if event == "closing":
+                    return
                 job = self.get(job_id)
                 # Events queued before the final state are read after it: the last one is a state event.
                 yield ("state" if job.final else event), job
@@ -244,6 +249,13 @@ class Service:
                 subs.discard(queue)
                 if not subs:
                     del self._subscribers[job_id]
+
+    def close_streams(self) -> None:
+        """The server is stopping: end every event stream and wait now (open requests hold up its exit)."""
+        self._closing = True
+        for queues in self._subscribers.values():
+            for queue in queues:
+                queue.put_nowait("closing")
 
     def _publish(self, job_id: str, event: str) -> None:
         for queue in self._subscribers.get(job_id, ()):

@@ -114,8 +114,23 @@ def test_sigkill_mid_job_then_restart(server, tmp_path):
             assert wait_job(c2, behind["id"])["state"] == "succeeded"  # re-queued on start
             hit = c2.post("/eval", json={**QUICK, "seed": 4})
             assert hit.status_code == 200 and hit.json()["cached"] and hit.json()["result"] == finished["result"]
+            # A client following a long job's events must not keep the server from stopping.
+            follow = c2.post("/eval", json={**LONG, "seed": 7}).json()
+            streaming = threading.Event()
+
+            def watch() -> None:
+                with httpx.stream("GET", f"{again.url}/jobs/{follow['id']}/events", timeout=60) as stream:
+                    streaming.set()
+                    for _ in stream.iter_lines():
+                        pass
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            assert streaming.wait(30)
     finally:
         again.stop()
+    watcher.join(30)
+    assert not watcher.is_alive()
     # SIGTERM: uvicorn shuts down in order, then exits by the signal it caught.
     assert again.process.returncode in (0, -signal.SIGTERM)
     assert "Traceback" not in again.log.read_text()
