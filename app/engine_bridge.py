@@ -198,7 +198,7 @@ class DeviceEngine:
         session = self.sessions.get(order.checkpoint)
         if session is None:
             raise EvalError(f"checkpoint {order.checkpoint!r} is not loaded on {self.device}")
-        dataset = DatasetSpec(**order.dataset)
+        dataset = order.dataset
         vocab = session.config.vocab_size
         key = (dataset.path, vocab)
         if key not in self._val:

@@ -145,7 +145,7 @@ class Service:
             raise not_found("job", job_id)
         return job
 
-    def list(self, **filters: Any) -> tuple[list[JobRecord], int]:
+    def list_jobs(self, **filters: Any) -> tuple[list[JobRecord], int]:
         jobs, total = self.store.list(**filters)
         return [self.live.get(j.id, j) for j in jobs], total
 
@@ -159,6 +159,9 @@ class Service:
         if dataset is None:
             raise not_found("dataset", req.dataset)
         alive = sum(w.state != "failed" for w in self.pool.workers)
+        if alive == 0:
+            raise ApiError(503, "no_workers", "no worker is alive: every one failed to start (see the server log)",
+                           self.readiness())
         if req.gpus > alive:
             raise invalid_field("gpus", f"asks for {req.gpus} workers; this server has {alive} ({self.devices})",
                                 req.gpus)
@@ -366,7 +369,7 @@ class Service:
             job.state, job.started_at = "running", utc_now()
             workers = idle[: job.gpus]
             init_method = f"tcp://127.0.0.1:{_free_port()}" if job.gpus > 1 else None
-            dataset = dataclasses.asdict(self.catalog.datasets[job.dataset].spec)
+            dataset = self.catalog.datasets[job.dataset].spec
             for rank, worker in enumerate(workers):
                 order = RunOrder(job.id, job.checkpoint, dataset, job.config, rank, job.gpus, init_method)
                 self.pool.run(worker, order)

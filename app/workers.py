@@ -39,7 +39,7 @@ class RunOrder:
 
     job_id: str
     checkpoint: str
-    dataset: dict[str, Any]
+    dataset: Any  # the engine bridge's DatasetSpec
     config: dict[str, Any]
     rank: int = 0
     world_size: int = 1
@@ -316,7 +316,10 @@ class WorkerPool:
     def run(self, worker: Worker, order: RunOrder) -> None:
         worker.cancel.clear()  # the worker is idle: nothing can race with this
         worker.state, worker.job_id = "busy", order.job_id
-        worker.conn.send(("run", order))
+        try:
+            worker.conn.send(("run", order))
+        except OSError:
+            pass  # it just died: its exit report fails the job
 
     def load(self, spec: Any) -> None:
         """Tell every live worker to load a newly registered checkpoint (after its current job)."""

@@ -45,7 +45,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> dict:
-    jobs, total = service.list(state=state, checkpoint=checkpoint, dataset=dataset, limit=limit, offset=offset)
+    jobs, total = service.list_jobs(state=state, checkpoint=checkpoint, dataset=dataset, limit=limit, offset=offset)
     return {"jobs": [job_to_api(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
 
 
