@@ -28,7 +28,8 @@ SPAWN = multiprocessing.get_context("spawn")
 
 # Worker states, as /readyz and /metrics show them.
 WORKER_STATES = ("starting", "loading", "warming", "idle", "busy", "restarting", "failed")
-MAX_START_FAILURES = 5
+# Seconds before starting a worker again, by how many starts in a row have failed (0: it died in a job).
+RESTART_DELAYS_S = (0.0, 1.0, 3.0, 7.0, 15.0)
 PROGRESS_INTERVAL_S = 0.2
 GANG_GRACE_S = 10.0
 
@@ -227,6 +228,7 @@ class WorkerPool:
         self._threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self.restart_delays = RESTART_DELAYS_S
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -294,15 +296,14 @@ class WorkerPool:
             worker.start_failures += 1
         log.warning("worker %d (%s) exited: %s", worker.index, worker.device, reason)
         self._on_exit(worker, job_id, reason)
-        if worker.start_failures >= MAX_START_FAILURES:
+        if worker.start_failures >= len(self.restart_delays):
             worker.state = "failed"
             log.error("worker %d (%s) gave up after %d failed starts", worker.index, worker.device,
                       worker.start_failures)
             return
         worker.state = "restarting"
-        delay = min(2.0 ** worker.start_failures - 1, 30.0)
         assert self._loop is not None
-        self._loop.call_later(delay, self._restart, worker, worker.generation)
+        self._loop.call_later(self.restart_delays[worker.start_failures], self._restart, worker, worker.generation)
 
     def _restart(self, worker: Worker, generation: int) -> None:
         if not self._stopping and worker.generation == generation:

@@ -144,3 +144,10 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
+
+
+class EngineThatCannotStart:
+    """A worker engine whose start always fails, as on a device that is out of memory."""
+
+    def __init__(self, device: str) -> None:
+        raise RuntimeError(f"out of memory on {device} (a test engine that never starts)")

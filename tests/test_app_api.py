@@ -327,3 +327,20 @@ def test_non_finite_numbers_are_null_in_json():
     out = job_to_api(job)
     assert out["result"] == {"val_bpb": None, "chunks": [{"loss": None}, {"loss": 1.5}]}
     json.dumps(out, allow_nan=False)
+
+
+def test_workers_that_cannot_start_are_retried_then_marked_failed(tmp_path):
+    from app_helpers import EngineThatCannotStart
+
+    settings = Settings(checkpoint_dirs=[DEMO], data_dirs=[DEMO], state_dir=tmp_path, devices=["cpu"])
+    app = create_app(settings, engine_factory=EngineThatCannotStart)
+    service = app.state.service
+    service.pool.restart_delays = (0.0, 0.1, 0.1)
+    with TestClient(app) as c:
+        wait_for(lambda: service.pool.workers[0].state == "failed", 90, "the worker to be given up")
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["workers"][0]["state"] == "failed"
+        r = c.post("/eval", json=QUICK)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_workers"
+        assert service.pool.workers[0].generation == 3  # started three times
+        assert "out of memory on cpu" in service.pool.workers[0].last_error
