@@ -8,13 +8,15 @@ import logging
 from typing import Any
 
 GRACEFUL_SHUTDOWN_S = 5
-EPILOG = """With no arguments it serves the bundled demo checkpoint and demo val data on the CPU at
-http://127.0.0.1:8000 (API docs at /docs). Every flag has a PGTTT_ variable, e.g. PGTTT_DEVICES=cuda:0,cuda:1."""
+EPILOG = """With no arguments it serves the bundled demo checkpoint and demo val data (on every visible GPU, else
+the CPU) at http://127.0.0.1:8000, API docs at /docs. Every flag has a PGTTT_ variable, e.g.
+PGTTT_DEVICES=cuda:0,cuda:1. See docs/service.md."""
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "serve", help="run the evaluation server", description=__doc__.splitlines()[0], epilog=EPILOG
+        "serve", help="run the evaluation server",
+        description="Run the evaluation server (uvicorn); flags override PGTTT_* variables.", epilog=EPILOG
     )
     p.add_argument("--checkpoint-dir", action="append", dest="checkpoint_dirs", metavar="DIR",
                    help="folder with *.bin / *.ptz checkpoints (repeatable; default: the demo)")
