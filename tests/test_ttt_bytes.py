@@ -9,7 +9,8 @@ import random
 import numpy as np
 import pytest
 import sentencepiece as spm
-from pgttt.ttt.bytes import build_byte_tables, load_byte_tables, load_sentencepiece
+from pgttt.errors import PgtttError
+from pgttt.ttt.bytes import build_byte_tables, load_byte_tables
 from pgttt.ttt.errors import EvalError
 
 
@@ -131,5 +132,5 @@ def test_unreadable_or_invalid_tokenizer(tmp_path):
         load_byte_tables(tmp_path / "missing.model", 10)
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a model")
-    with pytest.raises(EvalError, match=rf"{bad}: not a SentencePiece model"):
-        load_sentencepiece(bad)
+    with pytest.raises(PgtttError, match=rf"{bad}: not a SentencePiece model"):
+        load_byte_tables(bad, 10)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import DataError, trim_stream
-from pgttt.ttt.engine import run_protocol
+from pgttt.ttt.engine import Steps, run_protocol
 from pgttt.ttt.errors import EvalError
 from ttt_helpers import (
     MICRO,
@@ -31,10 +31,12 @@ TABLES = random_tables(MICRO.vocab_size, seed=4)
 LOSS_RTOL = 1e-7
 
 
-def run_both(tokens: np.ndarray, cfg: EvalConfig):
+def run_both(tokens: np.ndarray, cfg: EvalConfig, static_shapes: bool = False):
+    """The engine (scoring batches padded to batch_seqs rows, as compiled on a GPU, or not) and the reference."""
     cfg = cfg.resolved(MICRO, "cpu")
     engine_model, reference_model = copy.deepcopy(MODEL), copy.deepcopy(MODEL)
-    run = run_protocol(engine_model, trim_stream(tokens, cfg.seq_len, cfg.max_tokens), TABLES, cfg)
+    steps = Steps(engine_model, compiled=False, static_shapes=static_shapes)
+    run = run_protocol(engine_model, trim_stream(tokens, cfg.seq_len, cfg.max_tokens), TABLES, cfg, steps=steps)
     ref = reference_eval(
         reference_model, trim(tokens.tolist(), cfg.seq_len, cfg.max_tokens),
         TABLES.base_bytes.tolist(), TABLES.has_leading_space.tolist(), TABLES.is_boundary.tolist(),
@@ -76,19 +78,19 @@ def cases(draw):
         adapt_exclude=draw(st.sampled_from([(), (), ("tok_emb.*",), ("blocks.0.*", "skip_*")])),
         max_tokens=draw(st.one_of(st.none(), st.integers(1, n))),
     )
-    return tokens, cfg
+    return tokens, cfg, draw(st.booleans())
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases())
 def test_engine_equals_plain_reference(case):
-    tokens, cfg = case
+    tokens, cfg, static_shapes = case
     targets = len(trim_stream(tokens, cfg.seq_len, cfg.max_tokens)) - 1
     if targets <= cfg.seq_len - cfg.stride:  # the spec's window rule leaves no window at all
         with pytest.raises(EvalError, match="leave no window"):
             run_both(tokens, cfg)
         return
-    assert_same(*run_both(tokens, cfg))
+    assert_same(*run_both(tokens, cfg, static_shapes))
 
 
 @pytest.mark.parametrize(
@@ -104,9 +106,10 @@ def test_engine_equals_plain_reference(case):
         EvalConfig(seq_len=8, stride=8, ttt_epochs=3, chunk_tokens=24, batch_seqs=1, ttt_lr=0.05),
     ],
 )
-def test_engine_equals_plain_reference_on_chosen_edges(cfg):
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_engine_equals_plain_reference_on_chosen_edges(cfg, static_shapes):
     tokens = np.random.default_rng(7).integers(0, MICRO.vocab_size, 260).astype(np.uint16)
-    run, ref, engine_model, reference_model = run_both(tokens, cfg)
+    run, ref, engine_model, reference_model = run_both(tokens, cfg, static_shapes)
     assert_same(run, ref, engine_model, reference_model)
     if cfg.chunk_tokens == 3:
         assert len(run.chunks) < -(-run.tokens // 3)  # some chunks were skipped

@@ -8,12 +8,12 @@ a leading ``▁``, plus one byte for that space unless the previous token is a b
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from pgttt.checkpoints.format import tokenizer_identity
 
 from .data import FileKey
 from .errors import EvalError
@@ -67,20 +67,6 @@ def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int, sha256: s
     return ByteTables(base, leading, boundary, sha256, sp_vocab)
 
 
-def load_sentencepiece(path: str | Path) -> tuple[spm.SentencePieceProcessor, str]:
-    """The model and the sha256 of the very bytes it was loaded from."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise EvalError(f"{path}: cannot read tokenizer: {exc.strerror or exc}") from None
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.LoadFromSerializedProto(data)
-    except Exception as exc:  # noqa: BLE001 - sentencepiece raises bare RuntimeError/OSError
-        raise EvalError(f"{path}: not a SentencePiece model ({exc})") from None
-    return sp, hashlib.sha256(data).hexdigest()
-
-
 def load_byte_tables(path: str | Path, vocab_size: int) -> ByteTables:
     """Tables for ids ``0 .. vocab_size-1`` (the model's vocabulary), cached per tokenizer file version."""
     path = Path(path)
@@ -91,5 +77,6 @@ def load_byte_tables(path: str | Path, vocab_size: int) -> ByteTables:
 
 @functools.lru_cache(maxsize=32)
 def _load_cached(key: FileKey, vocab_size: int) -> ByteTables:
-    sp, sha = load_sentencepiece(key.path)
-    return build_byte_tables(sp, vocab_size, sha, where=key.path)
+    identity = tokenizer_identity(key.path)  # refuses a file that is not a SentencePiece model, naming it
+    sp = spm.SentencePieceProcessor(model_file=key.path)
+    return build_byte_tables(sp, vocab_size, identity.sha256, where=key.path)

@@ -101,10 +101,15 @@ def score_batch(model: GPT, x: Tensor, positions: Tensor, targets: Tensor, mask:
 
 
 class Steps:
-    """The protocol's two model calls, compiled with static shapes or plain; shapes seen are remembered."""
+    """The protocol's two model calls, compiled with static shapes or plain; shapes seen are remembered.
 
-    def __init__(self, model: GPT, compiled: bool) -> None:
+    ``static_shapes`` (on when compiled) pads every scoring batch to ``batch_seqs`` rows, so one graph
+    serves every batch; plain steps score only the real windows.
+    """
+
+    def __init__(self, model: GPT, compiled: bool, static_shapes: bool | None = None) -> None:
         self.compiled = compiled
+        self.static_shapes = compiled if static_shapes is None else static_shapes
         self.warmed: set[tuple[Any, ...]] = set()
 
         def score(x: Tensor, positions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -120,11 +125,11 @@ class Steps:
 
 
 class _Batches:
-    """Builds fixed-shape batches on the device from the plan by index arithmetic and one gather each."""
+    """Builds batches on the device from the plan by index arithmetic and one gather each."""
 
-    def __init__(self, plan: Plan, stream: Tensor, batch_seqs: int) -> None:
+    def __init__(self, plan: Plan, stream: Tensor) -> None:
         device = stream.device
-        self.plan, self.stream, self.size = plan, stream, batch_seqs
+        self.plan, self.stream = plan, stream
         self.starts = torch.from_numpy(plan.starts).to(device)
         self.ends = torch.from_numpy(plan.ends).to(device)
         self.score_from = torch.from_numpy(plan.score_from).to(device)
@@ -135,13 +140,13 @@ class _Batches:
         longest = int((self.plan.ends[lo:hi] - self.plan.score_from[lo:hi]).max())
         return self.plan.stride if longest <= self.plan.stride else self.plan.seq_len
 
-    def score(self, lo: int, hi: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Windows ``lo .. hi-1`` padded to ``batch_seqs`` rows: inputs, scored positions, targets, mask."""
+    def score(self, lo: int, hi: int, rows: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Windows ``lo .. hi-1`` padded to ``rows`` rows: inputs, scored positions, targets, mask."""
         total = self.plan.total_targets
-        rows = torch.arange(lo, lo + self.size, device=self.stream.device)
-        real = rows < hi
-        rows = rows.clamp(max=hi - 1)
-        ws, we, sf = self.starts[rows], self.ends[rows], self.score_from[rows]
+        window = torch.arange(lo, lo + rows, device=self.stream.device)
+        real = window < hi
+        window = window.clamp(max=hi - 1)
+        ws, we, sf = self.starts[window], self.ends[window], self.score_from[window]
         pos = ws[:, None] + self.offsets
         x = torch.where(real[:, None] & (pos < we[:, None]), self.stream[pos.clamp(max=total)], 0)
         # The window's last `width` positions; those before its first scored one are masked off.
@@ -208,7 +213,7 @@ def run_protocol(
             f"seq_len - stride = {length - stride} targets are needed"
         )
     stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
-    batches = _Batches(plan, stream, batch_seqs)
+    batches = _Batches(plan, stream)
     params = set_adapted(model, config)
     optimizer = make_optimizer(config, params) if params else None
     model.eval()
@@ -241,7 +246,8 @@ def run_protocol(
             for b in range(lo, hi, batch_seqs):
                 report("scoring", c, plan.scored_tokens(lo, b))
                 e = min(b + batch_seqs, hi)
-                x, positions, targets, mask = batches.score(b, e, batches.scored_positions(b, e))
+                rows = batch_seqs if steps.static_shapes else e - b
+                x, positions, targets, mask = batches.score(b, e, rows, batches.scored_positions(b, e))
                 with autocast(config.precision, device):
                     chunk_loss += steps.score(x, positions, targets, mask)
                 observed += mask.sum()

@@ -1,0 +1,99 @@
+"""``pgttt eval``: one evaluation (sliding window or score-first TTT) of a checkpoint, in this process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pgttt.checkpoints.config import PRESETS, known_keys
+from pgttt.checkpoints.model import PRECISIONS
+
+from .config import LR_SCHEDULES, OPTIMIZERS
+
+# flag -> EvalConfig field, for the settings passed through only when given (the config keeps its defaults).
+SETTINGS: dict[str, tuple[str, type, str]] = {
+    "--ttt-epochs": ("ttt_epochs", int, "TTT epochs per chunk; 0: sliding-window evaluation (default 3)"),
+    "--chunk-tokens": ("chunk_tokens", int, "tokens per TTT chunk (default 32768)"),
+    "--ttt-lr": ("ttt_lr", float, "TTT learning rate, cosine-decayed over chunks (default 0.005)"),
+    "--ttt-momentum": ("ttt_momentum", float, "SGD momentum, or AdamW's beta1 (default 0.9)"),
+    "--seq-len": ("seq_len", int, "window length (default: the checkpoint's train_seq_len)"),
+    "--stride": ("stride", int, "sliding-window stride (default 64)"),
+    "--batch-seqs": ("batch_seqs", int, "windows per scoring batch and sequences per training batch (default 32)"),
+    "--max-tokens": ("max_tokens", int, "score only the first N targets of the trimmed val stream"),
+    "--seed": ("seed", int, "random seed (default 0)"),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a checkpoint: sliding-window or score-first TTT val_bpb",
+        description="Score a model.bin or challenge .ptz on the val shards with the challenge's protocol: "
+        "sliding windows (--ttt-epochs 0) or score-first chunked test-time training.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="a model.bin, or a .ptz artifact (with --preset)")
+    p.add_argument("--preset", choices=list(PRESETS), help="architecture preset of a .ptz artifact")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a preset's key, as printed in the training log (keys: {known_keys()})")
+    p.add_argument("--tokenizer", type=Path, required=True, help="the SentencePiece .model of the val shards")
+    p.add_argument("--val", required=True, metavar="DIR_OR_GLOB",
+                   help="a directory of fineweb_val_*.bin, a glob, or one shard")
+    for flag, (_, kind, text) in SETTINGS.items():
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--precision", choices=PRECISIONS, help="bf16 (default on CUDA) or fp32 (default elsewhere)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="TTT optimizer (default sgd)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="learning rate over chunks (default cosine)")
+    p.add_argument("--adapt-include", action="append", default=[], metavar="PATTERN",
+                   help="adapt only parameters matching this fnmatch pattern (repeatable; default: all)")
+    p.add_argument("--adapt-exclude", action="append", default=[], metavar="PATTERN",
+                   help="freeze parameters matching this fnmatch pattern (repeatable)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    p.add_argument("--no-compile", action="store_true", help="do not torch.compile (compiling is on for CUDA)")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON instead of one line")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run)
+
+
+def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The EvalConfig fields the command line gave."""
+    settings = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in SETTINGS.items()}
+    settings.update(precision=args.precision, optimizer=args.optimizer, lr_schedule=args.lr_schedule)
+    settings.update(adapt_include=tuple(args.adapt_include), adapt_exclude=tuple(args.adapt_exclude))
+    if args.no_compile:
+        settings["compile"] = False
+    return {k: v for k, v in settings.items() if v is not None and v != ()}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch  # torch-heavy imports wait until the command runs
+    from tqdm import tqdm
+
+    from .config import EvalConfig
+    from .engine import EvalSession, Progress, default_device
+
+    config = EvalConfig(**eval_settings(args))
+    device = torch.device(args.device) if args.device else default_device()
+    session = EvalSession.load(args.checkpoint, preset=args.preset, overrides=args.overrides or None,
+                               tokenizer=args.tokenizer)
+    bar = None if args.quiet else tqdm(total=None, unit="tok", unit_scale=True, file=sys.stderr, desc="eval")
+
+    def show(p: Progress) -> None:
+        assert bar is not None
+        bar.total = p.tokens_total
+        bar.update(p.tokens_scored - bar.n)
+        bpb = "" if p.bpb is None else f" bpb {p.bpb:.4f}"
+        bar.set_postfix_str(f"{p.phase} chunk {p.chunk + 1}/{p.num_chunks}{bpb}", refresh=False)
+
+    try:
+        progress = None if bar is None else show
+        result = session.evaluate(args.val, args.tokenizer, config, device=device, progress=progress)
+        if bar is not None:
+            bar.update(result.tokens_scored - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0
