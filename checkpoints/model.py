@@ -86,7 +86,8 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(config.rope_dims, config.rope_base, config.train_seq_len)
         self.use_xsa = use_xsa
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Attention over all positions; output only at ``positions`` (batch, k) when given."""
         bsz, seq, dim = x.shape
         q = self.c_q(x).reshape(bsz, seq, self.num_heads, self.head_dim)
         k = self.c_k(x).reshape(bsz, seq, self.num_kv_heads, self.head_dim)
@@ -97,9 +98,11 @@ class CausalSelfAttention(nn.Module):
         k = apply_rotary(k, cos, sin, self.rope_dims)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = attention(q, k, v)  # (bsz, seq, heads, head_dim)
+        if positions is not None:
+            y, v = gather_positions(y, positions), gather_positions(v, positions)
         if self.use_xsa:
             y = exclude_self_value(y, v)
-        return self.proj(y.reshape(bsz, seq, dim))
+        return self.proj(y.flatten(2))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -112,6 +115,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         is_causal=True, enable_gqa=q.size(2) != k.size(2),
     )
     return y.transpose(1, 2)
+
+
+def gather_positions(x: Tensor, positions: Tensor) -> Tensor:
+    """Rows ``positions`` (batch, k) of x (batch, seq, ...) -> (batch, k, ...)."""
+    index = positions.reshape(*positions.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
 
 
 def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
@@ -145,10 +154,13 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(index + 1) if config.ln_scale else 1.0
         self.parallel = index >= config.parallel_residual_start
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, positions: Tensor | None = None) -> Tensor:
+        """The block at every position, or (keys and values still from every position) only at ``positions``."""
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
-        a = self.attn(rms_norm(x_in) * self.norm_scale)
+        a = self.attn(rms_norm(x_in) * self.norm_scale, positions)
+        if positions is not None:
+            x_in = gather_positions(x_in, positions)
         attn_scale, mlp_scale = self.attn_scale.to(x.dtype), self.mlp_scale.to(x.dtype)
         if self.parallel:
             return x_in + attn_scale * a + mlp_scale * self.mlp(rms_norm(x_in) * self.norm_scale)
@@ -177,8 +189,12 @@ class GPT(nn.Module):
         half = self.config.num_layers // 2
         return list(range(half)), list(range(half, self.config.num_layers))
 
-    def forward_hidden(self, ids: Tensor) -> Tensor:
-        """Token ids (batch, seq) -> final-normed hidden states (batch, seq, model_dim)."""
+    def forward_hidden(self, ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Token ids (batch, seq) -> final-normed hidden states (batch, seq, model_dim).
+
+        With ``positions`` (batch, k): the hidden states at those positions only, (batch, k, model_dim). The
+        same numbers, cheaper: the last block application runs its MLP and output projection only there.
+        """
         x = rms_norm(self.tok_emb(ids))
         x0 = x
         encoder, decoder = self.schedule()
@@ -193,7 +209,10 @@ class GPT(nn.Module):
                     x = s + torch.sigmoid(self.skip_gates[j].to(x.dtype)) * (x - s)
                 else:
                     x = x + s
-            x = self.blocks[i](x, x0)
+            last = j == len(decoder) - 1
+            x = self.blocks[i](x, x0, positions if last else None)
+        if not decoder and positions is not None:
+            x = gather_positions(x, positions)
         return rms_norm(x)
 
     def logits_from_hidden(self, h: Tensor) -> Tensor:

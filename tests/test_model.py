@@ -66,3 +66,19 @@ def test_forward_gives_soft_capped_logits():
     logits = model(ids)
     assert logits.shape == (2, 16, config.vocab_size)
     assert logits.abs().max() <= config.logit_softcap
+
+
+def test_hidden_states_at_positions_equal_the_full_forward_there():
+    # The scoring fast path runs the last block only at the scored positions; the numbers must not move.
+    gen = torch.Generator().manual_seed(1)
+    for name in ("tiny", "tiny-flat"):
+        config = PRESETS[name]
+        model = init_weights(GPT(config), seed=1).eval()
+        with torch.no_grad():
+            for p in model.parameters():  # zero-initialised projections would hide a wrong gather
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        ids = torch.randint(0, config.vocab_size, (3, 40), generator=gen)
+        positions = torch.stack([torch.arange(30, 40), torch.arange(5, 15), torch.randperm(40, generator=gen)[:10]])
+        full = model.forward_hidden(ids)
+        expected = full.gather(1, positions[..., None].expand(-1, -1, full.size(-1)))
+        torch.testing.assert_close(model.forward_hidden(ids, positions), expected, rtol=0, atol=1e-6)
