@@ -41,7 +41,11 @@ class CatalogError(PgtttError):
 
 
 class PathError(CatalogError):
-    """A path in a request that is malformed or leaves the configured folders."""
+    """A path in a request that is malformed or leaves the configured folders; ``field`` names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 @dataclass
@@ -156,20 +160,20 @@ class Catalog:
 def safe_path(raw: str, roots: list[Path], field_name: str) -> Path:
     """``raw`` as an existing file inside one of ``roots``, symlinks followed; PathError otherwise."""
     if not isinstance(raw, str) or not raw.strip():
-        raise PathError(f"{field_name}: must be a non-empty path")
+        raise PathError(field_name, "must be a non-empty path")
     candidate = Path(raw)
     if ".." in candidate.parts:
-        raise PathError(f"{field_name}: {raw!r} contains '..'; give a path inside a checkpoint folder")
+        raise PathError(field_name, f"{raw!r} contains '..'; give a path inside a configured folder")
     options = [candidate] if candidate.is_absolute() else [root / candidate for root in roots]
     for option in options:
         resolved = option.resolve()
         if not _inside(resolved, roots):
             if candidate.is_absolute() or option.is_symlink() or option.exists():
-                raise PathError(f"{field_name}: {raw!r} is outside the configured folders ({_listing(roots)})")
+                raise PathError(field_name, f"{raw!r} is outside the configured folders ({_listing(roots)})")
             continue
         if resolved.is_file():
             return resolved
-    raise PathError(f"{field_name}: {raw!r} is not a file in the configured folders ({_listing(roots)})")
+    raise PathError(field_name, f"{raw!r} is not a file in the configured folders ({_listing(roots)})")
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:

@@ -280,9 +280,10 @@ class Service:
                 tokenizer = None if req.tokenizer is None else str(
                     safe_path(req.tokenizer, [*catalog.data_dirs, *catalog.checkpoint_dirs], "tokenizer"))
             except PathError as exc:
-                raise invalid_field(str(exc).split(":")[0], str(exc), req.path) from None
-            self._check_architecture(bridge.is_model_bin(path), req.preset, req.overrides)
-            if bridge.is_model_bin(path) and req.tokenizer is not None:
+                raise invalid_field(exc.field, str(exc), getattr(req, exc.field)) from None
+            model_bin = bridge.is_model_bin(path)
+            self._check_architecture(model_bin, req.preset, req.overrides)
+            if model_bin and req.tokenizer is not None:
                 raise invalid_field("tokenizer", "tokenizer: a model.bin records its own tokenizer", req.tokenizer)
             spec = bridge.CheckpointSpec(req.name, str(path), req.preset, req.overrides, tokenizer)
             entry = await self._add(catalog, spec, "path")

@@ -94,7 +94,7 @@ def test_wait_answers_with_the_finished_job(api):
     assert wait_job(api.client, slow.json()["id"])["state"] == "cancelled"
 
 
-def read_events(client, job_id) -> list[tuple[str, dict]]:
+def read_events(client, job_id, on_first=None) -> list[tuple[str, dict]]:
     events, name = [], None
     with client.stream("GET", f"/jobs/{job_id}/events") as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -103,14 +103,20 @@ def read_events(client, job_id) -> list[tuple[str, dict]]:
                 name = line[7:]
             elif line.startswith("data: "):
                 events.append((name, json.loads(line[6:])))
+                if len(events) == 1 and on_first is not None:
+                    on_first()
                 if name == "end":
                     break
     return events
 
 
 def test_events_stream_progress_then_end(api):
-    job = submit(api, seed=13, ttt_epochs=2)
-    events = read_events(api.client, job["id"])
+    c = api.client
+    blocker = submit(api, **LONG, seed=22)
+    wait_for(lambda: c.get(f"/jobs/{blocker['id']}").json()["state"] == "running", 60, "the blocker to run")
+    job = submit(api, seed=13, ttt_epochs=2)  # queued behind the blocker: the stream sees it from the start
+    events = read_events(c, job["id"], on_first=lambda: c.delete(f"/jobs/{blocker['id']}"))
+    assert events[0][1]["state"] == "queued"
     names = [n for n, _ in events]
     assert names[0] == "state" and names[-1] == "end" and "progress" in names
     assert events[-1][1]["state"] == "succeeded" and events[-2][0] == "state"
@@ -168,9 +174,12 @@ def test_list_jobs_newest_first_with_filters(api):
 
 def test_register_upload_and_evaluate_new_checkpoints(api):
     c = api.client
-    r = c.post("/checkpoints", json={"name": "record", "path": "record.ptz", "preset": "tiny", "overrides": {}})
+    tokenizer = next(DEMO.glob("*.model")).name  # relative to a data folder
+    r = c.post("/checkpoints", json={"name": "record", "path": "record.ptz", "preset": "tiny", "overrides": {},
+                                     "tokenizer": tokenizer})
     assert r.status_code == 201, r.text
     assert r.json()["kind"] == "ptz" and r.json()["config"]["num_layers"] == 4
+    assert r.json()["tokenizer"]["name"] == tokenizer
     assert [reg.name for reg in api.service.store.registrations()] == ["record"]  # kept across restarts
 
     data = (DEMO / "model.bin").read_bytes()
@@ -263,6 +272,10 @@ def bad_requests():
         ("POST", "/checkpoints", {"json": {"name": "x", "path": "record.ptz", "preset": "tiny",
                                            "overrides": {"bogus": 1}}}, 422, "overrides"),
         ("POST", "/checkpoints", {"json": {"name": "x"}}, 422, "path"),
+        ("POST", "/checkpoints", {"json": {"name": "x", "path": "record.ptz", "preset": "tiny",
+                                           "tokenizer": "../tok.model"}}, 422, "tokenizer"),
+        ("POST", "/checkpoints", {"json": {"name": "x", "path": "extra/model.bin",
+                                           "tokenizer": "tokenizer.model"}}, 422, "tokenizer"),
         ("POST", "/checkpoints", {"content": b"{", "headers": {"content-type": "application/json"}}, 400, None),
         ("POST", "/checkpoints", {"content": b"x", "headers": {"content-type": "text/plain"}}, 415, None),
         ("POST", "/checkpoints", {"data": {"name": "x"}, "files": {"other": ("a", b"b")}}, 422, "file"),
