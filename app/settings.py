@@ -62,6 +62,11 @@ class Settings(BaseSettings):
 
     _split_lists = field_validator("checkpoint_dirs", "data_dirs", "devices", mode="before")(_split)
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value  # PGTTT_API_KEY= : no key
+
     @field_validator("checkpoint_dirs", "data_dirs")
     @classmethod
     def _absolute(cls, dirs: list[Path]) -> list[Path]:

@@ -121,6 +121,10 @@ def test_settings_from_the_environment_and_flags(tmp_path, monkeypatch):
     s = settings_from_args(args)
     assert s.devices == ["cpu"] and s.queue_limit == 3 and s.warmup is False  # flags win over the environment
     assert [str(d) for d in s.checkpoint_dirs] == ["/c1", "/c2"]
+    monkeypatch.setenv("PGTTT_API_KEY", "")  # as compose.yaml passes an unset key
+    assert Settings().api_key is None
+    monkeypatch.setenv("PGTTT_API_KEY", "k")
+    assert Settings().api_key.get_secret_value() == "k"
     monkeypatch.delenv("PGTTT_CHECKPOINT_DIRS")
     assert Settings().checkpoint_dirs[0].name == "demo"  # the bundled demo by default
     with pytest.raises(SettingsError, match="tpu"):
