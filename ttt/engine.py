@@ -186,6 +186,51 @@ def set_adapted(model: GPT, config: EvalConfig) -> list[torch.nn.Parameter]:
     return params
 
 
+def _score(steps: Steps, batches: _Batches, lo: int, hi: int, rows: int, precision: str) -> tuple[Tensor, Tensor]:
+    """Summed loss and mask of windows ``lo .. hi-1`` in a batch of ``rows`` rows (gradients off)."""
+    x, positions, targets, mask = batches.score(lo, hi, rows, batches.scored_positions(lo, hi))
+    with autocast(precision, x.device):
+        return steps.score(x, positions, targets, mask), mask
+
+
+def _loss(steps: Steps, batches: _Batches, first: int, count: int, precision: str) -> Tensor:
+    """Mean training loss of ``count`` consecutive sequences from ``first``."""
+    x, y = batches.train(first, count)
+    with autocast(precision, x.device):
+        return steps.loss(x, y)
+
+
+def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = None) -> None:
+    """Run every batch shape an evaluation with ``config`` (resolved) uses, through its own batch builders,
+    so it never compiles. Each shape runs twice: a guard the first call leaves behind (a cache filled on
+    the way) fails on the second, which compiles the graph that real calls then reuse. Weights unchanged."""
+    world = world or World.current()
+    device = next(model.parameters()).device
+    length, rows = config.seq_len, config.batch_seqs
+    total = length * (rows + 1)  # enough windows for a batch with window 0 and a full batch without it
+    plan = plan_windows(total, length, config.stride, config.chunk_tokens, np.zeros(total, dtype=np.int64))
+    batches = _Batches(plan, torch.zeros(total + 1, dtype=torch.long, device=device))
+    params = set_adapted(model, config)
+    with torch.no_grad():
+        for lo in (0, 1):
+            hi = min(lo + rows, plan.num_windows)
+            key = ("score", rows, length, batches.scored_positions(lo, hi))
+            if key not in steps.warmed:
+                for _ in range(2):
+                    _score(steps, batches, lo, hi, rows if steps.static_shapes else hi - lo, config.precision)
+                steps.warmed.add(key)
+    chunk_seqs = config.chunk_tokens // length if config.ttt_epochs > 0 else 0
+    for count in {min(rows, chunk_seqs), chunk_seqs % rows} - {0}:
+        a, b = share(count, world.rank, world.size)
+        key = ("train", b - a, length, tuple(id(p) for p in params))
+        if b > a and key not in steps.warmed:
+            for _ in range(2):
+                _loss(steps, batches, 0, b - a, config.precision).backward()
+            steps.warmed.add(key)
+    for p in params:
+        p.grad = None
+
+
 def run_protocol(
     model: GPT,
     tokens: np.ndarray,
@@ -246,10 +291,9 @@ def run_protocol(
             for b in range(lo, hi, batch_seqs):
                 report("scoring", c, plan.scored_tokens(lo, b))
                 e = min(b + batch_seqs, hi)
-                rows = batch_seqs if steps.static_shapes else e - b
-                x, positions, targets, mask = batches.score(b, e, rows, batches.scored_positions(b, e))
-                with autocast(config.precision, device):
-                    chunk_loss += steps.score(x, positions, targets, mask)
+                loss, mask = _score(steps, batches, b, e, batch_seqs if steps.static_shapes else e - b,
+                                    config.precision)
+                chunk_loss += loss
                 observed += mask.sum()
         local = [plan.scored_tokens(lo, hi), int(plan.window_bytes[lo:hi].sum())]
         sums = torch.cat((torch.stack((chunk_loss, observed.double())),
@@ -278,9 +322,7 @@ def run_protocol(
                     optimizer.zero_grad(set_to_none=True)
                     batch_loss = torch.zeros((), dtype=torch.float32, device=device)
                     if b > a:
-                        x, y = batches.train(int(starts[j + a]), b - a)
-                        with autocast(config.precision, device):
-                            loss = steps.loss(x, y)
+                        loss = _loss(steps, batches, int(starts[j + a]), b - a, config.precision)
                         # This rank's share of the batch's mean: the sum over ranks is the mean over the batch.
                         weighted = loss if b - a == count else loss * ((b - a) / count)
                         weighted.backward()
@@ -444,31 +486,8 @@ class EvalSession:
         return time.perf_counter() - t0
 
     def _warm(self, worker: _Worker, cfg: EvalConfig) -> None:
-        if not cfg.compile:
-            return
-        steps, model, world = worker.steps_for(True), worker.model, World.current()
-        device = next(model.parameters()).device
-        rows, length = cfg.batch_seqs, cfg.seq_len
-        params = set_adapted(model, cfg)
-        for width in sorted({cfg.stride, length}):
-            key = ("score", rows, length, width)
-            if key not in steps.warmed:
-                zeros = torch.zeros(rows, width, dtype=torch.long, device=device)
-                x = torch.zeros(rows, length, dtype=torch.long, device=device)
-                with torch.no_grad(), autocast(cfg.precision, device):
-                    steps.score(x, zeros, zeros, zeros.bool())
-                steps.warmed.add(key)
-        chunk_seqs = cfg.chunk_tokens // length if cfg.ttt_epochs > 0 else 0
-        for count in {min(rows, chunk_seqs), chunk_seqs % rows} - {0}:
-            a, b = share(count, world.rank, world.size)
-            key = ("train", b - a, length, tuple(id(p) for p in params))
-            if b > a and key not in steps.warmed:
-                x = torch.zeros(b - a, length, dtype=torch.long, device=device)
-                with autocast(cfg.precision, device):
-                    steps.loss(x, x).backward()
-                steps.warmed.add(key)
-        for p in params:
-            p.grad = None
+        if cfg.compile:
+            warm_up(worker.model, worker.steps_for(True), cfg)
 
     def evaluate(
         self,

@@ -1,0 +1,46 @@
+"""The compiled fast path (torch.compile, static shapes; the default on CUDA) on the CPU: the plain path's
+numbers, and after warm-up an evaluation compiles nothing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from pgttt.ttt import EvalConfig, EvalSession, ValSet
+from torch._dynamo.utils import counters
+from ttt_helpers import (
+    MICRO,
+    micro_model,
+    one_thread,  # noqa: F401 (a fixture)
+    random_tables,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+def test_compiled_equals_plain_and_warm_up_covers_every_shape():
+    val = ValSet.from_tokens(np.random.default_rng(5).integers(0, MICRO.vocab_size, 400))
+    tables = random_tables(MICRO.vocab_size, seed=5)
+    # 384 targets: window 0's batch (all positions scored), full batches, a short last batch in each chunk
+    # (padded); two sequences a chunk, one training batch.
+    base = dict(seq_len=16, stride=4, ttt_epochs=2, chunk_tokens=40, batch_seqs=3, ttt_lr=0.05, precision="fp32")
+    compiled_config = EvalConfig(**base, compile=True)
+    session = EvalSession(micro_model(seed=9))  # fresh: warm-up is the first thing its model runs
+    warm_s = session.warmup(compiled_config, device="cpu")
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = session.evaluate(val, tables, compiled_config, device="cpu")
+    assert counters["stats"]["unique_graphs"] == graphs, "the evaluation compiled after warm-up"
+    assert compiled.timings["warmup_s"] < 0.01 < warm_s
+
+    reference = EvalSession(micro_model(seed=9))
+    plain = reference.evaluate(val, tables, EvalConfig(**base, compile=False), device="cpu")
+    assert (compiled.tokens_scored, compiled.bytes_scored) == (plain.tokens_scored, plain.bytes_scored)
+    assert math.isclose(compiled.loss_sum, plain.loss_sum, rel_tol=1e-6)
+    assert compiled.compliance == plain.compliance
+    # The working models hold each run's TTT weights.
+    cpu = torch.device("cpu")
+    for a, b in zip(session.worker(cpu, "fp32").model.parameters(), reference.worker(cpu, "fp32").model.parameters(),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
