@@ -20,8 +20,7 @@ from pgttt.checkpoints.format import save_model_bin
 from pgttt.checkpoints.model import GPT, init_weights
 from pgttt.checkpoints.quant import default_scheme, quantize_rows
 
-DEMO = Path(os.environ.get("PGTTT_TEST_DEMO_DIR") or demo_dir())
-REPO = Path(__file__).resolve().parents[1]
+DEMO = demo_dir()  # the demo checkpoint, tokenizer and val shard shipped in the package
 # Small evaluations of the demo checkpoint: fast on two CPU cores.
 QUICK = {
     "checkpoint": "demo", "dataset": "demo", "ttt_epochs": 1, "chunk_tokens": 256, "max_tokens": 512, "batch_seqs": 8,
@@ -105,7 +104,7 @@ def alive(pid: int) -> bool:
 
 
 class Server:
-    """A real ``pgttt serve`` process on a free localhost port."""
+    """A real ``pgttt serve`` process on a free localhost port, with its defaults: the bundled demo."""
 
     def __init__(self, state_dir: Path, *args: str) -> None:
         self.state_dir, self.args = state_dir, args
@@ -115,9 +114,10 @@ class Server:
         self.log = state_dir / "server.log"
 
     def start(self) -> Server:
-        env = {**os.environ, "PGTTT_STATE_DIR": str(self.state_dir), "PGTTT_DEVICES": "cpu"}
-        command = [sys.executable, "-m", "pgttt.main", "serve", "--port", str(self.port),
-                   "--checkpoint-dir", str(DEMO), "--data-dir", str(DEMO), "--log-level", "warning", *self.args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PGTTT_")}
+        env["PGTTT_STATE_DIR"] = str(self.state_dir)
+        command = [sys.executable, "-m", "pgttt.main", "serve", "--port", str(self.port), "--log-level", "warning",
+                   *self.args]
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
