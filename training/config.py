@@ -130,12 +130,16 @@ _FIELD_TYPES: dict[str, type] = {f.name: _field_kind(f.name)[0] for f in fields(
 _OPTIONAL: dict[str, bool] = {f.name: _field_kind(f.name)[1] for f in fields(TrainConfig)}
 
 
+def train_keys() -> str:
+    return ", ".join(_FIELD_TYPES)
+
+
 def parse_train_override(text: str) -> tuple[str, Any]:
     """``name=value`` for a TrainConfig field; ``none`` clears an optional one."""
     key, sep, raw = text.partition("=")
     key, raw = key.strip(), raw.strip()
     if not sep or key not in _FIELD_TYPES:
-        raise TrainConfigError(f"--set {text!r}: unknown key {key!r}")
+        raise TrainConfigError(f"--set {text!r}: unknown key {key!r}; training keys: {train_keys()}")
     kind = _FIELD_TYPES[key]
     if _OPTIONAL[key] and raw.lower() == "none":
         return key, None
@@ -163,7 +167,7 @@ def resolve_run_config(preset: str | None, overrides: list[str]) -> tuple[ModelC
             try:
                 name, value = parse_override(text)
             except ConfigError as exc:
-                raise TrainConfigError(f"{exc} (training keys: {', '.join(_FIELD_TYPES)})") from None
+                raise TrainConfigError(f"{exc}; training keys: {train_keys()}") from None
             model_overrides[name] = value
     return resolve_config(preset, model_overrides), TrainConfig(**train_overrides)
 
