@@ -50,9 +50,10 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def test_tiny_run_writes_a_model_bin_that_loads_and_evaluates(data, tmp_path, capsys):
     out = tmp_path / "model.bin"
-    assert train(data, out) == 0
+    assert train(data, out, "--set", "val_loss_every=4") == 0
     log = capsys.readouterr().out
     assert "step 8/8 loss" in log and "depth recurrence on" in log and "warm-up: 1 steps" in log
+    assert "step 4: val_loss" in log and "step 8: val_loss" in log and "(1,024 tokens)" in log
     assert "final: val_bpb" in log and "within the challenge's 16,000,000-byte limit" in log
 
     ckpt = load_checkpoint(out, tokenizer=DEMO_DIR / TOKENIZER_FILE)
@@ -144,3 +145,5 @@ def test_user_errors_are_one_line(data, tmp_path, capsys):
     assert "train_batch_tokens=500" in capsys.readouterr().err
     assert train(data, tmp_path / "x.bin", "--set", "warmdown_frac=2") == 2
     assert "warmdown_frac=2.0" in capsys.readouterr().err
+    assert train(data, tmp_path / "x.bin", "--eval-max-tokens", "0") == 2
+    assert "--eval-max-tokens 0: must be at least 1" in capsys.readouterr().err

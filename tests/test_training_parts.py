@@ -40,6 +40,7 @@ def test_split_weight_decay_defaults_and_none_falls_back_to_muon_wd():
         ("muon_wd=none", "muon_wd"),
         ("no_such_key=1", "no_such_key"),
         ("muon_row_normalize=maybe", "muon_row_normalize"),
+        ("max_wallclock_seconds=10", "leaves no training time after gptq_reserve_seconds=12.0"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -27,25 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"an architecture key ({known_keys()}) or a training hyperparameter ({train_keys()})",
     )
     p.add_argument("--run-dir", type=Path, help="where training checkpoints are written and resumed from")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=0, metavar="N",
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="write a training checkpoint to --run-dir every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --run-dir")
-    p.add_argument("--eval-max-tokens", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--eval-max-tokens", type=int, default=None, metavar="N",
                    help="evaluate on the first N val tokens only (default: all)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one; torchrun: one GPU a rank)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step and the evaluations (default: on for CUDA)")
     p.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

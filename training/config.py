@@ -104,6 +104,11 @@ class TrainConfig:
         for key in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
             need(getattr(self, key) < 1, key, "must be within 0..1 (exclusive)")
         need(self.adam_eps > 0, "adam_eps", "must be positive")
+        need(
+            self.max_wallclock_seconds == 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
+            "max_wallclock_seconds",
+            f"leaves no training time after gptq_reserve_seconds={self.gptq_reserve_seconds} (0: no time cap)",
+        )
         need(self.matrix_clip_sigmas > 0, "matrix_clip_sigmas", "must be positive")
         need(self.embed_clip_sigmas > 0, "embed_clip_sigmas", "must be positive")
 

@@ -51,6 +51,14 @@ class TrainJob:
     preset: str | None = None  # recorded in the provenance
     overrides: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise TrainError(f"--checkpoint-every {self.checkpoint_every}: must be 0 (never) or a number of steps")
+        if self.eval_max_tokens is not None and self.eval_max_tokens < 1:
+            raise TrainError(f"--eval-max-tokens {self.eval_max_tokens}: must be at least 1")
+        if (self.checkpoint_every or self.resume) and self.run_dir is None:
+            raise TrainError("--checkpoint-every and --resume need --run-dir (where training checkpoints live)")
+
 
 @dataclass(frozen=True)
 class TrainOutcome:
@@ -131,8 +139,6 @@ def _run(
     started = time.perf_counter()
     world = World.current()
     say = log if world.rank == 0 else (lambda _msg: None)
-    if (job.checkpoint_every or job.resume) and job.run_dir is None:
-        raise TrainError("--checkpoint-every and --resume need --run-dir (where training checkpoints live)")
     identity = tokenizer_identity(job.tokenizer)
     if identity.vocab_size > model_config.vocab_size:
         raise TrainError(
@@ -170,8 +176,8 @@ def _run(
         checkpoint_every=job.checkpoint_every,
         validate=validate,
     )
-    if checkpoint_path is not None and job.checkpoint_every:
-        trainer.save(checkpoint_path)
+    if checkpoint_path is not None and job.checkpoint_every and trainer.step % job.checkpoint_every:
+        trainer.save(checkpoint_path)  # the final state too (a run stopped by the clock ends off the grid)
     trainer.use_ema()
     before = evaluate(trainer.model, val, tables, device, max_tokens=job.eval_max_tokens, compile=compile)
     say(f"val (EMA, before quantization): {before.summary()}")

@@ -98,11 +98,6 @@ class Trainer:
         compile: bool = False,
         log: Callable[[str], None] = print,
     ) -> None:
-        if config.max_wallclock_seconds > 0 and config.max_wallclock_seconds <= config.gptq_reserve_seconds:
-            raise TrainError(
-                f"max_wallclock_seconds={config.max_wallclock_seconds} leaves no training time after "
-                f"gptq_reserve_seconds={config.gptq_reserve_seconds}"
-            )
         world = World.current()
         check_batch_shape(config.train_batch_tokens, loader.seq_len, config.grad_accum_micro_batches, world.size)
         self.model_config, self.config, self.loader = model_config, config, loader
