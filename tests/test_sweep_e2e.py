@@ -220,7 +220,17 @@ def test_an_interrupted_sweep_cancels_its_job_and_a_rerun_submits_only_the_rest(
 
 
 def test_a_server_restarted_mid_sweep_costs_only_time(server, names, tmp_path):
-    spec, out = write_spec(tmp_path / "sweep.yaml", names, [0, 1], force=True), tmp_path / "out"
+    seq, out = names["seq_len"], tmp_path / "out"
+    spec = tmp_path / "sweep.yaml"
+    # a quick point; then one of a few batches (32 sequences' worth of windows, stride seq/4), long enough to be
+    # killed while it runs; then a quick one
+    spec.write_text(json.dumps({
+        "checkpoint": names["checkpoint"], "dataset": names["dataset"], "force": True,
+        "fixed": {"seq_len": seq, "chunk_tokens": seq * 2},
+        "points": [{"ttt_epochs": 0, "max_tokens": seq * 4, "stride": seq},
+                   {"ttt_epochs": 0, "max_tokens": seq * 32, "stride": seq // 4},
+                   {"ttt_epochs": 1, "max_tokens": seq * 4, "stride": seq}],
+    }))
     proc = sweep_process(spec, out, server.url, extra=("--concurrency", "1", "--retries", "14"))
     with server.client() as api:
         def running() -> bool:
@@ -231,7 +241,7 @@ def test_a_server_restarted_mid_sweep_costs_only_time(server, names, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     records = result_lines(out)
-    assert len(records) == 4 and len({r["key"] for r in records}) == 4
+    assert len(records) == 3 and len({r["key"] for r in records}) == 3
     stopped = [j for j in all_jobs(server) if j.error and j.error.get("code") == "server_stopped"]
     assert stopped, "the job running at the kill should have been marked failed by the restarted server"
     assert "resubmitting" in err and "server stopped while the job was running" in err
