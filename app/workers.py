@@ -54,15 +54,15 @@ class _Reporter:
     """Sends reports to the server; progress is thinned to one every PROGRESS_INTERVAL_S."""
 
     def __init__(self, conn: multiprocessing.connection.Connection) -> None:
-        self.conn, self._last = conn, 0.0
+        self.conn, self._last, self._job = conn, 0.0, ""
 
     def send(self, op: str, **payload: Any) -> None:
         self.conn.send({"op": op, **payload})
 
     def progress(self, job_id: str, progress: dict[str, Any], *, final: bool = False) -> None:
         now = time.monotonic()
-        if final or now - self._last >= PROGRESS_INTERVAL_S:
-            self._last = now
+        if final or job_id != self._job or now - self._last >= PROGRESS_INTERVAL_S:
+            self._last, self._job = now, job_id  # a job's first report always goes
             self.send("progress", job_id=job_id, progress=progress)
 
 
@@ -262,11 +262,21 @@ class WorkerPool:
                 report = conn.recv()
             except (EOFError, OSError):
                 break
-            self._loop.call_soon_threadsafe(self._handle, worker, generation, report)
-        self._loop.call_soon_threadsafe(self._exited, worker, generation)
+            if not self._call(self._handle, worker, generation, report):
+                return
+        self._call(self._exited, worker, generation)
+
+    def _call(self, *args: Any) -> bool:
+        """Run on the event loop; False once the loop is closed (the server has stopped)."""
+        try:
+            self._loop.call_soon_threadsafe(*args)
+            return True
+        except RuntimeError:
+            return False
 
     def _handle(self, worker: Worker, generation: int, report: dict[str, Any]) -> None:
-        if generation != worker.generation:
+        # While stopping, reports are dropped: a job cut short by the stop is marked failed at the next start.
+        if generation != worker.generation or self._stopping:
             return
         op = report["op"]
         if op == "state":
@@ -282,16 +292,12 @@ class WorkerPool:
         self._on_report(worker, report)
 
     def _exited(self, worker: Worker, generation: int) -> None:
-        if generation != worker.generation:
+        if generation != worker.generation or self._stopping:
             return
-        process = worker.process
-        process.join(timeout=5)
-        code = process.exitcode
-        reason = _describe_exit(worker, code)
+        worker.process.join(timeout=5)
+        reason = _describe_exit(worker, worker.process.exitcode)
         job_id = worker.job_id
         worker.job_id = None
-        if self._stopping:
-            return
         if worker.state in ("starting", "loading", "warming") or worker.last_error:
             worker.start_failures += 1
         log.warning("worker %d (%s) exited: %s", worker.index, worker.device, reason)
@@ -358,6 +364,10 @@ class WorkerPool:
                 if worker.process.is_alive():
                     worker.process.kill()
                     worker.process.join(5)
+        # Drop the cancel events now: their semaphores are released here, not left to the resource tracker
+        # (uvicorn ends the process by the signal it caught, so exit handlers would not run).
+        for worker in self.workers:
+            worker.cancel = worker.process = None
 
 
 def _describe_exit(worker: Worker, code: int | None) -> str:

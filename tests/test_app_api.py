@@ -114,7 +114,7 @@ def test_events_stream_progress_then_end(api):
     c = api.client
     blocker = submit(api, **LONG, seed=22)
     wait_for(lambda: c.get(f"/jobs/{blocker['id']}").json()["state"] == "running", 60, "the blocker to run")
-    job = submit(api, seed=13, ttt_epochs=2)  # queued behind the blocker: the stream sees it from the start
+    job = submit(api, seed=13, ttt_epochs=2, max_tokens=1024)  # queued behind the blocker: seen from the start
     events = read_events(c, job["id"], on_first=lambda: c.delete(f"/jobs/{blocker['id']}"))
     assert events[0][1]["state"] == "queued"
     names = [n for n, _ in events]
