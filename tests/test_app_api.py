@@ -114,7 +114,7 @@ def test_events_stream_progress_then_end(api):
     c = api.client
     blocker = submit(api, **LONG, seed=22)
     wait_for(lambda: c.get(f"/jobs/{blocker['id']}").json()["state"] == "running", 60, "the blocker to run")
-    job = submit(api, seed=13, ttt_epochs=2, max_tokens=1024)  # queued behind the blocker: seen from the start
+    job = submit(api, seed=13, ttt_epochs=2)  # queued behind the blocker: the stream sees it from the start
     events = read_events(c, job["id"], on_first=lambda: c.delete(f"/jobs/{blocker['id']}"))
     assert events[0][1]["state"] == "queued"
     names = [n for n, _ in events]
@@ -160,7 +160,7 @@ def test_queue_full_answers_429_with_retry_after(api):
 
 def test_list_jobs_newest_first_with_filters(api):
     c = api.client
-    ids = [submit(api, seed=300 + i)["id"] for i in range(3)]
+    ids = [submit(api, seed=300 + i, ttt_epochs=0)["id"] for i in range(3)]
     for job_id in ids:
         wait_job(c, job_id)
     page = c.get("/jobs", params={"limit": 2}).json()
