@@ -95,6 +95,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--skip-stream", action="store_true", help="only the compat cases")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="short lease: warm the default config only; 2M TTT 3/32K first, then the compat cases")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
@@ -138,8 +140,20 @@ def main() -> int:
     # Warm-up once for the default shapes: what a server pays at start.
     t0 = time.perf_counter()
     warm_s = session.warmup(EvalConfig(), device=device, seq_lens=[2048])
-    warm_s += session.warmup(EvalConfig(chunk_tokens=65536), device=device, seq_lens=[2048])
+    if not args.quick:
+        warm_s += session.warmup(EvalConfig(chunk_tokens=65536), device=device, seq_lens=[2048])
     log(f"load {load_s:.1f}s, warm-up {warm_s:.1f}s ({time.perf_counter() - t0:.1f}s wall)")
+
+    stream_info = gpu["throughput_stream"]
+    val = open_shard(data_dir / "fineweb_val_000000.bin")
+    train = open_shard(data_dir / "fineweb_train_000000.bin")
+    stream = np.concatenate([np.asarray(val), np.asarray(train)])[: stream_info["tokens"] + 1]
+    tmp = Path(tempfile.mkdtemp())
+    write_shard(tmp / "fineweb_val_000000.bin", stream)
+    stream_set = load_val(tmp, model_cfg.vocab_size)
+    ref = stream_info["reference_ttt_3_32768_seconds"]
+    if args.quick:
+        run("2M stream ttt 3/32K", stream_set, EvalConfig(), None, None, ref)
 
     for case in gpu["cases"]:
         if case["kind"] == "sliding":
@@ -154,27 +168,20 @@ def main() -> int:
             name = f"compat ttt {case['epochs']}/{case['chunk_tokens'] // 1024}K"
         run(name, data_dir, cfg, case["val_bpb"], tol, case["reference_seconds"])
 
+    if not args.skip_stream and not args.quick:
+        run("2M stream ttt 3/32K", stream_set, EvalConfig(), None, None, ref)
+        run("2M stream ttt 4/64K", stream_set, EvalConfig(ttt_epochs=4, chunk_tokens=65536), None, None, None)
     if not args.skip_stream:
-        stream_info = gpu["throughput_stream"]
-        n = stream_info["tokens"] + 1
-        val = open_shard(data_dir / "fineweb_val_000000.bin")
-        train = open_shard(data_dir / "fineweb_train_000000.bin")
-        stream = np.concatenate([np.asarray(val), np.asarray(train)])[:n]
-        with tempfile.TemporaryDirectory() as tmp:
-            write_shard(Path(tmp) / "fineweb_val_000000.bin", stream)
-            stream_set = load_val(Path(tmp), model_cfg.vocab_size)
-            ref = stream_info["reference_ttt_3_32768_seconds"]
-            run("2M stream ttt 3/32K", stream_set, EvalConfig(), None, None, ref)
-            run("2M stream ttt 4/64K", stream_set, EvalConfig(ttt_epochs=4, chunk_tokens=65536), None, None, None)
-            run("2M stream sliding", stream_set, EvalConfig(ttt_epochs=0), None, None, None,
-                REFERENCE_SLIDING_TOKENS_PER_S)
-            # A request with another config after warm-up: its warmup_s shows whether it compiled.
-            second = run("2nd request ttt 2/48K lr .01", stream_set,
-                         replace(EvalConfig(), ttt_epochs=2, chunk_tokens=49152, ttt_lr=0.01, max_tokens=400_000),
-                         None, None, None)
-            log(f"second request warm-up (compile) seconds: {second['warmup_s']:.2f}")
-            if args.profile:
-                profile(session, Path(tmp), tokenizer, args.out, device)
+        run("2M stream sliding", stream_set, EvalConfig(ttt_epochs=0), None, None, None,
+            REFERENCE_SLIDING_TOKENS_PER_S)
+    if not args.skip_stream and not args.quick:
+        # A request with another config after warm-up: its warmup_s shows whether it compiled.
+        second = run("2nd request ttt 2/48K lr .01", stream_set,
+                     replace(EvalConfig(), ttt_epochs=2, chunk_tokens=49152, ttt_lr=0.01, max_tokens=400_000),
+                     None, None, None)
+        log(f"second request warm-up (compile) seconds: {second['warmup_s']:.2f}")
+    if args.profile:
+        profile(session, tmp, tokenizer, args.out, device)
 
     (args.out / "bench.json").write_text(json.dumps({"matmul_tflops": rate, "load_s": load_s, "warmup_s": warm_s,
                                                      "device": torch.cuda.get_device_name(device),

@@ -2,9 +2,10 @@
 
 ``run_protocol`` runs the protocol on a model in place: for each chunk, score its windows with the
 current weights, then (unless it is the last chunk) train on the chunk's whole sequences. Windows are
-planned with numpy (``plan``), batched by one gather into fixed ``(batch_seqs, seq_len)`` tensors, and
-only the scored positions go through the output layer. ``EvalSession`` holds a checkpoint's pristine
-weights and one working model per (device, precision), reset before every evaluation.
+planned with numpy (``plan``), batched by one gather (padded to fixed ``(batch_seqs, seq_len)`` shapes
+when compiled), and only the scored positions go through the output layer. ``EvalSession`` holds a
+checkpoint's pristine weights and one working model per (device, precision), reset before every
+evaluation. With several ranks, cancel every rank's evaluation: a rank left alone waits in a collective.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor
 from .bytes import ByteTables, load_byte_tables
 from .compliance import ComplianceLog, check_compliance
 from .config import EvalConfig
+from .data import ValSet, load_val
 from .distributed import World
 from .errors import EvalCancelled, EvalError
 from .plan import Plan, merged_spans, plan_windows, share
@@ -93,8 +95,7 @@ class ProtocolRun:
 
 def score_batch(model: GPT, x: Tensor, positions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """Summed cross-entropy (float64) at the masked ``positions`` of each window: logits only where scored."""
-    hidden = model.forward_hidden(x)
-    hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+    hidden = model.forward_hidden(x, positions)  # the last block runs only at the scored positions
     logits = model.logits_from_hidden(hidden).float()
     nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
     return torch.where(mask.flatten(), nll, 0.0).sum(dtype=torch.float64)
@@ -473,7 +474,7 @@ class EvalSession:
 
     def warmup(self, config: EvalConfig | None = None, *, device: str | torch.device | None = None,
                seq_lens: list[int] | None = None) -> float:
-        """Run every compiled shape of ``config`` (at each of ``seq_lens``) once, so no evaluation compiles.
+        """Compile every batch shape of ``config`` (at each of ``seq_lens``), so no evaluation compiles.
         Returns the seconds spent; nothing happens when compilation is off (the default on CPUs)."""
         device = torch.device(device) if device is not None else default_device()
         config = config or EvalConfig()
@@ -500,8 +501,6 @@ class EvalSession:
         cancel: CancelEvent | None = None,
     ) -> EvalResult:
         """One evaluation. ``val``: a ``ValSet`` or what ``load_val`` takes (a directory, glob or file)."""
-        from .data import ValSet, load_val
-
         t_start = time.perf_counter()
         device = torch.device(device) if device is not None else default_device()
         cfg = (config or EvalConfig()).resolved(self.config, device)
