@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 from pgttt.errors import PgtttError
-from pgttt.ttt.data import DataError, load_val, open_shard, read_header, resolve_val_files, trim_stream
+from pgttt.ttt.data import DataError, ValSet, load_val, open_shard, read_header, resolve_val_files, trim_stream
 from ttt_helpers import write_shard
 
 
@@ -129,3 +129,14 @@ def test_trim_to_whole_sequences_plus_one():
     assert len(trim_stream(tokens, 22)) == 23
     with pytest.raises(DataError, match="23 tokens is too few for seq_len=23"):
         trim_stream(tokens, 23)
+
+
+def test_in_memory_val():
+    val = ValSet.from_tokens(np.array([1, 2, 99, 100]))
+    assert val.tokens.dtype == np.uint16 and val.files == ()
+    assert val.fingerprint == ValSet.from_tokens([1, 2, 99, 100]).fingerprint != ValSet.from_tokens([1, 2]).fingerprint
+    val.check_vocab(101)
+    with pytest.raises(DataError, match="in-memory val: token id 99 at position 2 is not below"):
+        val.check_vocab(99)
+    with pytest.raises(DataError, match="in-memory val: 4 tokens is too few for seq_len=8"):
+        val.trimmed(8)

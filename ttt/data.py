@@ -79,12 +79,16 @@ def open_shard(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
         return np.zeros(0, dtype=np.uint16)
     tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
     if vocab_size is not None and _max_token(FileKey.of(path)) >= vocab_size:
-        position = int(np.flatnonzero(tokens >= vocab_size)[0])
-        raise DataError(
-            f"{path}: token id {int(tokens[position])} at position {position} is not below the model's "
-            f"vocab_size={vocab_size} (wrong tokenizer or data for this checkpoint?)"
-        )
+        _refuse_first_id(tokens, vocab_size, str(path))
     return tokens
+
+
+def _refuse_first_id(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+    position = int(np.flatnonzero(tokens >= vocab_size)[0])
+    raise DataError(
+        f"{where}: token id {int(tokens[position])} at position {position} is not below the model's "
+        f"vocab_size={vocab_size} (wrong tokenizer or data for this checkpoint?)"
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -153,9 +157,7 @@ class ValSet:
         for path in self.files:
             open_shard(path, vocab_size)
         if not self.files and len(self.tokens) and int(self.tokens.max()) >= vocab_size:
-            position = int(np.flatnonzero(self.tokens >= vocab_size)[0])
-            raise DataError(f"in-memory val: token id {int(self.tokens[position])} at position {position} "
-                            f"is not below the model's vocab_size={vocab_size}")
+            _refuse_first_id(self.tokens, vocab_size, self.describe())
 
     def describe(self) -> str:
         if not self.files:
