@@ -356,10 +356,9 @@ class _Item:
 
 @dataclass
 class SweepOutcome:
-    """What a run did: points finished now, already present before, failed (point, reason), servers lost."""
+    """What a run did: points already in the results before, finished now, failed (point, reason), servers lost."""
 
-    total: int
-    already: int
+    already: int = 0
     done: int = 0
     failed: list[tuple[Point, str]] = field(default_factory=list)
     dead: dict[str, str] = field(default_factory=dict)
@@ -410,13 +409,13 @@ class SweepRunner:
         self._pending = 0
         self._bar: tqdm | None = None
         self._best: float | None = None
-        self._outcome = SweepOutcome(total=0, already=0)
+        self._outcome = SweepOutcome()
 
     # -- public ------------------------------------------------------------------------------------------------
     def run(self, points: list[Point]) -> SweepOutcome:
         done = self.results.keys()
         todo = [p for p in points if p.key not in done]
-        outcome = self._outcome = SweepOutcome(total=len(points), already=len(points) - len(todo))
+        outcome = self._outcome = SweepOutcome(already=len(points) - len(todo))
         if not todo:
             return outcome
         live = self._preflight(todo)
@@ -527,8 +526,11 @@ class SweepRunner:
                     return  # Ctrl-C: the main thread cancels what is in flight
                 job = api.job(job.id)
         except ServerUnreachable as exc:
-            self._lose_server(server, str(exc))
-            self._queue.put(item)
+            if exc.code == "connection_lost":  # a submit cut off mid-answer: the server may be fine
+                self._retry(item, f"{server}: {exc}")
+            else:
+                self._lose_server(server, str(exc))
+                self._queue.put(item)
             return
         except ApiError as exc:
             self._api_failure(api, server, item, exc, submitted=job is not None)

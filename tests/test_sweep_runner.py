@@ -38,6 +38,7 @@ class FakeServer:
         self.on_submit = None
         self.fail_codes: list[str] = []  # error codes for the next jobs to fail with
         self.warming = 0  # /readyz answers 503 this many times (and POST /eval 503 meanwhile)
+        self.drop_posts = 0  # POST /eval answers lost on the way back
 
     def active(self) -> int:
         return sum(j["state"] in ("queued", "running") for j in self.jobs.values())
@@ -71,7 +72,11 @@ class FakeServer:
             if path == "/datasets":
                 return httpx.Response(200, json={"datasets": [{"name": "demo", "fingerprint": self.fingerprint}]})
             if method == "POST" and path == "/eval":
-                return self.submit(json.loads(request.content))
+                answer = self.submit(json.loads(request.content))
+                if self.drop_posts:  # the job exists, but the answer never arrives
+                    self.drop_posts -= 1
+                    raise httpx.ReadError("connection reset by peer")
+                return answer
             job_id = path.split("/")[2]
             job = self.jobs.get(job_id)
             if job is None or self.forget:
@@ -193,6 +198,13 @@ def test_a_server_restart_costs_only_time(tmp_path):
     assert failed and all(j["error"]["code"] == "server_stopped" for j in failed)
     assert len(server.submitted) == 6 + len(failed)  # each stopped job was submitted again
     assert len(lines(tmp_path)) == 6
+
+
+def test_a_submit_cut_off_mid_answer_is_submitted_again_and_the_server_kept(tmp_path):
+    server = FakeServer("http://a:1")
+    server.drop_posts = 1
+    outcome = runner(tmp_path, server).run(parse_spec(SPEC).expand())
+    assert (outcome.done, outcome.failed, outcome.dead) == (6, [], {}) and len(server.submitted) == 7
 
 
 def test_a_job_the_server_forgot_is_resubmitted(tmp_path):
