@@ -236,10 +236,10 @@ def save_model_bin(
         "payload": {"compression": "brotli", "shuffle_stride": SHUFFLE_STRIDE, "raw_bytes": offset},
         "tensors": entries,
     }
-    _write_atomic(path, _encode(header, b"".join(sections)))
+    write_atomic(path, _encode(header, b"".join(sections)))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     tmp_name = None
     try:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:

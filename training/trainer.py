@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from pgttt.checkpoints.config import ModelConfig
-from pgttt.checkpoints.format import _write_atomic
+from pgttt.checkpoints.format import write_atomic
 from pgttt.checkpoints.model import GPT, CastedLinear, apply_precision, autocast, init_weights
 from pgttt.errors import PgtttError
 from pgttt.ttt.distributed import World
@@ -283,7 +283,7 @@ class Trainer:
         if self.world.rank == 0:
             buffer = io.BytesIO()
             torch.save(self.state_dict(), buffer)
-            _write_atomic(path, buffer.getvalue())
+            write_atomic(path, buffer.getvalue())
             self.log(f"step {self.step}: checkpoint {path}")
 
     def load(self, path: Path) -> None:
