@@ -305,8 +305,8 @@ def _suggest(word: Any, choices: Iterable[str]) -> str:
 class ResultsFile:
     """``results.jsonl``: one finished point per line, appended and flushed to disk as each finishes.
 
-    Opening it drops a partial last line (the trace of a kill in the middle of a write), so the file stays
-    valid JSON Lines.
+    Opening it mends a last line without its newline: a partial one (the trace of a kill in the middle of a
+    write) is dropped, a whole one gets its newline, so that appending keeps the file valid JSON Lines.
     """
 
     def __init__(self, path: Path) -> None:
@@ -316,8 +316,15 @@ class ResultsFile:
         if path.exists():
             data = path.read_bytes()
             if data and not data.endswith(b"\n"):
-                with path.open("r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
+                start = data.rfind(b"\n") + 1
+                try:
+                    json.loads(data[start:])
+                except ValueError:
+                    with path.open("r+b") as f:
+                        f.truncate(start)
+                else:
+                    with path.open("ab") as f:
+                        f.write(b"\n")
 
     def keys(self) -> set[str]:
         return {r["key"] for r in read_results(self.path)} if self.path.exists() else set()

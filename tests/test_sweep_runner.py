@@ -189,6 +189,16 @@ def test_a_rerun_submits_only_what_is_missing(tmp_path):
     assert runner(tmp_path, third).run(points).already == 6 and third.submitted == []
 
 
+def test_a_whole_last_line_without_newline_is_kept(tmp_path):
+    points = parse_spec(SPEC).expand()
+    runner(tmp_path, FakeServer("http://a:1")).run(points[:2])
+    path = tmp_path / "out" / "results.jsonl"
+    path.write_text(path.read_text().rstrip("\n"))  # e.g. edited by hand
+    again = FakeServer("http://a:1")
+    assert runner(tmp_path, again).run(points).already == 2 and len(again.submitted) == 4
+    assert len(lines(tmp_path)) == 6
+
+
 def test_a_server_restart_costs_only_time(tmp_path):
     server = FakeServer("http://a:1", polls=3)
     server.on_submit = lambda s: s.restart(down_for=2) if len(s.submitted) == 3 else None
