@@ -92,14 +92,8 @@ class ModelConfig:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: {why}")
 
         for f in fields(self):
-            value = getattr(self, f.name)
-            kind = _FIELD_TYPES[f.name]
-            if kind is bool:
-                need(isinstance(value, bool), f.name, "must be true or false")
-            elif kind is int:
-                need(isinstance(value, int) and not isinstance(value, bool), f.name, "must be an integer")
-            else:
-                need(isinstance(value, (int, float)) and not isinstance(value, bool), f.name, "must be a number")
+            problem = type_problem(getattr(self, f.name), _FIELD_TYPES[f.name])
+            need(problem is None, f.name, problem or "")
         need(self.vocab_size >= 2, "vocab_size", "must be at least 2")
         need(self.vocab_size <= 65536, "vocab_size", "token shards store uint16 ids, so at most 65536")
         need(self.num_layers >= 1, "num_layers", "must be at least 1")
@@ -158,6 +152,30 @@ _FIELD_TYPES: dict[str, type] = {
 }
 
 
+def type_problem(value: Any, kind: type) -> str | None:
+    """Why ``value`` is not a ``kind`` (bool, int or float) of a typed config, or None when it is."""
+    if kind is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(value, bool):
+        return "must be an integer" if kind is int else "must be a number"
+    if kind is int:
+        return None if isinstance(value, int) else "must be an integer"
+    return None if isinstance(value, (int, float)) else "must be a number"
+
+
+def parse_scalar(raw: str, kind: type) -> Any:
+    """A command-line value as a bool (1/0, true/false, yes/no, on/off), int or float; ValueError otherwise."""
+    raw = raw.strip()
+    if kind is bool:
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    return kind(raw)
+
+
 def known_keys() -> str:
     return ", ".join(_FIELD_TYPES)
 
@@ -197,16 +215,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     raw = raw.strip()
     kind = _FIELD_TYPES[key]
     try:
-        if kind is bool:
-            lowered = raw.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return key, True
-            if lowered in ("0", "false", "no", "off"):
-                return key, False
-            raise ValueError
-        if kind is int:
-            return key, int(raw)
-        return key, float(raw)
+        return key, parse_scalar(raw, kind)
     except ValueError:
         raise ConfigError(f"override {text!r}: {raw!r} is not a valid {kind.__name__}") from None
 

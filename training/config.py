@@ -14,7 +14,14 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pgttt.checkpoints.config import ConfigError, ModelConfig, parse_override, resolve_config
+from pgttt.checkpoints.config import (
+    ConfigError,
+    ModelConfig,
+    parse_override,
+    parse_scalar,
+    resolve_config,
+    type_problem,
+)
 from pgttt.errors import PgtttError
 
 
@@ -86,12 +93,10 @@ class TrainConfig:
             value, kind = getattr(self, f.name), _FIELD_TYPES[f.name]
             if value is None:
                 need(_OPTIONAL[f.name], f.name, "must be set")
-            elif kind is bool:
-                need(isinstance(value, bool), f.name, "must be true or false")
-            elif kind is int:
-                need(isinstance(value, int) and not isinstance(value, bool), f.name, "must be an integer")
-            else:
-                need(isinstance(value, (int, float)) and not isinstance(value, bool), f.name, "must be a number")
+                continue
+            problem = type_problem(value, kind)
+            need(problem is None, f.name, problem or "")
+            if kind is float:
                 need(value >= 0, f.name, "must not be negative")
         for key in ("iterations", "train_batch_tokens", "grad_accum_micro_batches", "muon_backend_steps",
                     "gptq_block_size"):
@@ -149,12 +154,7 @@ def parse_train_override(text: str) -> tuple[str, Any]:
     if _OPTIONAL[key] and raw.lower() == "none":
         return key, None
     try:
-        if kind is bool:
-            lowered = raw.lower()
-            if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise ValueError
-            return key, lowered in ("1", "true", "yes", "on")
-        return key, kind(raw)
+        return key, parse_scalar(raw, kind)
     except ValueError:
         raise TrainConfigError(f"--set {text!r}: {raw!r} is not a valid {kind.__name__}") from None
 
