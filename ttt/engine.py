@@ -88,9 +88,24 @@ class ProtocolRun:
 
     @property
     def val_bpb(self) -> float:
-        if self.bytes <= 0:
+        bpb = bits_per_byte(self.loss_sum, self.tokens, self.bytes)
+        if bpb is None:
             raise EvalError(f"the {self.tokens} scored tokens stand for 0 bytes: bits per byte is undefined")
-        return self.val_loss / math.log(2.0) * self.tokens / self.bytes
+        return bpb
+
+
+def bits_per_byte(loss_sum: float, tokens: int, nbytes: int) -> float | None:
+    """Spec section 2: ``(loss_sum / tokens) / ln 2 * tokens / bytes``; None before any byte is scored."""
+    if tokens <= 0 or nbytes <= 0:
+        return None
+    return loss_sum / tokens / math.log(2.0) * tokens / nbytes
+
+
+def resolved_shape(config: EvalConfig) -> tuple[int, str]:
+    """``seq_len`` and ``precision`` of a resolved config (``EvalConfig.resolved``)."""
+    if config.seq_len is None or config.precision is None:
+        raise ValueError("the engine needs a resolved EvalConfig (EvalConfig.resolved)")
+    return config.seq_len, config.precision
 
 
 def score_batch(model: GPT, x: Tensor, positions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -207,7 +222,7 @@ def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = 
     the way) fails on the second, which compiles the graph that real calls then reuse. Weights unchanged."""
     world = world or World.current()
     device = next(model.parameters()).device
-    length, rows = config.seq_len, config.batch_seqs
+    (length, precision), rows = resolved_shape(config), config.batch_seqs
     total = length * (rows + 1)  # enough windows for a batch with window 0 and a full batch without it
     plan = plan_windows(total, length, config.stride, config.chunk_tokens, np.zeros(total, dtype=np.int64))
     batches = _Batches(plan, torch.zeros(total + 1, dtype=torch.long, device=device))
@@ -215,19 +230,19 @@ def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = 
     with torch.no_grad():
         for lo in (0, 1):
             hi = min(lo + rows, plan.num_windows)
-            key = ("score", rows, length, batches.scored_positions(lo, hi))
-            if key not in steps.warmed:
+            shape = ("score", rows, length, batches.scored_positions(lo, hi))
+            if shape not in steps.warmed:
                 for _ in range(2):
-                    _score(steps, batches, lo, hi, rows if steps.static_shapes else hi - lo, config.precision)
-                steps.warmed.add(key)
+                    _score(steps, batches, lo, hi, rows if steps.static_shapes else hi - lo, precision)
+                steps.warmed.add(shape)
     chunk_seqs = config.chunk_tokens // length if config.ttt_epochs > 0 else 0
     for count in {min(rows, chunk_seqs), chunk_seqs % rows} - {0}:
         a, b = share(count, world.rank, world.size)
-        key = ("train", b - a, length, tuple(id(p) for p in params))
-        if b > a and key not in steps.warmed:
+        train_shape = ("train", b - a, length, tuple(id(p) for p in params))
+        if b > a and train_shape not in steps.warmed:
             for _ in range(2):
-                _loss(steps, batches, 0, b - a, config.precision).backward()
-            steps.warmed.add(key)
+                _loss(steps, batches, 0, b - a, precision).backward()
+            steps.warmed.add(train_shape)
     for p in params:
         p.grad = None
 
@@ -245,12 +260,11 @@ def run_protocol(
 ) -> ProtocolRun:
     """Spec sections 3-4 on ``model`` in place (its weights end adapted). ``tokens``: the trimmed val stream
     (T + 1 ids); ``config``: resolved. Sliding-window evaluation is ``ttt_epochs=0``."""
-    if config.seq_len is None or config.precision is None:
-        raise ValueError("run_protocol needs a resolved EvalConfig (EvalConfig.resolved)")
+    length, precision = resolved_shape(config)
     world = world or World.current()
     steps = steps or Steps(model, compiled=False)
     device = next(model.parameters()).device
-    length, stride, batch_seqs, epochs = config.seq_len, config.stride, config.batch_seqs, config.ttt_epochs
+    stride, batch_seqs, epochs = config.stride, config.batch_seqs, config.ttt_epochs
     total = len(tokens) - 1
     plan = plan_windows(total, length, stride, config.chunk_tokens, tables.target_bytes(tokens))
     if plan.num_windows == 0:
@@ -274,9 +288,8 @@ def run_protocol(
             raise EvalCancelled(f"cancelled in chunk {chunk + 1} of {plan.num_chunks} ({phase})")
         if progress is not None:
             loss = loss_sum / scored if scored else None
-            bpb = loss / math.log(2.0) * scored / scored_bytes if scored and scored_bytes else None
-            progress(Progress(phase, chunk, len(chunks), plan.num_chunks, scored + extra_tokens, total, loss, bpb,
-                              time.perf_counter() - started))
+            progress(Progress(phase, chunk, len(chunks), plan.num_chunks, scored + extra_tokens, total, loss,
+                              bits_per_byte(loss_sum, scored, scored_bytes), time.perf_counter() - started))
 
     for c in range(plan.num_chunks):
         w0, w1 = plan.chunk_windows(c)
@@ -292,8 +305,7 @@ def run_protocol(
             for b in range(lo, hi, batch_seqs):
                 report("scoring", c, plan.scored_tokens(lo, b))
                 e = min(b + batch_seqs, hi)
-                loss, mask = _score(steps, batches, b, e, batch_seqs if steps.static_shapes else e - b,
-                                    config.precision)
+                loss, mask = _score(steps, batches, b, e, batch_seqs if steps.static_shapes else e - b, precision)
                 chunk_loss += loss
                 observed += mask.sum()
         local = [plan.scored_tokens(lo, hi), int(plan.window_bytes[lo:hi].sum())]
@@ -323,7 +335,7 @@ def run_protocol(
                     optimizer.zero_grad(set_to_none=True)
                     batch_loss = torch.zeros((), dtype=torch.float32, device=device)
                     if b > a:
-                        loss = _loss(steps, batches, int(starts[j + a]), b - a, config.precision)
+                        loss = _loss(steps, batches, int(starts[j + a]), b - a, precision)
                         # This rank's share of the batch's mean: the sum over ranks is the mean over the batch.
                         weighted = loss if b - a == count else loss * ((b - a) / count)
                         weighted.backward()
@@ -338,12 +350,10 @@ def run_protocol(
         t2 = time.perf_counter()
         scoring_s += t1 - t0
         training_s += t2 - t1
-        running = loss_sum / scored
         chunks.append(ChunkTrace(
             index=c, windows=w1 - w0, scored_tokens=int(chunk_tokens), scored_bytes=int(chunk_bytes),
-            running_loss=running,
-            running_bpb=running / math.log(2.0) * scored / scored_bytes if scored_bytes else None,
-            lr=lr, train_loss=epoch_losses, scoring_s=t1 - t0, training_s=t2 - t1,
+            running_loss=loss_sum / scored, running_bpb=bits_per_byte(loss_sum, scored, scored_bytes), lr=lr,
+            train_loss=epoch_losses, scoring_s=t1 - t0, training_s=t2 - t1,
         ))
 
     merged = ComplianceLog.merge(world.all_gather(log)) if world.distributed else log
@@ -473,15 +483,15 @@ class EvalSession:
             return self._workers[key]
 
     def warmup(self, config: EvalConfig | None = None, *, device: str | torch.device | None = None,
-               seq_lens: list[int] | None = None) -> float:
+               seq_lens: list[int | None] | None = None) -> float:
         """Compile every batch shape of ``config`` (at each of ``seq_lens``), so no evaluation compiles.
         Returns the seconds spent; nothing happens when compilation is off (the default on CPUs)."""
         device = torch.device(device) if device is not None else default_device()
         config = config or EvalConfig()
         t0 = time.perf_counter()
-        for seq_len in seq_lens or [config.seq_len]:
+        for seq_len in seq_lens or [config.seq_len]:  # None: the checkpoint's train_seq_len
             cfg = replace(config, seq_len=seq_len).resolved(self.config, device)
-            worker = self.worker(device, cfg.precision)
+            worker = self.worker(device, resolved_shape(cfg)[1])
             with worker.lock:
                 self._warm(worker, cfg)
         return time.perf_counter() - t0
@@ -515,11 +525,12 @@ class EvalSession:
                 f"tokenizer sha256 {tables.tokenizer_sha256[:12]}… is not the one this checkpoint records "
                 f"({self.tokenizer_sha256[:12]}…): bits per byte would be counted with the wrong pieces"
             )
-        tokens = valset.trimmed(cfg.seq_len, cfg.max_tokens)
+        seq_len, precision = resolved_shape(cfg)
+        tokens = valset.trimmed(seq_len, cfg.max_tokens)
         world = World.current()
         data_s = time.perf_counter() - t_start
 
-        worker = self.worker(device, cfg.precision)
+        worker = self.worker(device, precision)
         with worker.lock:
             t0 = time.perf_counter()
             self._warm(worker, cfg)
@@ -529,8 +540,9 @@ class EvalSession:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            run = run_protocol(worker.model, tokens, tables, cfg, steps=worker.steps_for(cfg.compile), world=world,
-                               progress=progress, cancel=cancel)
+            steps = worker.steps_for(bool(cfg.compile))
+            run = run_protocol(worker.model, tokens, tables, cfg, steps=steps, world=world, progress=progress,
+                               cancel=cancel)
             eval_s = time.perf_counter() - t0
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         return EvalResult(
