@@ -1,5 +1,5 @@
 """The compiled fast path (torch.compile, static shapes; the default on CUDA) on the CPU: the plain path's
-numbers, and after warm-up an evaluation compiles nothing."""
+numbers, and after warm-up an evaluation (TTT, or sliding with the same shapes) compiles nothing."""
 
 from __future__ import annotations
 
@@ -44,3 +44,8 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape():
     for a, b in zip(session.worker(cpu, "fp32").model.parameters(), reference.worker(cpu, "fp32").model.parameters(),
                     strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    # Scoring graphs do not depend on what TTT adapts: a sliding evaluation reuses them.
+    sliding = session.evaluate(val, tables, EvalConfig(**{**base, "ttt_epochs": 0}, compile=True), device="cpu")
+    assert counters["stats"]["unique_graphs"] == graphs, "the sliding evaluation compiled"
+    assert sliding.val_bpb != compiled.val_bpb

@@ -10,11 +10,12 @@ evaluation. With several ranks, cancel every rank's evaluation: a rank left alon
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -185,8 +186,8 @@ def make_optimizer(config: EvalConfig, params: list[torch.nn.Parameter]) -> torc
     return torch.optim.SGD(params, lr=config.ttt_lr, momentum=config.ttt_momentum, nesterov=False, weight_decay=0.0)
 
 
-def set_adapted(model: GPT, config: EvalConfig) -> list[torch.nn.Parameter]:
-    """Switch gradients on for the parameters TTT adapts (none with epochs 0) and return them."""
+def adapted_params(model: GPT, config: EvalConfig) -> list[torch.nn.Parameter]:
+    """The parameters TTT adapts (none with epochs 0)."""
     names = [n for n, _ in model.named_parameters()]
     adapted = set(config.adapted(names)) if config.ttt_epochs > 0 else set()
     if config.ttt_epochs > 0 and not adapted:
@@ -194,12 +195,19 @@ def set_adapted(model: GPT, config: EvalConfig) -> list[torch.nn.Parameter]:
             f"adapt_include={list(config.adapt_include)} adapt_exclude={list(config.adapt_exclude)}: "
             "no parameter is left to adapt (use ttt_epochs=0 for a sliding-window evaluation)"
         )
-    params = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in adapted)
-        if name in adapted:
-            params.append(p)
-    return params
+    return [p for name, p in model.named_parameters() if name in adapted]
+
+
+@contextlib.contextmanager
+def training(model: GPT, params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Gradients on for ``params`` only while training. Scoring always sees every parameter without
+    gradients, so one compiled scoring graph serves sliding and TTT settings alike (graphs guard on it)."""
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        model.requires_grad_(False)
 
 
 def _score(steps: Steps, batches: _Batches, lo: int, hi: int, rows: int, precision: str) -> tuple[Tensor, Tensor]:
@@ -226,7 +234,8 @@ def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = 
     total = length * (rows + 1)  # enough windows for a batch with window 0 and a full batch without it
     plan = plan_windows(total, length, config.stride, config.chunk_tokens, np.zeros(total, dtype=np.int64))
     batches = _Batches(plan, torch.zeros(total + 1, dtype=torch.long, device=device))
-    params = set_adapted(model, config)
+    params = adapted_params(model, config)
+    model.requires_grad_(False)
     with torch.no_grad():
         for lo in (0, 1):
             hi = min(lo + rows, plan.num_windows)
@@ -240,8 +249,9 @@ def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = 
         a, b = share(count, world.rank, world.size)
         train_shape = ("train", b - a, length, tuple(id(p) for p in params))
         if b > a and train_shape not in steps.warmed:
-            for _ in range(2):
-                _loss(steps, batches, 0, b - a, precision).backward()
+            with training(model, params):
+                for _ in range(2):
+                    _loss(steps, batches, 0, b - a, precision).backward()
             steps.warmed.add(train_shape)
     for p in params:
         p.grad = None
@@ -274,9 +284,9 @@ def run_protocol(
         )
     stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
     batches = _Batches(plan, stream)
-    params = set_adapted(model, config)
+    params = adapted_params(model, config)
     optimizer = make_optimizer(config, params) if params else None
-    model.eval()
+    model.eval().requires_grad_(False)
     log = ComplianceLog()
     chunks: list[ChunkTrace] = []
     loss_sum, scored, scored_bytes = 0.0, 0, 0
@@ -326,27 +336,28 @@ def run_protocol(
             lr = config.lr_at(c, plan.num_chunks)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for epoch in range(epochs):
-                epoch_loss = torch.zeros((), dtype=torch.float32, device=device)
-                for j in range(0, len(starts), batch_seqs):
-                    report("training", c, 0)
-                    count = min(batch_seqs, len(starts) - j)
-                    a, b = share(count, world.rank, world.size)
-                    optimizer.zero_grad(set_to_none=True)
-                    batch_loss = torch.zeros((), dtype=torch.float32, device=device)
-                    if b > a:
-                        loss = _loss(steps, batches, int(starts[j + a]), b - a, precision)
-                        # This rank's share of the batch's mean: the sum over ranks is the mean over the batch.
-                        weighted = loss if b - a == count else loss * ((b - a) / count)
-                        weighted.backward()
-                        batch_loss = weighted.detach().float()
-                        if epoch == 0:
-                            log.train(c, [(int(starts[j + a]), int(starts[j + b - 1]) + length + 1)])
-                    batch_loss = world.all_reduce_grads(params, batch_loss)
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                    optimizer.step()
-                    epoch_loss += batch_loss
-                epoch_losses.append(float(epoch_loss) / -(-len(starts) // batch_seqs))
+            with training(model, params):
+                for epoch in range(epochs):
+                    epoch_loss = torch.zeros((), dtype=torch.float32, device=device)
+                    for j in range(0, len(starts), batch_seqs):
+                        report("training", c, 0)
+                        count = min(batch_seqs, len(starts) - j)
+                        a, b = share(count, world.rank, world.size)
+                        optimizer.zero_grad(set_to_none=True)
+                        batch_loss = torch.zeros((), dtype=torch.float32, device=device)
+                        if b > a:
+                            loss = _loss(steps, batches, int(starts[j + a]), b - a, precision)
+                            # This rank's share of the batch's mean: the sum over ranks is the mean over the batch.
+                            weighted = loss if b - a == count else loss * ((b - a) / count)
+                            weighted.backward()
+                            batch_loss = weighted.detach().float()
+                            if epoch == 0:
+                                log.train(c, [(int(starts[j + a]), int(starts[j + b - 1]) + length + 1)])
+                        batch_loss = world.all_reduce_grads(params, batch_loss)
+                        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                        optimizer.step()
+                        epoch_loss += batch_loss
+                    epoch_losses.append(float(epoch_loss) / -(-len(starts) // batch_seqs))
         t2 = time.perf_counter()
         scoring_s += t1 - t0
         training_s += t2 - t1
