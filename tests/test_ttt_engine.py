@@ -13,7 +13,7 @@ from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.model import GPT, init_weights
 from pgttt.ttt import EvalCancelled, EvalConfig, EvalError, EvalSession, ValSet, load_val
 from pgttt.ttt.compliance import ComplianceLog, check_compliance
-from pgttt.ttt.engine import ENGINE_VERSION
+from pgttt.ttt.engine import ENGINE_VERSION, project_full_eval
 from ttt_helpers import (
     MICRO,
     micro_model,
@@ -38,6 +38,8 @@ def comparable(result) -> dict:
     data = result.to_dict()
     data.pop("timings")
     data.pop("tokens_per_second")
+    data.pop("projection")
+    data.pop("projected_8gpu_s")
     for chunk in data["chunks"]:
         chunk.pop("scoring_s")
         chunk.pop("training_s")
@@ -69,6 +71,18 @@ def test_result_records_what_ran(val_dir, sp1024_tokenizer):
     assert [len(c["train_loss"]) for c in chunks] == [2, 2, 2, 2, 2, 0]  # no training after the last chunk
     assert chunks[-1]["lr"] is None and chunks[0]["lr"] == 0.2
     assert "val_bpb" in result.summary() and "compliance ok" in result.summary()
+    projection = data["projection"]
+    assert projection["seconds"] == pytest.approx(40_500_000 / (8 * data["tokens_per_second"]))
+    assert data["projected_8gpu_s"] == projection["seconds"]
+    assert projection["fits_budget"] == (projection["seconds"] <= 600)
+
+
+def test_projection_scales_per_device_throughput_to_eight_devices():
+    # 2 ranks at 135,000 tok/s together: 67,500 per device, 540,000 on 8, so 75 s for 40.5M tokens.
+    projection = project_full_eval(135_000.0, world_size=2)
+    assert projection["seconds"] == pytest.approx(75.0)
+    assert projection["fits_budget"] and projection["tokens_per_second_per_gpu"] == 67_500.0
+    assert not project_full_eval(8_000.0, world_size=1)["fits_budget"]  # 40.5M / 64,000 = 633 s
 
 
 def test_two_evaluations_in_a_row_start_from_the_same_weights(val_dir, sp1024_tokenizer):

@@ -38,6 +38,23 @@ from .plan import Plan, merged_spans, plan_windows, share
 
 ENGINE_VERSION = __version__
 
+# The challenge's eval budget: the full FineWeb val split (first 50,000 documents, about 40.5M tokens with
+# the 8192-token vocabulary) on 8 GPUs within 600 seconds.
+FULL_VAL_TOKENS = 40_500_000
+BUDGET_GPUS = 8
+BUDGET_S = 600.0
+
+
+def project_full_eval(tokens_per_second: float, world_size: int) -> dict[str, Any]:
+    """This run's throughput scaled to the challenge's eval: the full val set on 8 GPUs (linear in GPUs)."""
+    per_gpu = tokens_per_second / world_size
+    seconds = FULL_VAL_TOKENS / (per_gpu * BUDGET_GPUS) if per_gpu > 0 else math.inf
+    return {
+        "tokens": FULL_VAL_TOKENS, "gpus": BUDGET_GPUS, "seconds": seconds, "budget_s": BUDGET_S,
+        "fits_budget": seconds <= BUDGET_S, "tokens_per_second_per_gpu": per_gpu,
+        "assumes": "this run's tokens/s per device, on the same kind of device, scaling linearly to 8",
+    }
+
 
 class CancelEvent(Protocol):
     def is_set(self) -> bool: ...
@@ -393,6 +410,9 @@ class EvalResult:
     device: str
     world_size: int
     compliance: dict[str, Any]
+    # Projected seconds for the full FineWeb val set on 8 GPUs, and whether that fits the 600 s budget.
+    projection: dict[str, Any]
+    projected_8gpu_s: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -405,7 +425,8 @@ class EvalResult:
             f"val_loss {self.val_loss:.8f} val_bpb {self.val_bpb:.8f} | {mode} seq_len {cfg['seq_len']} "
             f"stride {cfg['stride']} | {self.tokens_scored} tokens {self.bytes_scored} bytes | "
             f"{self.timings['eval_s']:.1f}s {self.tokens_per_second:.0f} tok/s | {self.device} x{self.world_size} "
-            f"{cfg['precision']} | compliance {'ok' if ok else 'VIOLATED'}"
+            f"{cfg['precision']} | compliance {'ok' if ok else 'VIOLATED'} | full val on 8 such devices "
+            f"~{self.projected_8gpu_s:.0f}s ({'fits' if self.projection['fits_budget'] else 'over'} the 600 s budget)"
         )
 
 
@@ -556,6 +577,8 @@ class EvalSession:
                                cancel=cancel)
             eval_s = time.perf_counter() - t0
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        tokens_per_second = run.tokens / eval_s if eval_s > 0 else 0.0
+        projection = project_full_eval(tokens_per_second, world.size)
         return EvalResult(
             val_loss=run.val_loss,
             val_bpb=run.val_bpb,
@@ -582,9 +605,11 @@ class EvalSession:
                 "eval_s": eval_s,
                 "total_s": time.perf_counter() - t_start,
             },
-            tokens_per_second=run.tokens / eval_s if eval_s > 0 else 0.0,
+            tokens_per_second=tokens_per_second,
             peak_gpu_memory_bytes=peak,
             device=str(device),
             world_size=world.size,
             compliance=run.compliance,
+            projection=projection,
+            projected_8gpu_s=projection["seconds"],
         )
