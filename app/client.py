@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+
 from pgttt.errors import PgtttError
 
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})

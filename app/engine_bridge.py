@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from pgttt import __version__
 from pgttt.checkpoints.config import ConfigError, ModelConfig
 from pgttt.checkpoints.format import MAGIC, tokenizer_identity

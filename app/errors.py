@@ -13,8 +13,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pgttt.errors import PgtttError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pgttt.errors import PgtttError
 
 log = logging.getLogger("pgttt.app")
 

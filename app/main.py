@@ -8,9 +8,10 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from pgttt import __version__
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pgttt import __version__
 
 from . import errors
 from .routes import checkpoints, datasets, health, jobs

@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pgttt.errors import PgtttError
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from pgttt.errors import PgtttError
 
 
 class SettingsError(PgtttError):

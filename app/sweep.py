@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
+
 from pgttt.app.client import ApiError, Client, Job, RetryPolicy, ServerUnreachable
 from pgttt.app.report import read_results
 from pgttt.errors import PgtttError
-from tqdm import tqdm
 
 # The evaluation fields a point may set (the engine's names) and the JSON type each takes; the server checks
 # ranges and answers 422 naming the field, so only types are checked here, before anything is submitted.

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import load_val, open_shard

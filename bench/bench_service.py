@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
 from pgttt.app.client import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -39,6 +39,7 @@ from typing import Any
 import brotli
 import numpy as np
 import torch
+
 from pgttt.errors import PgtttError
 
 from .config import ConfigError, ModelConfig

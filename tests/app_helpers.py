@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import torch
+
 from pgttt.app.settings import demo_dir
 from pgttt.checkpoints.config import PRESETS
 from pgttt.checkpoints.format import save_model_bin

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from app_helpers import DEMO, LONG, QUICK, wait_for, wait_job, wait_ready, write_model_bin, write_ptz
 from fastapi.testclient import TestClient
+
 from pgttt.app.main import create_app
 from pgttt.app.settings import Settings
 

@@ -8,11 +8,12 @@ import shutil
 
 import pytest
 from app_helpers import DEMO, write_model_bin, write_ptz
+from ttt_helpers import write_shard
+
 from pgttt.app.catalog import Catalog, PathError, safe_path
 from pgttt.app.cli import settings_from_args
 from pgttt.app.settings import Settings, SettingsError
 from pgttt.main import build_parser, main
-from ttt_helpers import write_shard
 
 TOKENIZER = next(DEMO.glob("*.model"))
 

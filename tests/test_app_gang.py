@@ -8,6 +8,7 @@ import time
 import pytest
 from app_helpers import DEMO, LONG, QUICK, wait_for, wait_job, wait_ready
 from fastapi.testclient import TestClient
+
 from pgttt.app.main import create_app
 from pgttt.app.settings import Settings
 

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+
 from pgttt.app.store import STOPPED_REASON, JobRecord, JobStore, Registration, StoreError, new_job_id, utc_now
 
 

@@ -11,6 +11,7 @@ from email.utils import format_datetime
 
 import httpx
 import pytest
+
 from pgttt.app.client import ApiError, Client, RetryPolicy, ServerUnreachable, iter_sse, parse_retry_after
 
 URL = "http://pod.test:8000"

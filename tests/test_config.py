@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pgttt.checkpoints.config import PRESETS, ConfigError, ModelConfig, parse_override, preset, resolve_config
 from pgttt.checkpoints.model import GPT
 from pgttt.errors import PgtttError

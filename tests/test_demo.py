@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import sentencepiece as spm
+
 from pgttt.checkpoints.loading import load_checkpoint
 from pgttt.training import demo
 from pgttt.training.demo import DEMO_DIR, TOKENIZER_FILE, VAL_FILE

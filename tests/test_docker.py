@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from pgttt.app.settings import Settings
 from pgttt.main import build_parser
 

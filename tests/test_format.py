@@ -9,6 +9,7 @@ import os
 import brotli
 import pytest
 import torch
+
 from pgttt.checkpoints import format as fmt
 from pgttt.checkpoints.config import PRESETS, ModelConfig
 from pgttt.checkpoints.format import (

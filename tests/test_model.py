@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from pgttt.checkpoints.config import PRESETS, resolve_config
 from pgttt.checkpoints.model import GPT, apply_precision, init_weights
 

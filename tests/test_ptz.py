@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import shared_path  # module-scoped use: the conftest fixtures are per test
+
 from pgttt.checkpoints.config import PRESETS
 from pgttt.checkpoints.format import CheckpointError, read_model_bin
 from pgttt.checkpoints.loading import build_model, load_checkpoint

@@ -8,6 +8,7 @@ import struct
 
 import matplotlib.image
 import pytest
+
 from pgttt.app.report import ResultsError, build_rows, pareto_front, read_results, write_report
 from pgttt.main import main
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+
 from pgttt.app.client import ApiError, Client, RetryPolicy
 from pgttt.app.report import build_rows, read_results
 from pgttt.main import main

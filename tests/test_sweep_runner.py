@@ -11,6 +11,7 @@ import threading
 
 import httpx
 import pytest
+
 from pgttt.app.client import Client, RetryPolicy
 from pgttt.app.sweep import SweepError, SweepRunner, parse_spec
 

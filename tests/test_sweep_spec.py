@@ -9,6 +9,7 @@ import random
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from pgttt.app.sweep import Point, SweepError, load_spec, parse_spec, request_key
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from pgttt.checkpoints.loading import load_checkpoint
 from pgttt.main import main
 from pgttt.training import trainer as trainer_module

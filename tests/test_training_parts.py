@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from pgttt.checkpoints.config import resolve_config
 from pgttt.checkpoints.model import GPT, init_weights
 from pgttt.checkpoints.quant import default_scheme, quantize_rows

@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 import sentencepiece as spm
+
 from pgttt.errors import PgtttError
 from pgttt.ttt.bytes import build_byte_tables, load_byte_tables
 from pgttt.ttt.errors import EvalError

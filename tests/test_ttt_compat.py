@@ -10,6 +10,7 @@ import json
 
 import pytest
 from conftest import shared_path
+
 from pgttt.main import main
 from pgttt.ttt import EvalConfig, EvalSession
 

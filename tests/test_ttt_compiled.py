@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from pgttt.ttt import EvalConfig, EvalSession, ValSet
 from torch._dynamo.utils import counters
 from ttt_helpers import (
     MICRO,
@@ -16,6 +15,8 @@ from ttt_helpers import (
     one_thread,  # noqa: F401 (a fixture)
     random_tables,
 )
+
+from pgttt.ttt import EvalConfig, EvalSession, ValSet
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

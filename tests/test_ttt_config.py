@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from pgttt.checkpoints.config import PRESETS
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.errors import EvalError

@@ -10,10 +10,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pgttt.ttt.config import EvalConfig
-from pgttt.ttt.data import DataError, trim_stream
-from pgttt.ttt.engine import Steps, run_protocol
-from pgttt.ttt.errors import EvalError
 from ttt_helpers import (
     MICRO,
     micro_model,
@@ -21,6 +17,11 @@ from ttt_helpers import (
     random_tables,
 )
 from ttt_reference import reference_eval, trim
+
+from pgttt.ttt.config import EvalConfig
+from pgttt.ttt.data import DataError, trim_stream
+from pgttt.ttt.engine import Steps, run_protocol
+from pgttt.ttt.errors import EvalError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODEL = micro_model(seed=3)

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from ttt_helpers import MICRO, micro_model, random_tables
+
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import trim_stream
 from pgttt.ttt.engine import run_protocol
-from ttt_helpers import MICRO, micro_model, random_tables
 
 CASES = {
     "sliding": EvalConfig(seq_len=16, stride=4, ttt_epochs=0, batch_seqs=3),

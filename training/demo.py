@@ -27,9 +27,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pgttt.checkpoints
 import sentencepiece as spm
 import torch
+
+import pgttt.checkpoints
 
 from .config import resolve_run_config
 from .job import TrainJob, run_training

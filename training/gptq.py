@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch import Tensor
+
 from pgttt.checkpoints.model import GPT, CastedLinear, autocast
 from pgttt.checkpoints.quant import QMAX, QuantizedTensor, Scheme, default_scheme, quantize_rows
-from torch import Tensor
 
 TIED_EMBEDDING = "tok_emb.weight"
 

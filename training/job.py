@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
 from pgttt import __version__
 from pgttt.checkpoints.cli import SIZE_LIMIT_BYTES
 from pgttt.checkpoints.config import ModelConfig

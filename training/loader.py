@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from pgttt.errors import PgtttError
 from torch import Tensor
+
+from pgttt.errors import PgtttError
 
 
 class LoaderError(PgtttError, ValueError):

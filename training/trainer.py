@@ -22,12 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
+
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.format import write_atomic
 from pgttt.checkpoints.model import GPT, CastedLinear, apply_precision, autocast, init_weights
 from pgttt.errors import PgtttError
 from pgttt.ttt.distributed import World
-from torch import Tensor
 
 from .config import TrainConfig
 from .loader import SequenceLoader, check_batch_shape, micro_batches

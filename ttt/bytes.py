@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+
 from pgttt.checkpoints.format import tokenizer_identity
 
 from .data import FileKey

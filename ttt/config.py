@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.model import PRECISIONS
 

@@ -23,10 +23,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from pgttt import __version__
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.model import GPT, apply_precision, autocast
-from torch import Tensor
 
 from .bytes import ByteTables, load_byte_tables
 from .compliance import ComplianceLog, check_compliance
