@@ -26,9 +26,9 @@ from typing import Any
 
 import httpx
 
+from pgttt.app.store import FINAL_STATES  # the job store's states (stdlib only: no torch, no server)
 from pgttt.errors import PgtttError
 
-FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 # Answers that mean "not now, ask again": not ready yet, or the queue is full.
 RETRY_STATUSES = frozenset({429, 503})
 # Transport errors after which the request may have reached the server: only idempotent methods retry them.
