@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"{SIZE_LIMIT_BYTES:,}-byte check of a model.bin or a challenge .ptz artifact.",
     )
     p.add_argument("file", type=Path, help="a model.bin, or a .ptz artifact (then --preset is required)")
-    _architecture_args(p, required=False)
+    add_architecture_args(p, required=False)
     p.add_argument("--tokenizer", type=Path, help="a SentencePiece .model to check against the checkpoint")
     p.add_argument(
         "--code-bytes", type=_non_negative_int, default=None, metavar="N",
@@ -41,14 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "architecture, tokenizer and provenance.",
     )
     p.add_argument("artifact", type=Path, help="the challenge's final_model.int6.ptz")
-    _architecture_args(p, required=True)
+    add_architecture_args(p, required=True)
     p.add_argument("--tokenizer", type=Path, required=True, help="the SentencePiece .model it was trained with")
     p.add_argument("-o", "--output", type=Path, required=True, help="the model.bin to write")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     p.set_defaults(func=run_import)
 
 
-def _architecture_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+def add_architecture_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument(
         "--preset", required=required, choices=list(PRESETS),
         help="architecture preset of a .ptz artifact (a model.bin records its own)",

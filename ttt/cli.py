@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pgttt.checkpoints.cli import _architecture_args as architecture_args
+from pgttt.checkpoints.cli import add_architecture_args
 from pgttt.checkpoints.model import PRECISIONS
 
 from .config import LR_SCHEDULES, OPTIMIZERS
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sliding windows (--ttt-epochs 0) or score-first chunked test-time training.",
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="a model.bin, or a .ptz artifact (with --preset)")
-    architecture_args(p, required=False)  # --preset and --set, as pgttt inspect and import take them
+    add_architecture_args(p, required=False)  # --preset and --set, as pgttt inspect and import take them
     p.add_argument("--tokenizer", type=Path, required=True, help="the SentencePiece .model of the val shards")
     p.add_argument("--val", required=True, metavar="DIR_OR_GLOB",
                    help="a directory of fineweb_val_*.bin, a glob, or one shard")
