@@ -46,6 +46,10 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape():
                     strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
+    # The training graph's batch dimension is dynamic: another chunk size (3 sequences a chunk, not 2) reuses it.
+    session.evaluate(val, tables, EvalConfig(**{**base, "chunk_tokens": 48}, compile=True), device="cpu")
+    assert counters["stats"]["unique_graphs"] == graphs, "a new chunk size compiled"
+
     # Scoring graphs do not depend on what TTT adapts: a sliding evaluation reuses them.
     sliding = session.evaluate(val, tables, EvalConfig(**{**base, "ttt_epochs": 0}, compile=True), device="cpu")
     assert counters["stats"]["unique_graphs"] == graphs, "the sliding evaluation compiled"

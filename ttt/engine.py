@@ -154,7 +154,16 @@ class Steps:
             # Each (shape, adapted set) is its own graph; a service sees a few seq_lens, never 8 is too few.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.score = torch.compile(score, dynamic=False)
-            self.loss = torch.compile(model.loss, dynamic=False)
+            compiled_loss = torch.compile(model.loss)
+
+            def loss(x: Tensor, y: Tensor) -> Tensor:
+                # The batch dimension is dynamic: one training graph serves every chunk size (a batch of one
+                # sequence is specialised, and warmed up, separately).
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+                torch._dynamo.maybe_mark_dynamic(y, 0)
+                return compiled_loss(x, y)
+
+            self.loss = loss
         else:
             self.score, self.loss = score, model.loss
 
