@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pgttt import __version__
+from pgttt.app.store import CheckpointSpec
 from pgttt.checkpoints.config import ConfigError, ModelConfig
 from pgttt.checkpoints.format import MAGIC, tokenizer_identity
 from pgttt.checkpoints.loading import LoadedCheckpoint, load_checkpoint
@@ -46,19 +47,8 @@ class FieldError(PgtttError):
         self.field = field
 
 
-@dataclass(frozen=True)
-class CheckpointSpec:
-    """How to load a checkpoint (sent to the workers, so plain values only)."""
-
-    name: str
-    path: str
-    preset: str | None = None
-    overrides: dict[str, Any] | None = None
-    tokenizer: str | None = None
-
-    def load(self) -> LoadedCheckpoint:
-        return load_checkpoint(self.path, preset=self.preset, overrides=self.overrides or None,
-                               tokenizer=self.tokenizer)
+def load_spec(spec: CheckpointSpec) -> LoadedCheckpoint:
+    return load_checkpoint(spec.path, preset=spec.preset, overrides=spec.overrides or None, tokenizer=spec.tokenizer)
 
 
 @dataclass(frozen=True)
@@ -98,7 +88,7 @@ def is_model_bin(path: Path) -> bool:
 
 def inspect_checkpoint(spec: CheckpointSpec) -> CheckpointInfo:
     """Read and validate the whole file (CheckpointError naming the file otherwise)."""
-    ckpt = spec.load()
+    ckpt = load_spec(spec)
     return CheckpointInfo(
         kind=ckpt.kind,
         sha256=ckpt.sha256,
@@ -185,7 +175,7 @@ class DeviceEngine:
 
     def load(self, spec: CheckpointSpec) -> None:
         t0 = time.perf_counter()
-        session = EvalSession.from_checkpoint(spec.load())
+        session = EvalSession.from_checkpoint(load_spec(spec))
         session.load_s = time.perf_counter() - t0
         # Put the working model on the device now, not in the first job.
         session.worker(self.device, EvalConfig().resolved(session.config, self.device).precision)

@@ -31,7 +31,7 @@ from .errors import ApiError, invalid_field, not_found
 from .metrics import Metrics
 from .schemas import EvalRequest, RegisterCheckpoint
 from .settings import Settings
-from .store import JobRecord, JobStore, Registration, new_job_id, utc_now
+from .store import JobRecord, JobStore, new_job_id, utc_now
 from .workers import GANG_GRACE_S, RunOrder, Worker, WorkerPool
 
 log = logging.getLogger("pgttt.app")
@@ -98,10 +98,7 @@ class Service:
 
     async def _load(self) -> None:
         catalog = Catalog([*self.settings.checkpoint_dirs, self.settings.upload_dir], [*self.settings.data_dirs])
-        registered = [
-            bridge.CheckpointSpec(r.name, r.path, r.preset, r.overrides, r.tokenizer)
-            for r in self.store.registrations()
-        ]
+        registered = self.store.registrations()
         try:
             await asyncio.to_thread(catalog.discover, registered)
         except Exception as exc:  # noqa: BLE001 - reported on /readyz, the server stays up
@@ -287,7 +284,7 @@ class Service:
                 raise invalid_field("tokenizer", "tokenizer: a model.bin records its own tokenizer", req.tokenizer)
             spec = bridge.CheckpointSpec(req.name, str(path), req.preset, req.overrides, tokenizer)
             entry = await self._add(catalog, spec, "path")
-            self.store.register_checkpoint(Registration(spec.name, spec.path, spec.preset, spec.overrides, tokenizer))
+            self.store.register_checkpoint(spec)
         return entry
 
     async def upload(self, name: str, file: Any, preset: str | None, overrides: Any) -> dict[str, Any]:

@@ -98,8 +98,9 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
-class Registration:
-    """A checkpoint registered over HTTP: a file under a checkpoint dir (a .ptz with its architecture)."""
+class CheckpointSpec:
+    """How to load a checkpoint: a file under a checkpoint dir (a .ptz with its architecture). Plain values
+    only: workers receive it, and the store keeps the ones registered over HTTP."""
 
     name: str
     path: str
@@ -229,7 +230,7 @@ class JobStore:
         return self._update(job_id, ACTIVE_STATES, **values)
 
     # ---- registered checkpoints -----------------------------------------------------------
-    def register_checkpoint(self, reg: Registration) -> None:
+    def register_checkpoint(self, reg: CheckpointSpec) -> None:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO checkpoints (name, path, preset, overrides, tokenizer, created_at)"
@@ -237,11 +238,11 @@ class JobStore:
                 (reg.name, reg.path, reg.preset, json.dumps(reg.overrides), reg.tokenizer, utc_now()),
             )
 
-    def registrations(self) -> list[Registration]:
+    def registrations(self) -> list[CheckpointSpec]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM checkpoints ORDER BY created_at, name").fetchall()
         return [
-            Registration(r["name"], r["path"], r["preset"], json.loads(r["overrides"]), r["tokenizer"]) for r in rows
+            CheckpointSpec(r["name"], r["path"], r["preset"], json.loads(r["overrides"]), r["tokenizer"]) for r in rows
         ]
 
     # ---- internals ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from pgttt.app.store import STOPPED_REASON, JobRecord, JobStore, Registration, StoreError, new_job_id, utc_now
+from pgttt.app.store import STOPPED_REASON, CheckpointSpec, JobRecord, JobStore, StoreError, new_job_id, utc_now
 
 
 def make_job(store: JobStore, **kw) -> JobRecord:
@@ -135,15 +135,15 @@ def test_survives_a_killed_writer(tmp_path):
 
 def test_registrations_persist(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
-    store.register_checkpoint(Registration("mine", "/ckpt/mine.ptz", "tiny", {"num_layers": 3}))
-    store.register_checkpoint(Registration("other", "/ckpt/other.bin"))
-    store.register_checkpoint(Registration("tok", "/ckpt/tok.ptz", "tiny", {}, "/data/tok.model"))
+    store.register_checkpoint(CheckpointSpec("mine", "/ckpt/mine.ptz", "tiny", {"num_layers": 3}))
+    store.register_checkpoint(CheckpointSpec("other", "/ckpt/other.bin"))
+    store.register_checkpoint(CheckpointSpec("tok", "/ckpt/tok.ptz", "tiny", {}, "/data/tok.model"))
     store.close()
     again = JobStore(tmp_path / "jobs.sqlite")
     assert again.registrations() == [
-        Registration("mine", "/ckpt/mine.ptz", "tiny", {"num_layers": 3}),
-        Registration("other", "/ckpt/other.bin", None, None),
-        Registration("tok", "/ckpt/tok.ptz", "tiny", {}, "/data/tok.model"),
+        CheckpointSpec("mine", "/ckpt/mine.ptz", "tiny", {"num_layers": 3}),
+        CheckpointSpec("other", "/ckpt/other.bin", None, None),
+        CheckpointSpec("tok", "/ckpt/tok.ptz", "tiny", {}, "/data/tok.model"),
     ]
     again.close()
 
