@@ -49,17 +49,25 @@ class Rotary(nn.Module):
 
     def cos_sin(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (seq_len, str(device))
-        if key not in self._cache:
-            base = self.base
-            if seq_len > self.train_seq_len:
-                # Long-context scaling of the base (NTK-style), as the record does.
-                base = base * (seq_len / self.train_seq_len) ** (self.rope_dims / max(self.rope_dims - 2, 1))
-            exponents = torch.arange(0, self.rope_dims, 2, dtype=torch.float32, device=device) / self.rope_dims
-            inv_freq = 1.0 / (base**exponents)
-            freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-            self._cache[key] = (freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :])
-        cos, sin = self._cache[key]
+        tables = self._cache.get(key)
+        if tables is None:
+            tables = self._tables(seq_len, device)
+            # Only eager calls fill the cache (GPT.cache_rotary before compiled ones): a compiled graph that
+            # filled it would guard on its absence and be compiled again on the next call.
+            if not torch.compiler.is_compiling():
+                self._cache[key] = tables
+        cos, sin = tables
         return cos.to(dtype), sin.to(dtype)
+
+    def _tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        base = self.base
+        if seq_len > self.train_seq_len:
+            # Long-context scaling of the base (NTK-style), as the record does.
+            base = base * (seq_len / self.train_seq_len) ** (self.rope_dims / max(self.rope_dims - 2, 1))
+        exponents = torch.arange(0, self.rope_dims, 2, dtype=torch.float32, device=device) / self.rope_dims
+        inv_freq = 1.0 / (base**exponents)
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int) -> Tensor:
@@ -214,6 +222,12 @@ class GPT(nn.Module):
         if not decoder and positions is not None:
             x = gather_positions(x, positions)
         return rms_norm(x)
+
+    def cache_rotary(self, seq_len: int, device: torch.device | str) -> None:
+        """Make every layer's rotary tables for ``seq_len`` on ``device`` now, outside compiled code, so that
+        compiled graphs find them and never compile again for their sake."""
+        for block in self.blocks:
+            block.attn.rotary.cos_sin(seq_len, torch.device(device), torch.float32)
 
     def logits_from_hidden(self, h: Tensor) -> Tensor:
         """Tied (or head) projection, then the soft cap ``c * tanh(logits / c)``."""

@@ -29,8 +29,12 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape():
     base = dict(seq_len=16, stride=4, ttt_epochs=2, chunk_tokens=40, batch_seqs=3, ttt_lr=0.05, precision="fp32")
     compiled_config = EvalConfig(**base, compile=True)
     session = EvalSession(micro_model(seed=9))  # fresh: warm-up is the first thing its model runs
+    before = counters["stats"]["unique_graphs"]
     warm_s = session.warmup(compiled_config, device="cpu")
     graphs = counters["stats"]["unique_graphs"]
+    # One graph per shape: scoring with window 0 (every position), scoring at the stride, training. A fourth
+    # would mean a graph guards on state that changes after its first call (the rotary tables' cache did).
+    assert graphs - before == 3
     compiled = session.evaluate(val, tables, compiled_config, device="cpu")
     assert counters["stats"]["unique_graphs"] == graphs, "the evaluation compiled after warm-up"
     assert compiled.timings["warmup_s"] < 0.01 < warm_s

@@ -263,6 +263,7 @@ def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = 
     batches = _Batches(plan, torch.zeros(total + 1, dtype=torch.long, device=device))
     params = adapted_params(model, config)
     model.requires_grad_(False)
+    model.cache_rotary(length, device)
     with torch.no_grad():
         for lo in (0, 1):
             hi = min(lo + rows, plan.num_windows)
@@ -314,6 +315,7 @@ def run_protocol(
     params = adapted_params(model, config)
     optimizer = make_optimizer(config, params) if params else None
     model.eval().requires_grad_(False)
+    model.cache_rotary(length, device)
     log = ComplianceLog()
     chunks: list[ChunkTrace] = []
     loss_sum, scored, scored_bytes = 0.0, 0, 0
