@@ -365,9 +365,9 @@ def run_protocol(
             lr = config.lr_at(c, plan.num_chunks)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            epoch_sums = torch.zeros(epochs, dtype=torch.float32, device=device)  # read once, after the epochs
             with training(model, params):
                 for epoch in range(epochs):
-                    epoch_loss = torch.zeros((), dtype=torch.float32, device=device)
                     for j in range(0, len(starts), batch_seqs):
                         report("training", c, 0)
                         count = min(batch_seqs, len(starts) - j)
@@ -385,8 +385,8 @@ def run_protocol(
                         batch_loss = world.all_reduce_grads(params, batch_loss)
                         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                         optimizer.step()
-                        epoch_loss += batch_loss
-                    epoch_losses.append(float(epoch_loss) / -(-len(starts) // batch_seqs))
+                        epoch_sums[epoch] += batch_loss
+            epoch_losses = [v / -(-len(starts) // batch_seqs) for v in epoch_sums.tolist()]
         t2 = time.perf_counter()
         scoring_s += t1 - t0
         training_s += t2 - t1
