@@ -99,7 +99,8 @@ def main() -> int:
                 raise RuntimeError(f"{label}: job {job.id} {job.state}: {job.error}")
             r = job.result
             row = {"case": label, "gpus": gpus, "wall_s": wall, "eval_s": r["timings"]["eval_s"],
-                   "warmup_s": r["timings"]["warmup_s"], "tokens": r["tokens_scored"],
+                   "warmup_s": r["timings"]["warmup_s"], "scoring_s": r["timings"]["scoring_s"],
+                   "training_s": r["timings"]["training_s"], "tokens": r["tokens_scored"],
                    "tokens_per_s": r["tokens_per_second"], "val_bpb": r["val_bpb"], "world_size": r["world_size"]}
             log(json.dumps(row))
             rows.append(row)
@@ -134,11 +135,12 @@ def main() -> int:
         }
         (args.out / "service.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
         log("")
-        log(f"{'case':34} {'gpus':>4} {'wall s':>7} {'eval s':>7} {'warm s':>7} {'tok/s':>8} "
-            f"{'val_bpb':>10} {'diff':>9}")
+        log(f"{'case':34} {'gpus':>4} {'wall s':>7} {'eval s':>7} {'score s':>7} {'train s':>7} {'warm s':>7} "
+            f"{'tok/s':>8} {'val_bpb':>10} {'diff':>9}")
         for r in rows:
             diff = f"{r['bpb_diff']:+.1e}" if "bpb_diff" in r else "-"
-            log(f"{r['case']:34} {r['gpus']:>4} {r['wall_s']:>7.1f} {r['eval_s']:>7.1f} {r['warmup_s']:>7.2f} "
+            log(f"{r['case']:34} {r['gpus']:>4} {r['wall_s']:>7.1f} {r['eval_s']:>7.1f} {r['scoring_s']:>7.1f} "
+                f"{r['training_s']:>7.1f} {r['warmup_s']:>7.2f} "
                 f"{r['tokens_per_s']:>8.0f} {r['val_bpb']:>10.6f} {diff:>9}")
         for key, value in summary.items():
             log(f"{key}: {value}")
