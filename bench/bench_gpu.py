@@ -176,7 +176,15 @@ def main() -> int:
 
     # Warm-up once for the default shapes: what a server pays at start.
     t0 = time.perf_counter()
-    warm_s = session.warmup(EvalConfig(), device=device, seq_lens=[2048])
+    try:
+        warm_s = session.warmup(EvalConfig(), device=device, seq_lens=[2048])
+    except Exception as exc:  # noqa: BLE001 - the run goes on without the kernel and says so
+        if not kernels.ENABLED:
+            raise
+        log(f"warm-up with the fused MLP kernel FAILED ({type(exc).__name__}: {exc}); compiling without it")
+        kernels.ENABLED, fused["used"], fused["compile_error"] = False, False, repr(exc)
+        torch._dynamo.reset()
+        warm_s = session.warmup(EvalConfig(), device=device, seq_lens=[2048])
     if not args.quick:
         warm_s += session.warmup(EvalConfig(chunk_tokens=65536), device=device, seq_lens=[2048])
     log(f"load {load_s:.1f}s, warm-up {warm_s:.1f}s ({time.perf_counter() - t0:.1f}s wall)")
