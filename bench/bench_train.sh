@@ -14,7 +14,7 @@ tokenizer=$shared/data/tokenizers/fineweb_8192_bpe.model
 mkdir -p "$out" "$work"
 start=$(date +%s)
 python3 -m pgttt.main train --data "$data" --tokenizer "$tokenizer" -o "$work/model.bin" --run-dir "$work/run" \
-  --set max_wallclock_seconds=180 --set train_log_every=25 ${TRAIN_ARGS:-} 2>&1 | tee "$out/train.log"
+  --set max_wallclock_seconds=180 --set train_log_every=25 --set gptq_calibration_batches=8 ${TRAIN_ARGS:-} 2>&1 | tee "$out/train.log"
 echo "train command: $(( $(date +%s) - start )) s wall (start-up, compile, training, evals, GPTQ)" | tee -a "$out/train.log"
 python3 -m pgttt.main inspect "$work/model.bin" 2>&1 | tee "$out/inspect.txt"
 python3 -m pgttt.main eval --checkpoint "$work/model.bin" --tokenizer "$tokenizer" --val "$data" --no-compile \
