@@ -9,8 +9,6 @@
 3. The floor: FLOPs per scored token for each mode, achieved TFLOP/s against a measured bf16 matmul rate.
 4. A second request with another config after warm-up, to show it does not compile.
 5. A profile of one scoring batch and one training step (top CUDA kernels) under ``OUT_DIR``.
-0. First, the fused MLP kernel (``checkpoints/kernels.py``) against cuBLAS plus a compiled activation on a
-   scoring batch's shape; if it is slower here, the run switches it off (the log says which path ran).
 
 Prints a short table last; full results as JSON under ``OUT_DIR``.
 """
@@ -27,9 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pgttt.checkpoints import kernels
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import load_val, open_shard
@@ -86,32 +82,6 @@ def matmul_tflops(device: torch.device) -> float:
     return 2 * n**3 / time_cuda(lambda: a @ b) / 1e12
 
 
-def fused_mlp_check(cfg: ModelConfig, device: torch.device, rows: int = 32 * 2048) -> dict:
-    """The fused MLP kernel against cuBLAS and a compiled activation, on a scoring batch's shape. Switches the
-    kernel off for this run where it is not faster."""
-    x = torch.randn(rows, cfg.model_dim, device=device, dtype=torch.bfloat16)
-    w = (torch.randn(cfg.mlp_hidden, cfg.model_dim, device=device) / cfg.model_dim**0.5).bfloat16()
-    with torch.no_grad():
-        if not kernels.available(x):
-            log("fused MLP kernel: not available (Triton missing?); the plain path runs")
-            return {"available": False}
-        plain = torch.compile(lambda x, w: F.leaky_relu(F.linear(x, w), 0.5).square())
-        want, got = plain(x, w), kernels.fc_leaky_relu_sq(x, w, 0.5)
-        plain_s = time_cuda(lambda: plain(x, w))
-        fused_s = time_cuda(lambda: kernels.fc_leaky_relu_sq(x, w, 0.5))
-    flop = 2 * rows * cfg.model_dim * cfg.mlp_hidden
-    result = {"available": True, "rows": rows, "plain_us": plain_s * 1e6, "fused_us": fused_s * 1e6,
-              "plain_tflops": flop / plain_s / 1e12, "fused_tflops": flop / fused_s / 1e12,
-              "identical_fraction": (got == want).float().mean().item(),
-              "max_abs_diff": (got.float() - want.float()).abs().max().item(), "used": fused_s < plain_s}
-    kernels.ENABLED = result["used"]
-    log(f"fused MLP fc+activation ({rows}x{cfg.model_dim} @ {cfg.model_dim}x{cfg.mlp_hidden}): "
-        f"{result['fused_us']:.0f} us vs cuBLAS + compiled activation {result['plain_us']:.0f} us; "
-        f"{100 * result['identical_fraction']:.3f}% identical; "
-        f"{'used' if result['used'] else 'NOT used (slower): the plain path runs'}")
-    return result
-
-
 def profile(session: EvalSession, tokens_dir: Path, tokenizer: Path, out: Path, device: torch.device) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -150,7 +120,6 @@ def main() -> int:
     session = EvalSession.load(artifact, preset=expected["architecture"]["preset"], tokenizer=tokenizer)
     load_s = time.perf_counter() - t0
     model_cfg = session.config
-    fused = fused_mlp_check(model_cfg, device)
     rows: list[dict] = []
 
     def run(name: str, val: object, cfg: EvalConfig, ref_bpb: float | None, tol: float | None,
@@ -176,15 +145,7 @@ def main() -> int:
 
     # Warm-up once for the default shapes: what a server pays at start.
     t0 = time.perf_counter()
-    try:
-        warm_s = session.warmup(EvalConfig(), device=device, seq_lens=[2048])
-    except Exception as exc:  # noqa: BLE001 - the run goes on without the kernel and says so
-        if not kernels.ENABLED:
-            raise
-        log(f"warm-up with the fused MLP kernel FAILED ({type(exc).__name__}: {exc}); compiling without it")
-        kernels.ENABLED, fused["used"], fused["compile_error"] = False, False, repr(exc)
-        torch._dynamo.reset()
-        warm_s = session.warmup(EvalConfig(), device=device, seq_lens=[2048])
+    warm_s = session.warmup(EvalConfig(), device=device, seq_lens=[2048])
     if not args.quick:
         warm_s += session.warmup(EvalConfig(chunk_tokens=65536), device=device, seq_lens=[2048])
     log(f"load {load_s:.1f}s, warm-up {warm_s:.1f}s ({time.perf_counter() - t0:.1f}s wall)")
@@ -226,7 +187,7 @@ def main() -> int:
                      None, None, None)
         log(f"second request warm-up (compile) seconds: {second['warmup_s']:.2f}")
 
-    summary = {"matmul_tflops": rate, "fused_mlp": fused, "load_s": load_s, "warmup_s": warm_s,
+    summary = {"matmul_tflops": rate, "load_s": load_s, "warmup_s": warm_s,
                "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": rows}
     (args.out / "bench.json").write_text(json.dumps(summary, indent=2))
     log("")
