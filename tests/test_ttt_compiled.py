@@ -4,6 +4,7 @@ numbers, and after warm-up an evaluation (TTT, or sliding with the same shapes) 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -32,9 +33,12 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape():
     before = counters["stats"]["unique_graphs"]
     warm_s = session.warmup(compiled_config, device="cpu")
     graphs = counters["stats"]["unique_graphs"]
-    # One graph per shape: scoring with window 0 (every position), scoring at the stride, training. A fourth
-    # would mean a graph guards on state that changes after its first call (the rotary tables' cache did).
-    assert graphs - before == 3
+    # One graph per shape: scoring with window 0 (every position), scoring at the stride, training at the
+    # warmed batch size (static) and at any other (dynamic batch). A fifth would mean a graph guards on
+    # state that changes after its first call (the rotary tables' cache did).
+    assert graphs - before == 4
+    steps = session.worker(torch.device("cpu"), "fp32").steps[True]
+    assert steps.static_batches == {(2, 16)}
     compiled = session.evaluate(val, tables, compiled_config, device="cpu")
     assert counters["stats"]["unique_graphs"] == graphs, "the evaluation compiled after warm-up"
     assert compiled.timings["warmup_s"] < 0.01 < warm_s
@@ -50,9 +54,15 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape():
                     strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
-    # The training graph's batch dimension is dynamic: another chunk size (3 sequences a chunk, not 2) reuses it.
-    session.evaluate(val, tables, EvalConfig(**{**base, "chunk_tokens": 48}, compile=True), device="cpu")
+    # Another chunk size (3 sequences a chunk, not 2) takes the dynamic-batch graph: nothing compiles, and no
+    # static graph is added outside an explicit warm-up.
+    other = EvalConfig(**{**base, "chunk_tokens": 48}, compile=True)
+    session.evaluate(val, tables, other, device="cpu")
     assert counters["stats"]["unique_graphs"] == graphs, "a new chunk size compiled"
+    assert steps.static_batches == {(2, 16)}
+    plain_other = EvalSession(micro_model(seed=9)).evaluate(val, tables, replace(other, compile=False), device="cpu")
+    assert math.isclose(session.evaluate(val, tables, other, device="cpu").loss_sum, plain_other.loss_sum,
+                        rel_tol=1e-6)
 
     # Scoring graphs do not depend on what TTT adapts: a sliding evaluation reuses them.
     sliding = session.evaluate(val, tables, EvalConfig(**{**base, "ttt_epochs": 0}, compile=True), device="cpu")

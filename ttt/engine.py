@@ -136,32 +136,41 @@ def score_batch(model: GPT, x: Tensor, positions: Tensor, targets: Tensor, mask:
 
 
 class Steps:
-    """The protocol's two model calls, compiled with static shapes or plain; shapes seen are remembered.
+    """The protocol's two model calls, compiled or plain; shapes already warmed up are remembered.
 
-    ``static_shapes`` (on when compiled) pads every scoring batch to ``batch_seqs`` rows, so one graph
-    serves every batch; plain steps score only the real windows.
+    Compiled, every scoring batch is padded to ``batch_seqs`` rows (``static_shapes``), so one graph serves
+    every batch. Training batches whose shape was warmed up (``warm_up``) run static graphs; any other
+    batch size runs one graph with a dynamic batch dimension, so a new chunk size never compiles. Run 5
+    (bench/RESULTS.md) measured the dynamic graph 14-22% slower than static ones.
     """
 
     def __init__(self, model: GPT, compiled: bool, static_shapes: bool | None = None) -> None:
         self.compiled = compiled
         self.static_shapes = compiled if static_shapes is None else static_shapes
         self.warmed: set[tuple[Any, ...]] = set()
+        self.static_batches: set[tuple[int, ...]] = set()  # training input shapes with their own graphs
 
         def score(x: Tensor, positions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
             return score_batch(model, x, positions, targets, mask)
+
+        def any_batch_loss(x: Tensor, y: Tensor) -> Tensor:
+            # A frame of its own, so its dynamic graph is cached apart from model.loss's static ones.
+            return model.loss(x, y)
 
         if compiled:
             # Each (shape, adapted set) is its own graph; a service sees a few seq_lens, never 8 is too few.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.score = torch.compile(score, dynamic=False)
-            compiled_loss = torch.compile(model.loss)
+            static_loss = torch.compile(model.loss, dynamic=False)
+            dynamic_loss = torch.compile(any_batch_loss)
 
             def loss(x: Tensor, y: Tensor) -> Tensor:
-                # The batch dimension is dynamic: one training graph serves every chunk size (a batch of one
-                # sequence is specialised, and warmed up, separately).
+                if tuple(x.shape) in self.static_batches:
+                    return static_loss(x, y)
+                # A batch of one sequence is specialised (and warmed up) separately even here.
                 torch._dynamo.maybe_mark_dynamic(x, 0)
                 torch._dynamo.maybe_mark_dynamic(y, 0)
-                return compiled_loss(x, y)
+                return dynamic_loss(x, y)
 
             self.loss = loss
         else:
@@ -251,10 +260,13 @@ def _loss(steps: Steps, batches: _Batches, first: int, count: int, precision: st
         return steps.loss(x, y)
 
 
-def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = None) -> None:
+def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = None, *,
+            static_training: bool = True) -> None:
     """Run every batch shape an evaluation with ``config`` (resolved) uses, through its own batch builders,
     so it never compiles. Each shape runs twice: a guard the first call leaves behind (a cache filled on
-    the way) fails on the second, which compiles the graph that real calls then reuse. Weights unchanged."""
+    the way) fails on the second, which compiles the graph that real calls then reuse. Training batch
+    sizes get static graphs with ``static_training`` (an explicit warm-up); otherwise the dynamic-batch
+    graph takes them and nothing new compiles. Weights unchanged."""
     world = world or World.current()
     device = next(model.parameters()).device
     (length, precision), rows = resolved_shape(config), config.batch_seqs
@@ -273,14 +285,26 @@ def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = 
                     _score(steps, batches, lo, hi, rows if steps.static_shapes else hi - lo, precision)
                 steps.warmed.add(shape)
     chunk_seqs = config.chunk_tokens // length if config.ttt_epochs > 0 else 0
-    for count in {min(rows, chunk_seqs), chunk_seqs % rows} - {0}:
-        a, b = share(count, world.rank, world.size)
-        train_shape = ("train", b - a, length, tuple(id(p) for p in params))
-        if b > a and train_shape not in steps.warmed:
-            with training(model, params):
-                for _ in range(2):
-                    _loss(steps, batches, 0, b - a, precision).backward()
-            steps.warmed.add(train_shape)
+    shares = (share(count, world.rank, world.size) for count in {min(rows, chunk_seqs), chunk_seqs % rows} - {0})
+    counts = {b - a for a, b in shares} - {0}
+    adapted = tuple(id(p) for p in params)
+
+    def train_twice(count: int) -> None:
+        with training(model, params):
+            for _ in range(2):
+                _loss(steps, batches, 0, count, precision).backward()
+
+    if counts and ("train-any", length, adapted) not in steps.warmed:
+        # The dynamic-batch graph, at a size no static graph takes: it serves chunk sizes no warm-up saw.
+        train_twice(max(2, max(counts) + 1))
+        steps.warmed.add(("train-any", length, adapted))
+    for count in counts:
+        train_shape = ("train", count, length, adapted)
+        if train_shape in steps.warmed or not (static_training or count == 1):
+            continue  # the dynamic graph takes it as it is (a batch of one is always specialised)
+        steps.static_batches.add((count, length))
+        train_twice(count)
+        steps.warmed.add(train_shape)
     for p in params:
         p.grad = None
 
@@ -537,12 +561,14 @@ class EvalSession:
             cfg = replace(config, seq_len=seq_len).resolved(self.config, device)
             worker = self.worker(device, resolved_shape(cfg)[1])
             with worker.lock:
-                self._warm(worker, cfg)
+                self._warm(worker, cfg, static_training=True)
         return time.perf_counter() - t0
 
-    def _warm(self, worker: _Worker, cfg: EvalConfig) -> None:
+    def _warm(self, worker: _Worker, cfg: EvalConfig, *, static_training: bool = False) -> None:
+        """Compile what ``cfg`` needs and was not compiled yet; in an evaluation (not ``warmup``), a new
+        training batch size takes the dynamic-batch graph instead of a compile of its own."""
         if cfg.compile:
-            warm_up(worker.model, worker.steps_for(True), cfg)
+            warm_up(worker.model, worker.steps_for(True), cfg, static_training=static_training)
 
     def evaluate(
         self,
