@@ -164,12 +164,19 @@ def progress_to_api(p: Progress) -> dict[str, Any]:
     }
 
 
+def warmed_world_sizes(devices: int) -> tuple[int, ...]:
+    """The job sizes whose training shapes a worker compiles at start: 1, the powers of two up to
+    ``devices``, and ``devices`` (a gang of another size still runs, on the dynamic-batch graph)."""
+    return tuple(sorted({1, devices} | {2**k for k in range(1, devices.bit_length()) if 2**k <= devices}))
+
+
 class DeviceEngine:
     """In a worker process: every checkpoint's ``EvalSession`` with its working model on this device,
     val sets and byte tables loaded once per dataset."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, world_sizes: tuple[int, ...] = (1,)) -> None:
         self.device = torch.device(device)
+        self.world_sizes = world_sizes  # jobs of 1 GPU and the gangs this device may join: warmed at start
         self.sessions: dict[str, EvalSession] = {}
         self._val: dict[tuple[str, int], ValSet] = {}
 
@@ -183,7 +190,7 @@ class DeviceEngine:
 
     def warmup(self) -> None:
         for session in self.sessions.values():
-            session.warmup(device=self.device)
+            session.warmup(device=self.device, world_sizes=self.world_sizes)
 
     def evaluate(self, order: Any, progress: Callable[..., None], cancel: Any) -> dict[str, Any]:
         session = self.sessions.get(order.checkpoint)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -73,7 +74,8 @@ class Service:
         self.metrics = Metrics(self)
         self.pool = WorkerPool(
             self.devices,
-            engine_factory or bridge.DeviceEngine,
+            engine_factory or functools.partial(bridge.DeviceEngine,
+                                                world_sizes=bridge.warmed_world_sizes(len(self.devices))),
             checkpoints=lambda: self.catalog.specs() if self.catalog else [],
             on_report=self._on_report,
             on_exit=self._on_exit,

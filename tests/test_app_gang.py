@@ -9,6 +9,7 @@ import pytest
 from app_helpers import DEMO, LONG, QUICK, wait_for, wait_job, wait_ready
 from fastapi.testclient import TestClient
 
+from pgttt.app.engine_bridge import warmed_world_sizes
 from pgttt.app.main import create_app
 from pgttt.app.settings import Settings
 
@@ -51,3 +52,7 @@ def test_fifo_a_gang_job_is_not_overtaken(client):
     gang, small = wait_job(client, gang["id"]), wait_job(client, small["id"])
     assert gang["state"] == small["state"] == "succeeded"
     assert gang["started_at"] <= small["started_at"]
+
+
+def test_workers_warm_one_gpu_jobs_and_gangs_of_powers_of_two_and_all():
+    assert [warmed_world_sizes(n) for n in (1, 2, 3, 8)] == [(1,), (1, 2), (1, 2, 3), (1, 2, 4, 8)]

@@ -68,3 +68,17 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape():
     sliding = session.evaluate(val, tables, EvalConfig(**{**base, "ttt_epochs": 0}, compile=True), device="cpu")
     assert counters["stats"]["unique_graphs"] == graphs, "the sliding evaluation compiled"
     assert sliding.val_bpb != compiled.val_bpb
+
+
+def test_warm_up_covers_the_training_shares_of_gangs():
+    # 5 sequences a chunk in batches of 3: one GPU trains on 3 and 2; each of two ranks on 2 and 1, or 1 and 1.
+    config = EvalConfig(seq_len=16, stride=4, ttt_epochs=1, chunk_tokens=80, batch_seqs=3, precision="fp32",
+                        compile=True)
+    session = EvalSession(micro_model(seed=2))
+    session.warmup(config, device="cpu", world_sizes=(1, 2))
+    steps = session.worker(torch.device("cpu"), "fp32").steps[True]
+    assert steps.static_batches == {(3, 16), (2, 16), (1, 16)}
+    graphs = counters["stats"]["unique_graphs"]
+    session.evaluate(ValSet.from_tokens(np.arange(300) % MICRO.vocab_size), random_tables(MICRO.vocab_size, seed=1),
+                     config, device="cpu")
+    assert counters["stats"]["unique_graphs"] == graphs

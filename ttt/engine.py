@@ -15,7 +15,7 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -551,9 +551,11 @@ class EvalSession:
             return self._workers[key]
 
     def warmup(self, config: EvalConfig | None = None, *, device: str | torch.device | None = None,
-               seq_lens: list[int | None] | None = None) -> float:
-        """Compile every batch shape of ``config`` (at each of ``seq_lens``), so no evaluation compiles.
-        Returns the seconds spent; nothing happens when compilation is off (the default on CPUs)."""
+               seq_lens: list[int | None] | None = None, world_sizes: Iterable[int] = (1,)) -> float:
+        """Compile every batch shape of ``config`` (at each of ``seq_lens``), so no evaluation compiles;
+        training batches get static graphs at the shares of every rank of each of ``world_sizes`` (jobs
+        this device may run with others). Returns the seconds spent; nothing happens when compilation is
+        off (the default on CPUs)."""
         device = torch.device(device) if device is not None else default_device()
         config = config or EvalConfig()
         t0 = time.perf_counter()
@@ -561,14 +563,17 @@ class EvalSession:
             cfg = replace(config, seq_len=seq_len).resolved(self.config, device)
             worker = self.worker(device, resolved_shape(cfg)[1])
             with worker.lock:
-                self._warm(worker, cfg, static_training=True)
+                for size in world_sizes:
+                    for rank in range(size):
+                        self._warm(worker, cfg, static_training=True, world=World(rank, size))
         return time.perf_counter() - t0
 
-    def _warm(self, worker: _Worker, cfg: EvalConfig, *, static_training: bool = False) -> None:
+    def _warm(self, worker: _Worker, cfg: EvalConfig, *, static_training: bool = False,
+              world: World | None = None) -> None:
         """Compile what ``cfg`` needs and was not compiled yet; in an evaluation (not ``warmup``), a new
         training batch size takes the dynamic-batch graph instead of a compile of its own."""
         if cfg.compile:
-            warm_up(worker.model, worker.steps_for(True), cfg, static_training=static_training)
+            warm_up(worker.model, worker.steps_for(True), cfg, world, static_training=static_training)
 
     def evaluate(
         self,
