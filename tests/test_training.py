@@ -51,9 +51,10 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def test_tiny_run_writes_a_model_bin_that_loads_and_evaluates(data, tmp_path, capsys):
     out = tmp_path / "model.bin"
-    assert train(data, out, "--set", "val_loss_every=4") == 0
+    assert train(data, out, "--set", "val_loss_every=4", "--set", "gptq_calibration_batches=3") == 0
     log = capsys.readouterr().out
     assert "step 8/8 loss" in log and "depth recurrence on" in log and "warm-up: 1 steps" in log
+    assert "GPTQ: Hessians from 3 batches of 512 tokens" in log and "GPTQ: batch 2/3" in log
     assert "step 4: val_loss" in log and "step 8: val_loss" in log and "(1,024 tokens)" in log
     assert "final: val_bpb" in log and "within the challenge's 16,000,000-byte limit" in log
 

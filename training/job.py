@@ -106,17 +106,27 @@ def evaluate(model, val: ValSet, tables, device: torch.device, **settings) -> Ev
     return EvalSession(model).evaluate(val, tables, EvalConfig(ttt_epochs=0, **settings), device=device)
 
 
-def calibrate(trainer: Trainer, shards: list, world: World) -> tuple[dict[str, torch.Tensor], int]:
-    """Activation second moments ``X^T X / n`` over ``gptq_calibration_batches`` global batches, all ranks."""
+def calibrate(
+    trainer: Trainer, shards: list, world: World, log: Callable[[str], None]
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Activation second moments ``X^T X / n`` over ``gptq_calibration_batches`` global batches, all ranks;
+    progress to ``log`` about eight times on the way (on one GPU this takes seconds per batch)."""
     cfg, seq_len = trainer.config, trainer.model_config.train_seq_len
     loader = SequenceLoader(shards, seq_len, cfg.seed)  # a fresh stream: the run's first batches, as the record
     shape = (cfg.train_batch_tokens, cfg.grad_accum_micro_batches, world.rank, world.size)
-    batches = (
-        tokens[:, :-1].to(trainer.device)
-        for _ in range(cfg.gptq_calibration_batches)
-        for tokens in micro_batches(loader, *shape)
-    )
-    hessians, rows = collect_hessians(trainer.model, batches, trainer.precision)
+    total, every = cfg.gptq_calibration_batches, max(1, cfg.gptq_calibration_batches // 8)
+    log(f"GPTQ: Hessians from {total} batches of {cfg.train_batch_tokens:,} tokens")
+    started = time.perf_counter()
+
+    def batches():
+        for done in range(total):
+            if done and done % every == 0:
+                elapsed = time.perf_counter() - started
+                log(f"GPTQ: batch {done}/{total}, {elapsed:.0f}s, eta {elapsed / done * (total - done):.0f}s")
+            for tokens in micro_batches(loader, *shape):
+                yield tokens[:, :-1].to(trainer.device)
+
+    hessians, rows = collect_hessians(trainer.model, batches(), trainer.precision)
     total = world.all_reduce_sum(torch.tensor(float(rows), dtype=torch.float64, device=trainer.device))
     for name in sorted(hessians):
         hessians[name] = world.all_reduce_sum(hessians[name]) / float(total)
@@ -184,7 +194,7 @@ def _run(
     say(f"val (EMA, before quantization): {before.summary()}")
 
     t0 = time.perf_counter()
-    hessians, rows = calibrate(trainer, shards, world)
+    hessians, rows = calibrate(trainer, shards, world, say)
     tensors = {} if world.rank else quantize_model(  # rank 0 alone writes the file
         trainer.model.state_dict(), hessians, matrix_clip_sigmas=config.matrix_clip_sigmas,
         embed_clip_sigmas=config.embed_clip_sigmas, block_size=config.gptq_block_size, damp=config.gptq_damp,
