@@ -167,7 +167,7 @@ def progress_to_api(p: Progress) -> dict[str, Any]:
 def warmed_world_sizes(devices: int) -> tuple[int, ...]:
     """The job sizes whose training shapes a worker compiles at start: 1, the powers of two up to
     ``devices``, and ``devices`` (a gang of another size still runs, on the dynamic-batch graph)."""
-    return tuple(sorted({1, devices} | {2**k for k in range(1, devices.bit_length()) if 2**k <= devices}))
+    return tuple(sorted({1, devices} | {2**k for k in range(1, devices.bit_length())}))
 
 
 class DeviceEngine:

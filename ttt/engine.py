@@ -148,7 +148,8 @@ class Steps:
         self.compiled = compiled
         self.static_shapes = compiled if static_shapes is None else static_shapes
         self.warmed: set[tuple[Any, ...]] = set()
-        self.static_batches: set[tuple[int, ...]] = set()  # training input shapes with their own graphs
+        # (sequences, seq_len, ids of the adapted parameters) of the training batches with static graphs.
+        self.static_batches: set[tuple[int, int, tuple[int, ...]]] = set()
 
         def score(x: Tensor, positions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
             return score_batch(model, x, positions, targets, mask)
@@ -164,8 +165,8 @@ class Steps:
             static_loss = torch.compile(model.loss, dynamic=False)
             dynamic_loss = torch.compile(any_batch_loss)
 
-            def loss(x: Tensor, y: Tensor) -> Tensor:
-                if tuple(x.shape) in self.static_batches:
+            def loss(x: Tensor, y: Tensor, adapted: tuple[int, ...]) -> Tensor:
+                if (*x.shape, adapted) in self.static_batches:
                     return static_loss(x, y)
                 # A batch of one sequence is specialised (and warmed up) separately even here.
                 torch._dynamo.maybe_mark_dynamic(x, 0)
@@ -174,7 +175,8 @@ class Steps:
 
             self.loss = loss
         else:
-            self.score, self.loss = score, model.loss
+            self.score = score
+            self.loss = lambda x, y, adapted: model.loss(x, y)
 
 
 class _Batches:
@@ -253,11 +255,13 @@ def _score(steps: Steps, batches: _Batches, lo: int, hi: int, rows: int, precisi
         return steps.score(x, positions, targets, mask), mask
 
 
-def _loss(steps: Steps, batches: _Batches, first: int, count: int, precision: str) -> Tensor:
-    """Mean training loss of ``count`` consecutive sequences from ``first``."""
+def _loss(steps: Steps, batches: _Batches, first: int, count: int, precision: str,
+          adapted: tuple[int, ...]) -> Tensor:
+    """Mean training loss of ``count`` consecutive sequences from ``first``; ``adapted``: the ids of the
+    parameters being trained (a compiled graph is specific to them)."""
     x, y = batches.train(first, count)
     with autocast(precision, x.device):
-        return steps.loss(x, y)
+        return steps.loss(x, y, adapted)
 
 
 def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = None, *,
@@ -292,19 +296,18 @@ def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = 
     def train_twice(count: int) -> None:
         with training(model, params):
             for _ in range(2):
-                _loss(steps, batches, 0, count, precision).backward()
+                _loss(steps, batches, 0, count, precision, adapted).backward()
 
     if counts and ("train-any", length, adapted) not in steps.warmed:
         # The dynamic-batch graph, at a size no static graph takes: it serves chunk sizes no warm-up saw.
         train_twice(max(2, max(counts) + 1))
         steps.warmed.add(("train-any", length, adapted))
     for count in counts:
-        train_shape = ("train", count, length, adapted)
-        if train_shape in steps.warmed or not (static_training or count == 1):
+        train_shape = (count, length, adapted)
+        if train_shape in steps.static_batches or not (static_training or count == 1):
             continue  # the dynamic graph takes it as it is (a batch of one is always specialised)
-        steps.static_batches.add((count, length))
+        steps.static_batches.add(train_shape)  # first, so that these calls compile the static graph
         train_twice(count)
-        steps.warmed.add(train_shape)
     for p in params:
         p.grad = None
 
@@ -337,6 +340,7 @@ def run_protocol(
     stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
     batches = _Batches(plan, stream)
     params = adapted_params(model, config)
+    adapted = tuple(id(p) for p in params)
     optimizer = make_optimizer(config, params) if params else None
     model.eval().requires_grad_(False)
     model.cache_rotary(length, device)
@@ -399,7 +403,7 @@ def run_protocol(
                         optimizer.zero_grad(set_to_none=True)
                         batch_loss = torch.zeros((), dtype=torch.float32, device=device)
                         if b > a:
-                            loss = _loss(steps, batches, int(starts[j + a]), b - a, precision)
+                            loss = _loss(steps, batches, int(starts[j + a]), b - a, precision, adapted)
                             # This rank's share of the batch's mean: the sum over ranks is the mean over the batch.
                             weighted = loss if b - a == count else loss * ((b - a) / count)
                             weighted.backward()
