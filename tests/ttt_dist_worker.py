@@ -52,6 +52,7 @@ def main() -> None:
             summary, model = run_case(name)
             (out / f"{name}.{rank}.json").write_text(json.dumps(summary))
             torch.save(model.state_dict(), out / f"{name}.{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
