@@ -53,7 +53,8 @@ def project_full_eval(tokens_per_second: float, world_size: int) -> dict[str, An
     return {
         "tokens": FULL_VAL_TOKENS, "gpus": BUDGET_GPUS, "seconds": seconds, "budget_s": BUDGET_S,
         "fits_budget": seconds <= BUDGET_S, "tokens_per_second_per_gpu": per_gpu,
-        "assumes": "this run's tokens/s per device, on the same kind of device, scaling linearly to 8",
+        "assumes": "this run's tokens/s per device, on the same kind of device, scaling linearly to 8 "
+                   "(optimistic for TTT: smaller per-device training batches run slower per token)",
     }
 
 
