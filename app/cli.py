@@ -32,6 +32,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-upload-bytes", type=int, help="largest request body (default 64 MiB)")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="warm up each checkpoint before /readyz says ready (default on)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="experimental: replay compiled static training graphs as CUDA graphs (default off)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.set_defaults(func=run)
 

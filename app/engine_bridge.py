@@ -174,15 +174,16 @@ class DeviceEngine:
     """In a worker process: every checkpoint's ``EvalSession`` with its working model on this device,
     val sets and byte tables loaded once per dataset."""
 
-    def __init__(self, device: str, world_sizes: tuple[int, ...] = (1,)) -> None:
+    def __init__(self, device: str, world_sizes: tuple[int, ...] = (1,), cuda_graphs: bool = False) -> None:
         self.device = torch.device(device)
         self.world_sizes = world_sizes  # jobs of 1 GPU and the gangs this device may join: warmed at start
+        self.cuda_graphs = cuda_graphs
         self.sessions: dict[str, EvalSession] = {}
         self._val: dict[tuple[str, int], ValSet] = {}
 
     def load(self, spec: CheckpointSpec) -> None:
         t0 = time.perf_counter()
-        session = EvalSession.from_checkpoint(load_spec(spec))
+        session = EvalSession.from_checkpoint(load_spec(spec), cuda_graphs=self.cuda_graphs)
         session.load_s = time.perf_counter() - t0
         # Put the working model on the device now, not in the first job.
         session.worker(self.device, EvalConfig().resolved(session.config, self.device).precision)

@@ -75,7 +75,8 @@ class Service:
         self.pool = WorkerPool(
             self.devices,
             engine_factory or functools.partial(bridge.DeviceEngine,
-                                                world_sizes=bridge.warmed_world_sizes(len(self.devices))),
+                                                world_sizes=bridge.warmed_world_sizes(len(self.devices)),
+                                                cuda_graphs=settings.cuda_graphs),
             checkpoints=lambda: self.catalog.specs() if self.catalog else [],
             on_report=self._on_report,
             on_exit=self._on_exit,

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     queue_limit: int = Field(256, ge=1, description="queued jobs accepted before 429")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1)
     warmup: bool = True
+    cuda_graphs: bool = Field(
+        False, description="experimental: replay compiled static training graphs as CUDA graphs (GPUs only)"
+    )
     log_level: str = "info"
 
     _split_lists = field_validator("checkpoint_dirs", "data_dirs", "devices", mode="before")(_split)

@@ -103,6 +103,8 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--quick", action="store_true",
                         help="short lease: warm the default config only; 2M TTT 3/32K first, then the compat cases")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the static training graphs as CUDA graphs (experimental)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
@@ -117,7 +119,8 @@ def main() -> int:
     log(f"measured bf16 matmul rate (8192^3): {rate:.0f} TFLOP/s")
 
     t0 = time.perf_counter()
-    session = EvalSession.load(artifact, preset=expected["architecture"]["preset"], tokenizer=tokenizer)
+    session = EvalSession.load(artifact, preset=expected["architecture"]["preset"], tokenizer=tokenizer,
+                               cuda_graphs=args.cuda_graphs)
     load_s = time.perf_counter() - t0
     model_cfg = session.config
     rows: list[dict] = []
@@ -187,7 +190,7 @@ def main() -> int:
                      None, None, None)
         log(f"second request warm-up (compile) seconds: {second['warmup_s']:.2f}")
 
-    summary = {"matmul_tflops": rate, "load_s": load_s, "warmup_s": warm_s,
+    summary = {"matmul_tflops": rate, "load_s": load_s, "warmup_s": warm_s, "cuda_graphs": args.cuda_graphs,
                "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": rows}
     (args.out / "bench.json").write_text(json.dumps(summary, indent=2))
     log("")

@@ -11,7 +11,9 @@ from fastapi.testclient import TestClient
 
 from pgttt.app.engine_bridge import warmed_world_sizes
 from pgttt.app.main import create_app
+from pgttt.app.service import Service
 from pgttt.app.settings import Settings
+from pgttt.app.store import CheckpointSpec
 
 pytestmark = pytest.mark.slow
 
@@ -56,3 +58,12 @@ def test_fifo_a_gang_job_is_not_overtaken(client):
 
 def test_workers_warm_one_gpu_jobs_and_gangs_of_powers_of_two_and_all():
     assert [warmed_world_sizes(n) for n in (1, 2, 3, 8)] == [(1,), (1, 2), (1, 2, 3), (1, 2, 4, 8)]
+
+
+def test_the_cuda_graphs_setting_reaches_every_workers_engine(tmp_path):
+    for wanted in (False, True):
+        settings = Settings(checkpoint_dirs=[DEMO], data_dirs=[DEMO], state_dir=tmp_path / str(wanted),
+                            devices=["cpu"], cuda_graphs=wanted)
+        engine = Service(settings).pool._engine_factory("cpu")
+        engine.load(CheckpointSpec("demo", str(DEMO / "model.bin")))
+        assert (engine.world_sizes, engine.sessions["demo"].cuda_graphs) == ((1,), wanted)

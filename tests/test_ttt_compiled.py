@@ -86,3 +86,19 @@ def test_warm_up_covers_the_training_shares_of_gangs():
     session.evaluate(ValSet.from_tokens(np.arange(300) % MICRO.vocab_size), random_tables(MICRO.vocab_size, seed=1),
                      config, device="cpu")
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_cuda_graphs_option_reaches_the_training_graphs_and_leaves_the_numbers_alone():
+    # On the CPU Inductor runs reduce-overhead graphs without CUDA graphs: this checks the plumbing (session,
+    # worker, steps) and that marking each training step does not change what the protocol computes.
+    config = EvalConfig(seq_len=16, stride=4, ttt_epochs=2, chunk_tokens=80, batch_seqs=3, precision="fp32",
+                        compile=True)
+    val = ValSet.from_tokens(np.random.default_rng(3).integers(0, MICRO.vocab_size, 300))
+    tables = random_tables(MICRO.vocab_size, seed=3)
+    session = EvalSession(micro_model(seed=4), cuda_graphs=True)
+    session.warmup(config, device="cpu")
+    steps = session.worker(torch.device("cpu"), "fp32").steps[True]
+    assert steps.cuda_graphs and steps.static_batches
+    graphed = session.evaluate(val, tables, config, device="cpu")
+    plain = EvalSession(micro_model(seed=4)).evaluate(val, tables, replace(config, compile=False), device="cpu")
+    assert math.isclose(graphed.loss_sum, plain.loss_sum, rel_tol=1e-6)

@@ -143,11 +143,18 @@ class Steps:
     every batch. Training batches whose shape was warmed up (``warm_up``) run static graphs; any other
     batch size runs one graph with a dynamic batch dimension, so a new chunk size never compiles. Run 5
     (bench/RESULTS.md) measured the dynamic graph 14-22% slower than static ones.
+
+    With ``cuda_graphs`` (experimental, not yet measured) the static training graphs are replayed as CUDA
+    graphs (Inductor's ``reduce-overhead`` mode): one launch instead of ~1,000 kernel launches a step, for
+    the small per-rank batches of a gang, whose steps wait on the CPU (bench/RESULTS.md, run 8). No effect
+    off CUDA.
     """
 
-    def __init__(self, model: GPT, compiled: bool, static_shapes: bool | None = None) -> None:
+    def __init__(self, model: GPT, compiled: bool, static_shapes: bool | None = None, *,
+                 cuda_graphs: bool = False) -> None:
         self.compiled = compiled
         self.static_shapes = compiled if static_shapes is None else static_shapes
+        self.cuda_graphs = cuda_graphs
         self.warmed: set[tuple[Any, ...]] = set()
         # (sequences, seq_len, ids of the adapted parameters) of the training batches with static graphs.
         self.static_batches: set[tuple[int, int, tuple[int, ...]]] = set()
@@ -163,11 +170,15 @@ class Steps:
             # Each (shape, adapted set) is its own graph; a service sees a few seq_lens, never 8 is too few.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.score = torch.compile(score, dynamic=False)
-            static_loss = torch.compile(model.loss, dynamic=False)
+            static_loss = torch.compile(model.loss, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
             dynamic_loss = torch.compile(any_batch_loss)
 
             def loss(x: Tensor, y: Tensor, adapted: tuple[int, ...]) -> Tensor:
                 if (*x.shape, adapted) in self.static_batches:
+                    if cuda_graphs:
+                        # A new step: the last replay's outputs (its loss, the gradients it made) are never read
+                        # again (run_protocol drops the gradients first), so this replay may reuse their memory.
+                        torch.compiler.cudagraph_mark_step_begin()
                     return static_loss(x, y)
                 # A batch of one sequence is specialised (and warmed up) separately even here.
                 torch._dynamo.maybe_mark_dynamic(x, 0)
@@ -477,6 +488,7 @@ class _Worker:
 
     model: GPT
     pristine: dict[str, Tensor]
+    cuda_graphs: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     steps: dict[bool, Steps] = field(default_factory=dict)
 
@@ -489,7 +501,7 @@ class _Worker:
 
     def steps_for(self, compiled: bool) -> Steps:
         if compiled not in self.steps:
-            self.steps[compiled] = Steps(self.model, compiled)
+            self.steps[compiled] = Steps(self.model, compiled, cuda_graphs=self.cuda_graphs)
         return self.steps[compiled]
 
 
@@ -502,6 +514,7 @@ class EvalSession:
 
     Every evaluation starts from the pristine weights, so none changes the next one's starting point.
     Evaluations on one working model are serialised by its lock; use separate devices to run in parallel.
+    ``cuda_graphs``: replay compiled static training graphs as CUDA graphs (experimental; see ``Steps``).
     """
 
     def __init__(
@@ -512,8 +525,10 @@ class EvalSession:
         tokenizer_sha256: str | None = None,
         source: str | None = None,
         load_s: float = 0.0,
+        cuda_graphs: bool = False,
     ) -> None:
         self.template = copy.deepcopy(model).cpu().float().eval().requires_grad_(False)
+        self.cuda_graphs = cuda_graphs
         self.checkpoint_sha256 = checkpoint_sha256
         self.tokenizer_sha256 = tokenizer_sha256  # what the checkpoint was trained with, when it says
         self.source = source
@@ -522,23 +537,23 @@ class EvalSession:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Any, *, load_s: float = 0.0) -> EvalSession:
+    def from_checkpoint(cls, ckpt: Any, *, load_s: float = 0.0, cuda_graphs: bool = False) -> EvalSession:
         """From a ``LoadedCheckpoint`` (``pgttt.checkpoints.loading``)."""
         from pgttt.checkpoints.loading import build_model
 
         model = build_model(ckpt, precision="fp32", device="cpu")
         tokenizer = ckpt.tokenizer.sha256 if ckpt.tokenizer is not None else None
         return cls(model, checkpoint_sha256=ckpt.sha256, tokenizer_sha256=tokenizer, source=str(ckpt.path),
-                   load_s=load_s)
+                   load_s=load_s, cuda_graphs=cuda_graphs)
 
     @classmethod
     def load(cls, path: str | Path, *, preset: str | None = None, overrides: Any = None,
-             tokenizer: str | Path | None = None) -> EvalSession:
+             tokenizer: str | Path | None = None, cuda_graphs: bool = False) -> EvalSession:
         from pgttt.checkpoints.loading import load_checkpoint
 
         t0 = time.perf_counter()
         ckpt = load_checkpoint(path, preset=preset, overrides=overrides, tokenizer=tokenizer)
-        session = cls.from_checkpoint(ckpt)
+        session = cls.from_checkpoint(ckpt, cuda_graphs=cuda_graphs)
         session.load_s = time.perf_counter() - t0
         return session
 
@@ -552,7 +567,7 @@ class EvalSession:
             if key not in self._workers:
                 model = apply_precision(copy.deepcopy(self.template).to(device), precision).eval()
                 pristine = {n: p.detach().to(device) for n, p in self.template.named_parameters()}
-                self._workers[key] = _Worker(model, pristine)
+                self._workers[key] = _Worker(model, pristine, self.cuda_graphs)
             return self._workers[key]
 
     def warmup(self, config: EvalConfig | None = None, *, device: str | torch.device | None = None,
