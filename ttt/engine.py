@@ -309,6 +309,8 @@ def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = 
         with training(model, params):
             for _ in range(2):
                 _loss(steps, batches, 0, count, precision, adapted).backward()
+                for p in params:  # as run_protocol does before each step (a CUDA graph's replay reuses them)
+                    p.grad = None
 
     if counts and ("train-any", length, adapted) not in steps.warmed:
         # The dynamic-batch graph, at a size no static graph takes: it serves chunk sizes no warm-up saw.
@@ -320,8 +322,6 @@ def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = 
             continue  # the dynamic graph takes it as it is (a batch of one is always specialised)
         steps.static_batches.add(train_shape)  # first, so that these calls compile the static graph
         train_twice(count)
-    for p in params:
-        p.grad = None
 
 
 def run_protocol(
