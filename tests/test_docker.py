@@ -69,5 +69,7 @@ def test_port_volumes_and_healthcheck_agree_with_settings():
     (volumes,) = instruction("VOLUME")
     for key in ("PGTTT_CHECKPOINT_DIRS", "PGTTT_DATA_DIRS", "PGTTT_STATE_DIR"):
         assert f'"{env[key]}"' in volumes, f"{key}={env[key]} is not a volume"
+    for key in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # compiled kernels outlive the container
+        assert env[key].startswith(env["PGTTT_STATE_DIR"] + "/"), f"{key}={env[key]} is not on the state volume"
     (health,) = instruction("HEALTHCHECK")
     assert "/healthz" in health and "PGTTT_PORT" in health
