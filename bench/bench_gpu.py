@@ -102,7 +102,8 @@ def main() -> int:
     parser.add_argument("--skip-stream", action="store_true", help="only the compat cases")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--quick", action="store_true",
-                        help="short lease: warm the default config only; 2M TTT 3/32K first, then the compat cases")
+                        help="short lease: warm the default config only; 2M TTT 3/32K first, then the compat "
+                             "cases, sliding windows and the second request")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the static training graphs as CUDA graphs (experimental)")
     args = parser.parse_args()
@@ -183,7 +184,7 @@ def main() -> int:
     if not args.skip_stream:
         run("2M stream sliding", stream_set, EvalConfig(ttt_epochs=0), None, None, None,
             REFERENCE_SLIDING_TOKENS_PER_S)
-    if not args.skip_stream and not args.quick:
+    if not args.skip_stream:
         # A request with another config after warm-up: its warmup_s shows whether it compiled.
         second = run("2nd request ttt 2/48K lr .01", stream_set,
                      replace(EvalConfig(), ttt_epochs=2, chunk_tokens=49152, ttt_lr=0.01, max_tokens=400_000),
