@@ -28,23 +28,14 @@ import torch
 
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.ttt.config import EvalConfig
-from pgttt.ttt.data import load_val, open_shard
+from pgttt.ttt.data import load_val, open_shard, write_shard
 from pgttt.ttt.engine import EvalSession
 
 REFERENCE_SLIDING_TOKENS_PER_S = 55_000.0
-SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 
 
 def log(*args: object) -> None:
     print(*args, flush=True)
-
-
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, stride: int, epochs: int) -> float:

@@ -29,9 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pgttt.app.client import Client
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import write_shard  # noqa: E402
+from pgttt.ttt.data import open_shard, write_shard
 
 
 def log(*args: object) -> None:
@@ -42,10 +40,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def read_tokens(path: Path) -> np.ndarray:
-    return np.fromfile(path, dtype="<u2", offset=1024)
 
 
 def main() -> int:
@@ -68,9 +62,9 @@ def main() -> int:
     shutil.copy(args.shared / "compat" / expected["artifact"], ckpt_dir / "compat.ptz")
     (ckpt_dir / "compat.ptz.json").write_text(json.dumps({"preset": "pg-2026-04-09", "tokenizer": str(tokenizer)}))
     for name, tokens in (
-        ("compat", read_tokens(data / "fineweb_val_000000.bin")),
-        ("stream2m", np.concatenate([read_tokens(data / "fineweb_val_000000.bin"),
-                                     read_tokens(data / "fineweb_train_000000.bin")])[:stream_tokens]),
+        ("compat", open_shard(data / "fineweb_val_000000.bin")),
+        ("stream2m", np.concatenate([open_shard(data / "fineweb_val_000000.bin"),
+                                     open_shard(data / "fineweb_train_000000.bin")])[:stream_tokens]),
     ):
         (data_dir / name).mkdir(parents=True)
         write_shard(data_dir / name / "fineweb_val_000000.bin", tokens)

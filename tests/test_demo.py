@@ -14,7 +14,7 @@ import sentencepiece as spm
 from pgttt.checkpoints.loading import load_checkpoint
 from pgttt.training import demo
 from pgttt.training.demo import DEMO_DIR, TOKENIZER_FILE, VAL_FILE
-from pgttt.ttt.data import open_shard
+from pgttt.ttt.data import open_shard, write_shard
 
 METRICS = json.loads((DEMO_DIR / "metrics.json").read_text())
 
@@ -75,7 +75,7 @@ def test_shards_hold_documents_as_bos_plus_ids(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(DEMO_DIR / TOKENIZER_FILE))
     docs = ["First document.", "Second, longer document with more words."]
     tokens = demo.encode(sp, docs)
-    demo.write_shard(tmp_path / "s.bin", tokens)
+    write_shard(tmp_path / "s.bin", tokens)
     back = np.asarray(open_shard(tmp_path / "s.bin", vocab_size=demo.VOCAB_SIZE))
     first = sp.encode(docs[0])
     assert back.tolist() == [1, *first, 1, *sp.encode(docs[1])]

@@ -13,9 +13,9 @@ import torch
 from pgttt.checkpoints.loading import load_checkpoint
 from pgttt.main import main
 from pgttt.training import trainer as trainer_module
-from pgttt.training.demo import DEMO_DIR, TOKENIZER_FILE, VAL_FILE, write_shard
+from pgttt.training.demo import DEMO_DIR, TOKENIZER_FILE, VAL_FILE
 from pgttt.ttt.config import EvalConfig
-from pgttt.ttt.data import open_shard
+from pgttt.ttt.data import open_shard, write_shard
 from pgttt.ttt.engine import EvalSession
 
 # A small model on 64-token sequences: a step takes milliseconds.

@@ -31,6 +31,7 @@ import sentencepiece as spm
 import torch
 
 import pgttt.checkpoints
+from pgttt.ttt.data import write_shard
 
 from .config import resolve_run_config
 from .job import TrainJob, run_training
@@ -118,15 +119,6 @@ def encode(sp: spm.SentencePieceProcessor, docs: list[str], max_tokens: int | No
         parts.append(ids)
         total += len(ids)
     return np.fromiter((t for ids in parts for t in ids), dtype=np.uint16, count=total)
-
-
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    """The challenge's shard format: 256 int32 (magic, version 1, count, zeros), then uint16 ids."""
-    from pgttt.ttt.data import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION
-
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
-    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
 
 
 def evaluate_demo(folder: Path, **settings) -> dict:

@@ -71,6 +71,13 @@ def read_header(path: Path) -> int:
     return n
 
 
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    """Write ``tokens`` as a shard: the header (magic, version 1, count, zeros), then the uint16 ids."""
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+
+
 def open_shard(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
     """The shard's ids as a read-only uint16 memmap, validated; ids must be below ``vocab_size`` if given."""
     path = Path(path)
