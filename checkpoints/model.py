@@ -219,7 +219,8 @@ class GPT(nn.Module):
         """Token ids (batch, seq) -> final-normed hidden states (batch, seq, model_dim).
 
         With ``positions`` (batch, k): the hidden states at those positions only, (batch, k, model_dim). The
-        same numbers, cheaper: the last block application runs its MLP and output projection only there.
+        same numbers, cheaper: the last block application computes queries, attention, MLP and output only
+        there (its keys and values still at every position).
         """
         x = rms_norm(self.tok_emb(ids))
         x0 = x
