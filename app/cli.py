@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="warm up each checkpoint before /readyz says ready (default on)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="experimental: replay compiled static training graphs as CUDA graphs (default off)")
+                   help="replay compiled static training graphs as CUDA graphs (default on)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.set_defaults(func=run)
 

@@ -174,7 +174,7 @@ class DeviceEngine:
     """In a worker process: every checkpoint's ``EvalSession`` with its working model on this device,
     val sets and byte tables loaded once per dataset."""
 
-    def __init__(self, device: str, world_sizes: tuple[int, ...] = (1,), cuda_graphs: bool = False) -> None:
+    def __init__(self, device: str, world_sizes: tuple[int, ...] = (1,), cuda_graphs: bool = True) -> None:
         self.device = torch.device(device)
         self.world_sizes = world_sizes  # jobs of 1 GPU and the gangs this device may join: warmed at start
         self.cuda_graphs = cuda_graphs

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1)
     warmup: bool = True
     cuda_graphs: bool = Field(
-        False, description="experimental: replay compiled static training graphs as CUDA graphs (GPUs only)"
+        True, description="replay compiled static training graphs as CUDA graphs (GPUs only; off to compare)"
     )
     log_level: str = "info"
 

@@ -95,8 +95,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="short lease: warm the default config only; 2M TTT 3/32K first, then the compat "
                              "cases, sliding windows and the second request")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="replay the static training graphs as CUDA graphs (experimental)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="replay the static training graphs as CUDA graphs (default on, as in the service)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")

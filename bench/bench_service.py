@@ -48,7 +48,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--devices", default="cuda:0,cuda:1")
     parser.add_argument("--dry", action="store_true", help="plumbing check on CPUs: 4K tokens, stride 1024")
-    parser.add_argument("--cuda-graphs", action="store_true", help="serve with --cuda-graphs (experimental)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="serve with --cuda-graphs (the default) or --no-cuda-graphs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     expected = json.loads((args.shared / "compat" / "expected.json").read_text())
@@ -74,8 +75,7 @@ def main() -> int:
     server_log = open(args.out / "server.log", "w")
     cmd = [sys.executable, "-m", "pgttt.main", "serve", "--checkpoint-dir", str(ckpt_dir), "--data-dir",
            str(data_dir), "--devices", args.devices, "--port", str(port), "--state-dir", str(work / "state")]
-    if args.cuda_graphs:
-        cmd.append("--cuda-graphs")
+    cmd.append("--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs")
     t0 = time.perf_counter()
     server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, env=os.environ.copy())
     rows: list[dict] = []

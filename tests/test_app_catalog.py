@@ -122,10 +122,11 @@ def test_settings_from_the_environment_and_flags(tmp_path, monkeypatch):
     s = settings_from_args(args)
     assert s.devices == ["cpu"] and s.queue_limit == 3 and s.warmup is False  # flags win over the environment
     assert [str(d) for d in s.checkpoint_dirs] == ["/c1", "/c2"]
-    assert s.cuda_graphs is False  # experimental, off unless asked for
-    monkeypatch.setenv("PGTTT_CUDA_GRAPHS", "1")
-    assert Settings().cuda_graphs is True
-    assert settings_from_args(build_parser("serve").parse_args(["serve", "--no-cuda-graphs"])).cuda_graphs is False
+    assert s.cuda_graphs is True  # on unless turned off
+    monkeypatch.setenv("PGTTT_CUDA_GRAPHS", "0")
+    assert Settings().cuda_graphs is False
+    assert settings_from_args(build_parser("serve").parse_args(["serve", "--cuda-graphs"])).cuda_graphs is True
+    assert settings_from_args(build_parser("serve").parse_args(["serve"])).cuda_graphs is False
     monkeypatch.setenv("PGTTT_API_KEY", "")  # as compose.yaml passes an unset key
     assert Settings().api_key is None
     monkeypatch.setenv("PGTTT_API_KEY", "k")

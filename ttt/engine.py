@@ -144,14 +144,14 @@ class Steps:
     batch size runs one graph with a dynamic batch dimension, so a new chunk size never compiles. Run 5
     (bench/RESULTS.md) measured the dynamic graph 14-22% slower than static ones.
 
-    With ``cuda_graphs`` (experimental, not yet measured) the static training graphs are replayed as CUDA
-    graphs (Inductor's ``reduce-overhead`` mode): one launch instead of ~1,000 kernel launches a step, for
-    the small per-rank batches of a gang, whose steps wait on the CPU (bench/RESULTS.md, run 8). No effect
-    off CUDA.
+    With ``cuda_graphs`` (the default) the static training graphs are replayed as CUDA graphs (Inductor's
+    ``reduce-overhead`` mode): one launch instead of ~1,000 kernel launches a step. A gang's ranks train
+    small shares of each batch, and their steps waited on the CPU without it: on two H200s a job's training
+    went from no faster than one GPU to 1.73x (bench/RESULTS.md, runs 7 and 9). No effect off CUDA.
     """
 
     def __init__(self, model: GPT, compiled: bool, static_shapes: bool | None = None, *,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = True) -> None:
         self.compiled = compiled
         self.static_shapes = compiled if static_shapes is None else static_shapes
         self.cuda_graphs = cuda_graphs
@@ -488,7 +488,7 @@ class _Worker:
 
     model: GPT
     pristine: dict[str, Tensor]
-    cuda_graphs: bool = False
+    cuda_graphs: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
     steps: dict[bool, Steps] = field(default_factory=dict)
 
@@ -514,7 +514,7 @@ class EvalSession:
 
     Every evaluation starts from the pristine weights, so none changes the next one's starting point.
     Evaluations on one working model are serialised by its lock; use separate devices to run in parallel.
-    ``cuda_graphs``: replay compiled static training graphs as CUDA graphs (experimental; see ``Steps``).
+    ``cuda_graphs``: replay compiled static training graphs as CUDA graphs (on by default; see ``Steps``).
     """
 
     def __init__(
@@ -525,7 +525,7 @@ class EvalSession:
         tokenizer_sha256: str | None = None,
         source: str | None = None,
         load_s: float = 0.0,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         self.template = copy.deepcopy(model).cpu().float().eval().requires_grad_(False)
         self.cuda_graphs = cuda_graphs
@@ -537,7 +537,7 @@ class EvalSession:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Any, *, load_s: float = 0.0, cuda_graphs: bool = False) -> EvalSession:
+    def from_checkpoint(cls, ckpt: Any, *, load_s: float = 0.0, cuda_graphs: bool = True) -> EvalSession:
         """From a ``LoadedCheckpoint`` (``pgttt.checkpoints.loading``)."""
         from pgttt.checkpoints.loading import build_model
 
@@ -548,7 +548,7 @@ class EvalSession:
 
     @classmethod
     def load(cls, path: str | Path, *, preset: str | None = None, overrides: Any = None,
-             tokenizer: str | Path | None = None, cuda_graphs: bool = False) -> EvalSession:
+             tokenizer: str | Path | None = None, cuda_graphs: bool = True) -> EvalSession:
         from pgttt.checkpoints.loading import load_checkpoint
 
         t0 = time.perf_counter()
