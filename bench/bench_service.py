@@ -98,8 +98,11 @@ def main() -> int:
             row = {"case": label, "gpus": gpus, "wall_s": wall, "eval_s": r["timings"]["eval_s"],
                    "warmup_s": r["timings"]["warmup_s"], "scoring_s": r["timings"]["scoring_s"],
                    "training_s": r["timings"]["training_s"], "tokens": r["tokens_scored"],
-                   "tokens_per_s": r["tokens_per_second"], "val_bpb": r["val_bpb"], "world_size": r["world_size"]}
+                   "tokens_per_s": r["tokens_per_second"], "val_bpb": r["val_bpb"], "world_size": r["world_size"],
+                   "group_s": r["timings"].get("group_s")}
             log(json.dumps(row))
+            # Per chunk (rank 0's view): where a gang loses time against one GPU. Kept in service.json only.
+            row["chunk_s"] = [[c["scoring_s"], c["training_s"]] for c in r["chunks"]]
             rows.append(row)
             return row
 

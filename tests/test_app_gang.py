@@ -37,6 +37,8 @@ def test_two_gloo_ranks_match_one_worker(client):
     assert single["result"]["world_size"] == 1 and ganged["result"]["world_size"] == 2
     assert ganged["result"]["tokens_scored"] == single["result"]["tokens_scored"]
     assert ganged["result"]["val_bpb"] == pytest.approx(single["result"]["val_bpb"], rel=1e-5)
+    # Forming the group is timed apart from the evaluation loop, and only where there is a group.
+    assert ganged["result"]["timings"]["group_s"] > 0 and "group_s" not in single["result"]["timings"]
 
 
 def test_fifo_a_gang_job_is_not_overtaken(client):
