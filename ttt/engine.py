@@ -147,7 +147,7 @@ class Steps:
     With ``cuda_graphs`` (the default) the static training graphs are replayed as CUDA graphs (Inductor's
     ``reduce-overhead`` mode): one launch instead of ~1,000 kernel launches a step. A gang's ranks train
     small shares of each batch, and their steps waited on the CPU without it: on two H200s a job's training
-    went from no faster than one GPU to 1.73x (bench/RESULTS.md, runs 7 and 9). No effect off CUDA.
+    went from no faster than one GPU to 1.70-1.73x (bench/RESULTS.md, runs 7, 9 and 12). No effect off CUDA.
     """
 
     def __init__(self, model: GPT, compiled: bool, static_shapes: bool | None = None, *,
