@@ -140,9 +140,8 @@ def _run(engine: Any, order: RunOrder, report: _Reporter, cancel: Any, device: s
     from pgttt.errors import PgtttError
     from pgttt.ttt.errors import EvalCancelled
 
-    group = False
+    group, group_s = False, 0.0
     try:
-        group_s = 0.0
         if order.world_size > 1:
             import datetime
 
@@ -169,7 +168,7 @@ def _run(engine: Any, order: RunOrder, report: _Reporter, cancel: Any, device: s
                 report.progress(order.job_id, p, final=final)
 
         result = engine.evaluate(order, progress, cancel)
-        if order.world_size > 1:
+        if group:
             result["timings"]["group_s"] = group_s
         report.send("done", job_id=order.job_id, rank=order.rank, result=result if order.rank == 0 else None)
     except EvalCancelled:
