@@ -138,6 +138,7 @@ def global_feature(s: PhasedSettings, slice_tokens: float, gpus: int) -> float:
 class PhasedRun:
     seconds: float
     critical: np.ndarray  # summed features of the rank that set each segment's end, over all segments
+    last: np.ndarray  # the same for the last segment alone (after the last pause)
     global_units: float  # global-SGD feature summed over the phases
     pauses: tuple[int, ...]  # documents completed at each pause
 
@@ -176,7 +177,8 @@ def simulate_phased(s: PhasedSettings, work: PhasedWork, theta: np.ndarray, thet
             heapq.heappush(events, (clock[r], r))
             nxt += 1
         worst = max(range(gpus), key=lambda q: clock[q])
-        critical += work.features[ran[worst]].sum(axis=0)
+        last = work.features[ran[worst]].sum(axis=0)
+        critical += last
         seconds = clock[worst]
         if not flagged:
             break
@@ -192,4 +194,4 @@ def simulate_phased(s: PhasedSettings, work: PhasedWork, theta: np.ndarray, thet
         total_global += units
         pauses.append(done_docs)
         start = seconds + theta_global * units
-    return PhasedRun(seconds, critical, total_global, tuple(pauses))
+    return PhasedRun(seconds, critical, last, total_global, tuple(pauses))

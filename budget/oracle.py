@@ -66,6 +66,7 @@ class Row:
     source: str
     compile_in_timer: bool = True
     sdpa: bool = False
+    tail_s: float | None = None  # logged seconds after the last phase pause (the short documents)
 
     @property
     def config(self) -> tuple[Any, ...]:
@@ -88,7 +89,8 @@ def calibration_rows() -> tuple[Row, ...]:
         rows.append(Row(r["id"], r["protocol"], FAMILIES[r["dataset"]], make_settings(r["protocol"], r["settings"]),
                         shape, int(r.get("gpus", REFERENCE_GPUS)), r.get("targets"), tuple(r["seconds"]),
                         statistics.fmean(r["global_s"]) if r.get("global_s") else None, bool(r["use"]), r["source"],
-                        bool(r.get("compile_in_timer", True)), r.get("attention") == "sdpa"))
+                        bool(r.get("compile_in_timer", True)), r.get("attention") == "sdpa",
+                        statistics.fmean(r["tail_s"]) if r.get("tail_s") else None))
     return tuple(rows)
 
 
@@ -114,6 +116,11 @@ class Configuration:
     @property
     def global_s(self) -> float | None:
         logged = [r.global_s for r in self.rows if r.global_s]
+        return statistics.fmean(logged) if logged else None
+
+    @property
+    def tail_s(self) -> float | None:
+        logged = [r.tail_s for r in self.rows if r.tail_s]
         return statistics.fmean(logged) if logged else None
 
 
@@ -142,15 +149,16 @@ def _work(settings: PhasedSettings, family: ValFamily, shape: ModelShape, length
     return phased_work(settings, family, shape, lengths)
 
 
-def _features(row: Row, fit_: Fit | None, lengths: tuple[int, ...] | None = None) -> tuple[np.ndarray, float]:
-    """Features of the critical path and the global-SGD units, for a row's settings under a fit."""
+def _features(row: Row, fit_: Fit | None, lengths: tuple[int, ...] | None = None
+              ) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """Features of the critical path, the global-SGD units and (phased) the last segment's features."""
     if isinstance(row.settings, ChunkedSettings):
         feats = chunked_features(row.settings, row.family, row.shape, row.gpus, row.targets,
                                  row.compile_in_timer, row.sdpa)
-        return feats, 0.0
+        return feats, 0.0, None
     theta, tg = (fit_.theta, fit_.theta_global) if fit_ is not None else (_PRIOR, _PRIOR_GLOBAL)
     run = simulate_phased(row.settings, _work(row.settings, row.family, row.shape, lengths), theta, tg, row.gpus)
-    return run.critical, run.global_units
+    return run.critical, run.global_units, run.last
 
 
 def _nnls_relative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -177,7 +185,11 @@ def fit(protocol: str, exclude: str | None = None) -> Fit:
         x, units = np.array([f[0] for f in found]), np.array([f[1] for f in found])
         logged = [c.global_s / u for c, u in zip(configs, units, strict=True) if c.global_s and u > 0]
         tg = statistics.median(logged) if logged else 0.0
-        current = Fit(protocol, _nnls_relative(x, y - tg * units), tg)
+        # a logged tail (seconds after the last pause) is one more equation: it sets per-step against per-FLOP cost
+        tails = [(f[2], c.tail_s) for c, f in zip(configs, found, strict=True) if c.tail_s and f[2] is not None]
+        xs = np.array([*(x), *(t[0] for t in tails)])
+        ys = np.array([*(y - tg * units), *(t[1] for t in tails)])
+        current = Fit(protocol, _nnls_relative(xs, ys), tg)
     assert current is not None
     pred = x @ current.theta + current.theta_global * units
     dof = max(1, len(configs) - int(np.count_nonzero(current.theta)) - (protocol == "phased"))
@@ -200,7 +212,7 @@ def node_spread() -> float:
 
 def predict(row: Row, fit_: Fit, lengths: tuple[int, ...] | None = None) -> tuple[float, dict[str, float]]:
     """Predicted seconds for a row's settings, and their split by feature."""
-    x, units = _features(row, fit_, lengths)
+    x, units, _ = _features(row, fit_, lengths)
     names = CHUNKED_FEATURES if isinstance(row.settings, ChunkedSettings) else PHASED_FEATURES
     parts = {n: float(v * t) for n, v, t in zip(names, x, fit_.theta, strict=True)}
     if units:
