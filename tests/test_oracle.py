@@ -123,3 +123,22 @@ def test_the_app_serves_estimate():
     from pgttt.app import main as app_main
 
     assert "/estimate" in {r.path for r in app_main.estimate.router.routes}
+
+
+def test_phased_defaults_are_the_1_0611_records_as_run_values():
+    record_defaults = pytest.importorskip("pgttt.ttt.record_defaults", reason="the phased config is not on this branch")
+    row = record_defaults.RECORD_TTT_DEFAULTS["pr1855"]
+    defaults = make_settings("phased", {})
+    for key in ("ttt_lora_rank", "ttt_chunk_size", "ttt_eval_seq_len", "ttt_batch_size", "ttt_grad_steps",
+                "phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_epochs", "global_ttt_chunk_tokens",
+                "global_ttt_batch_seqs"):
+        assert getattr(defaults, key) == row[key], key
+
+
+def test_an_engine_config_reads_in_with_what_does_not_change_time_ignored():
+    from pgttt.budget import settings_from_dict
+    config = {"ttt_epochs": 2, "chunk_tokens": 8192, "ttt_lr": 0.01, "seed": 3, "precision": "bf16", "max_tokens": 9,
+              "seq_len": 2048, "stride": 64, "batch_seqs": 32, "ttt_lora_rank": None}
+    s = settings_from_dict(config)
+    assert (s.protocol, s.ttt_epochs, s.chunk_tokens) == ("chunked", 2, 8192)
+    assert settings_from_dict({"protocol": "phased", "ttt_lora_rank": 96, "ttt_lora_lr": 1e-4}).ttt_lora_rank == 96

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pgttt import __version__
-from pgttt.budget import FAMILIES, ModelShape, estimate, family_for, settings_from_dict
+from pgttt.budget import FAMILIES, BudgetError, ModelShape, estimate, family_for, settings_from_dict
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.model import GPT, apply_precision, autocast
 
@@ -66,7 +66,10 @@ def project_full_eval(tokens_per_second: float, world_size: int, config: dict[st
     reference = None
     if config is not None:
         shape = ModelShape.from_model_config(model_config) if model_config else None
-        reference = estimate(settings_from_dict(config), family=family, shape=shape, budget_s=BUDGET_S).to_dict()
+        try:
+            reference = estimate(settings_from_dict(config), family=family, shape=shape, budget_s=BUDGET_S).to_dict()
+        except BudgetError:
+            reference = None  # settings the oracle cannot price: pgttt's projection decides, and says so
     fits = reference["fits_budget"] if reference is not None else seconds <= BUDGET_S
     return {"pgttt": pgttt, "reference": reference, "budget_s": BUDGET_S, "fits_budget": fits,
             "decided_by": "reference" if reference is not None else "pgttt"}
