@@ -142,3 +142,14 @@ def test_an_engine_config_reads_in_with_what_does_not_change_time_ignored():
     s = settings_from_dict(config)
     assert (s.protocol, s.ttt_epochs, s.chunk_tokens) == ("chunked", 2, 8192)
     assert settings_from_dict({"protocol": "phased", "ttt_lora_rank": 96, "ttt_lora_lr": 1e-4}).ttt_lora_rank == 96
+
+
+def test_a_datasets_own_document_lengths_replace_the_stand_in():
+    stand_in = tuple(int(x) for x in document_targets(FAMILIES["caseops"]))
+    settings = make_settings("phased", {})
+    same = estimate(settings, dataset="caseops", lengths=stand_in)
+    assert same.seconds == pytest.approx(estimate(settings, dataset="caseops").seconds, rel=0.01)
+    # the same targets spread evenly over the documents: no long tail, no long batch to wait for
+    flat = (47_851_520 // 50_000,) * 50_000
+    cheaper = estimate(settings, dataset="caseops", lengths=flat)
+    assert cheaper.seconds < 0.8 * same.seconds and "the dataset's own" in cheaper.assumptions[-1]
