@@ -74,10 +74,6 @@ class Row:
         return (self.protocol, self.family.name, self.settings, self.shape, self.gpus, self.targets,
                 self.compile_in_timer, self.sdpa)
 
-    @property
-    def mean_s(self) -> float:
-        return statistics.fmean(self.seconds)
-
 
 @lru_cache(maxsize=1)
 def calibration_rows() -> tuple[Row, ...]:
