@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pgttt import __version__
 
 from . import errors
-from .routes import checkpoints, datasets, health, jobs
+from .routes import checkpoints, datasets, estimate, health, jobs
 from .service import Service
 from .settings import Settings
 
@@ -79,6 +79,6 @@ def create_app(settings: Settings | None = None, *, engine_factory: Callable[[st
     app.state.service = service
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
-    for module in (health, jobs, checkpoints, datasets):
+    for module in (health, jobs, checkpoints, datasets, estimate):
         app.include_router(module.router)
     return app

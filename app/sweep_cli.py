@@ -10,6 +10,7 @@ from pathlib import Path
 from pgttt.app.client import RetryPolicy
 from pgttt.app.report import Report, write_report
 from pgttt.app.sweep import SweepError, SweepRunner, load_spec
+from pgttt.app.sweep_budget import describe, screen
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--poll-s", type=float, default=0.5, metavar="S", help="seconds between polls of a job")
     sweep.add_argument("--ready-timeout-s", type=float, default=600.0, metavar="S",
                        help="how long to wait for a server to load and warm up (default 600)")
-    sweep.add_argument("--budget-s", type=float, default=600.0, metavar="S", help="the report's time budget")
+    sweep.add_argument("--budget-s", type=float, default=600.0, metavar="S",
+                       help="the time budget: points predicted over it (the reference on 8xH100) are marked")
+    sweep.add_argument("--skip-over-budget", action="store_true",
+                       help="do not run points the reference is predicted to take longer than --budget-s for")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(func=_sweep)
 
@@ -56,6 +60,14 @@ def _sweep(args: argparse.Namespace) -> int:
         raise SweepError(f"--retries {args.retries}: must be at least 1")
     spec = load_spec(args.spec)
     points = spec.expand()
+    screened = screen(points, args.budget_s)
+    over = [s for s in screened if s.over]
+    for s in over:
+        print(("skipped: " if args.skip_over_budget else "over budget: ") + describe(s), file=sys.stderr)
+    if args.skip_over_budget:
+        points = [s.point for s in screened if not s.over]
+        if not points:
+            raise SweepError(f"every point of {args.spec} is predicted over {args.budget_s:g} s on 8xH100")
     runner = SweepRunner(
         args.server,
         args.out,

@@ -17,6 +17,7 @@ from .errors import PgtttError
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "pgttt.checkpoints.cli": ("inspect", "import"),
     "pgttt.ttt.cli": ("eval",),
+    "pgttt.budget.cli": ("estimate",),
     "pgttt.app.cli": ("serve",),
     "pgttt.app.sweep_cli": ("sweep", "report"),
     "pgttt.training.cli": ("train",),

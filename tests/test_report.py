@@ -198,3 +198,20 @@ def test_report_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, mes
     assert main(["report", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pgttt report: error: ") and message in err and err.count("\n") == 1
+
+
+def test_reference_seconds_are_the_time_axis_and_decide_the_budget(tmp_path):
+    # the record's script on 8xH100 (projection.reference): 12x pgttt's measured seconds here
+    records = [record(i, *g, projected_8gpu_s=g[3] * 2, projection={"reference": {"seconds": g[3] * 12}})
+               for i, g in enumerate(GRID)]
+    write_results(tmp_path / "results.jsonl", records)
+    report = write_report(tmp_path / "results.jsonl", budget_s=600)
+    with report.csv.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["reference_s"]) for r in rows] == [g[3] * 12 for g in GRID]
+    assert [float(r["eval_s"]) for r in rows] == [g[3] for g in GRID]  # pgttt's own seconds stay a column
+    text = report.markdown.read_text()
+    # 600 s reference = 50 s measured: everything but k06 (70 s); best bpb k04 (1.830 at 50 s)
+    assert section(text, "Best within the 600 s budget (reference seconds on 8xH100") == ["k04"]
+    assert "| ref 8xH100 s | pgttt eval s |" in text
+    assert section(text, "Pareto frontier: val_bpb against reference 8xH100 seconds")[0] == "k00"

@@ -60,3 +60,15 @@ def test_server_is_required(spec_file, capsys):
     with pytest.raises(SystemExit) as info:
         main(["sweep", str(spec_file)])
     assert info.value.code == 2 and "--server" in capsys.readouterr().err
+
+
+def test_points_predicted_over_budget_are_marked_or_skipped(tmp_path, capsys):
+    spec = tmp_path / "budget.yaml"
+    spec.write_text("checkpoint: demo\ndataset: fineweb10B_sp8192\ngrid:\n  ttt_epochs: [3, 12]\n")
+    url = f"http://127.0.0.1:{closed_port()}"
+    code, err = run(capsys, spec, "--server", url, "--out", tmp_path / "out", "--retries", "1", "--quiet")
+    assert code == 2 and "over budget: ttt_epochs=12: reference ~" in err and "ttt_epochs=3:" not in err
+    code, err = run(capsys, spec, "--server", url, "--out", tmp_path / "out", "--retries", "1", "--quiet",
+                    "--skip-over-budget", "--budget-s", "100")
+    assert code == 2 and "skipped: ttt_epochs=3:" in err and "skipped: ttt_epochs=12:" in err
+    assert "every point of" in err.strip().splitlines()[-1]

@@ -73,17 +73,22 @@ def test_result_records_what_ran(val_dir, sp1024_tokenizer):
     assert chunks[-1]["lr"] is None and chunks[0]["lr"] == 0.2
     assert "val_bpb" in result.summary() and "compliance ok" in result.summary()
     projection = data["projection"]
-    assert projection["seconds"] == pytest.approx(40_500_000 / (8 * data["tokens_per_second"]))
-    assert data["projected_8gpu_s"] == projection["seconds"]
-    assert projection["fits_budget"] == (projection["seconds"] <= 600)
+    pgttt, reference = projection["pgttt"], projection["reference"]
+    assert pgttt["seconds"] == pytest.approx(40_540_160 / (8 * data["tokens_per_second"]))
+    assert data["projected_8gpu_s"] == pgttt["seconds"] and data["reference_8xh100_s"] == reference["seconds"]
+    # the budget is the reference's: the record's script on 8xH100 with these settings, not this engine's speed
+    assert projection["decided_by"] == "reference" and projection["fits_budget"] == reference["fits_budget"]
+    assert reference["settings"]["ttt_epochs"] == data["config"]["ttt_epochs"] and reference["low"] < reference["high"]
 
 
 def test_projection_scales_per_device_throughput_to_eight_devices():
-    # 2 ranks at 135,000 tok/s together: 67,500 per device, 540,000 on 8, so 75 s for 40.5M tokens.
-    projection = project_full_eval(135_000.0, world_size=2)
-    assert projection["seconds"] == pytest.approx(75.0)
-    assert projection["fits_budget"] and projection["tokens_per_second_per_gpu"] == 67_500.0
-    assert not project_full_eval(8_000.0, world_size=1)["fits_budget"]  # 40.5M / 64,000 = 633 s
+    # 2 ranks at 135,000 tok/s together: 67,500 per device, 540,000 on 8, so 75.07 s for 40,540,160 targets.
+    projection = project_full_eval(135_000.0, world_size=2)["pgttt"]
+    assert projection["seconds"] == pytest.approx(40_540_160 / 540_000)
+    assert projection["tokens_per_second_per_gpu"] == 67_500.0
+    assert not project_full_eval(8_000.0, world_size=1)["fits_budget"]  # without settings: pgttt's 633 s decides
+    caseops = project_full_eval(135_000.0, 2, {"ttt_epochs": 3}, dataset="data/fineweb10B_sp8192_caseops")
+    assert caseops["pgttt"]["tokens"] == 47_851_520 and caseops["reference"]["family"] == "caseops"
 
 
 def test_two_evaluations_in_a_row_start_from_the_same_weights(val_dir, sp1024_tokenizer):
