@@ -465,6 +465,8 @@ class EvalResult:
     # Projected seconds for the full FineWeb val set on 8 GPUs, and whether that fits the 600 s budget.
     projection: dict[str, Any]
     projected_8gpu_s: float
+    trained_chunks: int = 0  # chunks trained on after scoring (never the last; 0 with ttt_epochs=0)
+    warnings: list[str] = field(default_factory=list)  # e.g. a TTT run that trained on nothing
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -642,6 +644,12 @@ class EvalSession:
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         tokens_per_second = run.tokens / eval_s if eval_s > 0 else 0.0
         projection = project_full_eval(tokens_per_second, world.size)
+        trained = sum(1 for c in run.chunks if c.lr is not None)
+        warnings = [] if cfg.ttt_epochs == 0 or trained else [
+            f"ttt_epochs={cfg.ttt_epochs} trained on nothing: of {len(run.chunks)} chunk(s) of chunk_tokens="
+            f"{cfg.chunk_tokens}, none was trained on (the last chunk never is, nor one without a whole "
+            f"seq_len={cfg.seq_len} sequence), so val_bpb is ttt_epochs=0's; score more tokens than chunk_tokens"
+        ]
         return EvalResult(
             val_loss=run.val_loss,
             val_bpb=run.val_bpb,
@@ -675,4 +683,6 @@ class EvalSession:
             compliance=run.compliance,
             projection=projection,
             projected_8gpu_s=projection["seconds"],
+            trained_chunks=trained,
+            warnings=warnings,
         )
