@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 from typing import Any
 
 GRACEFUL_SHUTDOWN_S = 5
@@ -48,11 +49,37 @@ def settings_from_args(args: argparse.Namespace):
     if "devices" in given:
         given["devices"] = given["devices"].split(",")
     try:
-        return Settings(**given)
+        settings = Settings(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise SettingsError(f"--{where.replace('_', '-')}: {first['msg']} (got {first.get('input')!r})") from None
+    for field, flag in (("checkpoint_dirs", "--checkpoint-dir"), ("data_dirs", "--data-dir")):
+        where = flag if field in given else f"PGTTT_{field.upper()}"
+        for folder in getattr(settings, field):
+            if not folder.is_dir():
+                why = "is not a directory" if folder.exists() else "no such directory"
+                raise SettingsError(f"{where} {folder}: {why}")
+    return settings
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before any checkpoint is loaded: a port in use is a setting error (exit 2)."""
+    from .settings import SettingsError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise SettingsError(f"--host {host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise SettingsError(f"--port {port}: cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = listen(settings.host, settings.port)
     app = create_app(settings)
     service = app.state.service
 
@@ -73,5 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    Server(config).run()
+    try:
+        Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

@@ -2,10 +2,12 @@
 
     python bench/bench_gpu.py --shared ../shared --out OUT_DIR
 
-1. The ``gpu_bf16`` cases of ``compat/expected.json`` on the full val shard: bpb against the reference's,
-   seconds against its ``reference_seconds``.
+1. The ``gpu_bf16`` cases of ``compat/expected.json`` on the full val shard: bpb against the reference's.
 2. The 2,000,000-token throughput stream (val tokens, then train tokens): TTT 3/32K, TTT 4/64K and sliding
-   windows, against the reference's 100.3 s (TTT 3/32K) and ~55,000 tokens/s (sliding).
+   windows.
+   Seconds are compared ("x ref") only with the reference evaluators' seconds on the same GPU kind, read
+   from ``compat/expected.json`` (``REFERENCE_SECTIONS``); on a kind the file has no figures for, or a case
+   it did not time, the script prints no ratio and says so.
 3. The floor: FLOPs per scored token for each mode, achieved TFLOP/s against a measured bf16 matmul rate.
 4. A second request with another config after warm-up, to show it does not compile.
 5. A profile of one scoring batch and one training step (top CUDA kernels) under ``OUT_DIR``.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -31,7 +34,48 @@ from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import load_val, open_shard, write_shard
 from pgttt.ttt.engine import EvalSession
 
-REFERENCE_SLIDING_TOKENS_PER_S = 55_000.0
+# GPU kind -> where ``gpu_bf16`` in compat/expected.json keeps the reference evaluators' seconds on that kind.
+# "": the section itself (its note: "Reference evaluators on one H100"); otherwise the key of a sub-section.
+REFERENCE_SECTIONS = {"H100": "", "H200": "reference_h200"}
+
+
+def gpu_kind(device_name: str) -> str | None:
+    """``H100``, ``H200``, ... from ``torch.cuda.get_device_name`` (``NVIDIA H200``, ``NVIDIA H100 80GB HBM3``)."""
+    match = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", device_name.upper())
+    return match.group(1) if match else None
+
+
+def reference_seconds(gpu: dict, kind: str | None) -> dict[str, float] | None:
+    """Case name -> the reference's seconds on ``kind``, from ``expected.json``'s ``gpu_bf16``; None when the
+    file has no figures for that kind (then no ratio may be printed: another GPU's times do not compare)."""
+    if kind not in REFERENCE_SECTIONS:
+        return None
+    key = REFERENCE_SECTIONS[kind]
+    if not key:
+        out = {case_name(case): case["reference_seconds"] for case in gpu["cases"] if "reference_seconds" in case}
+        stream = gpu["throughput_stream"].get("reference_ttt_3_32768_seconds")
+    else:
+        if key not in gpu:
+            return None
+        section = gpu[key]
+        fields = (("compat sliding", "sliding_seconds"), ("compat ttt 3/32K", "ttt_3_32768_seconds"))
+        out = {name: section[field] for name, field in fields if field in section}
+        stream = section.get("throughput_stream_ttt_3_32768_seconds")
+    if stream is not None:
+        out["2M stream ttt 3/32K"] = stream
+    return out
+
+
+def reference_first_call_seconds(gpu: dict, kind: str | None) -> float | None:
+    """The reference's first call on ``kind``, compile included, when the file timed one."""
+    key = REFERENCE_SECTIONS.get(kind or "")
+    return gpu.get(key, {}).get("first_call_with_compile_seconds") if key else None
+
+
+def case_name(case: dict) -> str:
+    if case["kind"] == "sliding":
+        return "compat sliding"
+    return f"compat ttt {case['epochs']}/{case['chunk_tokens'] // 1024}K"
 
 
 def log(*args: object) -> None:
@@ -105,7 +149,17 @@ def main() -> int:
     artifact = args.shared / "compat" / expected["artifact"]
     tokenizer = args.shared / "data" / "tokenizers" / "fineweb_8192_bpe.model"
     data_dir = args.shared / "data" / "gutenberg_sp8192"
-    log(f"device {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    device_name = torch.cuda.get_device_name(device)
+    kind = gpu_kind(device_name)
+    ref_seconds = reference_seconds(gpu, kind)
+    log(f"device {device_name}, torch {torch.__version__}")
+    if ref_seconds is None:
+        log(f"expected.json has no reference seconds for GPU kind {kind or device_name!r} (it has: "
+            f"{', '.join(k for k in REFERENCE_SECTIONS if reference_seconds(gpu, k) is not None)}): "
+            "no 'x ref' ratios will be printed")
+        ref_seconds = {}
+    else:
+        log(f"'x ref': the reference evaluators' seconds on one {kind} (expected.json), over ours")
 
     rate = matmul_tflops(device)
     log(f"measured bf16 matmul rate (8192^3): {rate:.0f} TFLOP/s")
@@ -117,16 +171,16 @@ def main() -> int:
     model_cfg = session.config
     rows: list[dict] = []
 
-    def run(name: str, val: object, cfg: EvalConfig, ref_bpb: float | None, tol: float | None,
-            ref_s: float | None, ref_tps: float | None = None) -> dict:
+    def run(name: str, val: object, cfg: EvalConfig, ref_bpb: float | None, tol: float | None) -> dict:
         result = session.evaluate(val, tokenizer, cfg, device=device)
         rc = result.config
         secs = result.timings["eval_s"]
         tps = result.tokens_per_second
+        ref_s = ref_seconds.get(name)
         fl = flops_per_token(model_cfg, rc["seq_len"], rc["stride"], rc["ttt_epochs"])
         row = {
             "case": name, "tokens": result.tokens_scored, "seconds": secs, "tokens_per_s": tps,
-            "speedup": (ref_s / secs) if ref_s else (tps / ref_tps if ref_tps else None),
+            "ref_seconds": ref_s, "speedup": (ref_s / secs) if ref_s else None,
             "val_bpb": result.val_bpb, "ref_bpb": ref_bpb,
             "bpb_diff": (result.val_bpb - ref_bpb) if ref_bpb is not None else None,
             "within_tol": (abs(result.val_bpb - ref_bpb) <= tol) if ref_bpb is not None else None,
@@ -152,38 +206,36 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp())
     write_shard(tmp / "fineweb_val_000000.bin", stream)
     stream_set = load_val(tmp, model_cfg.vocab_size)
-    ref = stream_info["reference_ttt_3_32768_seconds"]
     if args.quick:
-        run("2M stream ttt 3/32K", stream_set, EvalConfig(), None, None, ref)
+        run("2M stream ttt 3/32K", stream_set, EvalConfig(), None, None)
 
     for case in gpu["cases"]:
         if case["kind"] == "sliding":
             cfg = EvalConfig(seq_len=case["seq_len"], stride=case["stride"], ttt_epochs=0)
             tol = gpu["tolerance_bpb"]["sliding"]
-            name = "compat sliding"
         else:
             cfg = EvalConfig(seq_len=case["seq_len"], stride=case["stride"], ttt_epochs=case["epochs"],
                              chunk_tokens=case["chunk_tokens"], ttt_lr=case["lr"], ttt_momentum=case["momentum"],
                              batch_seqs=case["batch_seqs"])
             tol = gpu["tolerance_bpb"]["ttt"]
-            name = f"compat ttt {case['epochs']}/{case['chunk_tokens'] // 1024}K"
-        run(name, data_dir, cfg, case["val_bpb"], tol, case["reference_seconds"])
+        run(case_name(case), data_dir, cfg, case["val_bpb"], tol)
 
     if not args.skip_stream and not args.quick:
-        run("2M stream ttt 3/32K", stream_set, EvalConfig(), None, None, ref)
-        run("2M stream ttt 4/64K", stream_set, EvalConfig(ttt_epochs=4, chunk_tokens=65536), None, None, None)
+        run("2M stream ttt 3/32K", stream_set, EvalConfig(), None, None)
+        run("2M stream ttt 4/64K", stream_set, EvalConfig(ttt_epochs=4, chunk_tokens=65536), None, None)
     if not args.skip_stream:
-        run("2M stream sliding", stream_set, EvalConfig(ttt_epochs=0), None, None, None,
-            REFERENCE_SLIDING_TOKENS_PER_S)
+        run("2M stream sliding", stream_set, EvalConfig(ttt_epochs=0), None, None)
     if not args.skip_stream:
         # A request with another config after warm-up: its warmup_s shows whether it compiled.
         second = run("2nd request ttt 2/48K lr .01", stream_set,
                      replace(EvalConfig(), ttt_epochs=2, chunk_tokens=49152, ttt_lr=0.01, max_tokens=400_000),
-                     None, None, None)
+                     None, None)
         log(f"second request warm-up (compile) seconds: {second['warmup_s']:.2f}")
 
+    first_call = reference_first_call_seconds(gpu, kind)
     summary = {"matmul_tflops": rate, "load_s": load_s, "warmup_s": warm_s, "cuda_graphs": args.cuda_graphs,
-               "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": rows}
+               "device": device_name, "gpu_kind": kind, "reference_first_call_s": first_call,
+               "torch": torch.__version__, "rows": rows}
     (args.out / "bench.json").write_text(json.dumps(summary, indent=2))
     log("")
     log(f"{'case':32} {'tokens':>9} {'s':>7} {'tok/s':>9} {'x ref':>6} {'val_bpb':>10} {'diff':>9} "
@@ -195,7 +247,10 @@ def main() -> int:
         log(f"{r['case']:32} {r['tokens']:>9} {r['seconds']:>7.1f} {r['tokens_per_s']:>9.0f} {speed:>6} "
             f"{r['val_bpb']:>10.6f} {diff:>9} {ok:>3} {r['tflops']:>8.0f} {100 * r['tflops'] / rate:>4.0f} "
             f"{r['peak_gib']:>5.1f}")
-    log(f"matmul {rate:.0f} TFLOP/s; load {load_s:.1f}s; warm-up {warm_s:.1f}s")
+    first = f" (the reference's first call on one {kind}, compile included: {first_call:.1f}s)" if first_call else ""
+    log(f"matmul {rate:.0f} TFLOP/s; load {load_s:.1f}s; warm-up {warm_s:.1f}s{first}")
+    log(f"x ref: against the reference's seconds on one {kind} from expected.json" if ref_seconds
+        else "x ref: none printed, expected.json has no reference seconds for this GPU kind")
     if args.profile:  # last: the table above is already out if the lease runs short
         profile(session, tmp, tokenizer, args.out, device)
     bad = [r["case"] for r in rows if r["within_tol"] is False or not r["compliance"]["score_before_update"]]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pytest
 from conftest import shared_path
@@ -32,14 +34,21 @@ def args(files: dict[str, str], *extra: str) -> list[str]:
             "--max-tokens", "1024", "--device", "cpu", *extra]
 
 
-def test_summary_line_and_progress(files, capsys):
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_summary_line_and_progress(files, capsys, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)  # the bar is drawn only on a terminal
     assert main(args(files, "--ttt-epochs", "1", "--chunk-tokens", "512", "--stride", "64")) == 0
-    out, err = capsys.readouterr()
+    out, _ = capsys.readouterr()
     line = out.strip()
     assert "\n" not in line
     assert line.startswith("val_loss ") and " val_bpb " in line and "ttt 1ep/512 seq_len 128 stride 64" in line
     assert "1024 tokens" in line and "compliance ok" in line
-    assert "eval" in err and "tok" in err  # the progress bar
+    assert "eval" in terminal.getvalue() and "tok" in terminal.getvalue()  # the progress bar
 
 
 def test_json_records_every_setting_given(files, capsys):

@@ -134,18 +134,21 @@ def calibrate(
 
 
 def run_training(
-    model_config: ModelConfig, config: TrainConfig, job: TrainJob, log: Callable[[str], None] = print
+    model_config: ModelConfig, config: TrainConfig, job: TrainJob, log: Callable[[str], None] = print,
+    warmup_progress: Callable[[int, int], None] | None = None,
 ) -> TrainOutcome:
+    """``warmup_progress(done, total)``: after each warm-up step (on CPU they take seconds each)."""
     device, created_group = _join(job.device)
     try:
-        return _run(model_config, config, job, device, log)
+        return _run(model_config, config, job, device, log, warmup_progress)
     finally:
         if created_group:
             dist.destroy_process_group()
 
 
 def _run(
-    model_config: ModelConfig, config: TrainConfig, job: TrainJob, device: torch.device, log: Callable[[str], None]
+    model_config: ModelConfig, config: TrainConfig, job: TrainJob, device: torch.device, log: Callable[[str], None],
+    warmup_progress: Callable[[int, int], None] | None = None,
 ) -> TrainOutcome:
     started = time.perf_counter()
     world = World.current()
@@ -175,7 +178,7 @@ def _run(
     if job.resume:
         trainer.load(checkpoint_path)
     elif config.warmup_steps:
-        trainer.warm_up()
+        trainer.warm_up(progress=warmup_progress if world.rank == 0 else None)
 
     def validate(model) -> str:
         r = evaluate(model, val, tables, device, stride=model_config.train_seq_len, max_tokens=job.eval_max_tokens,

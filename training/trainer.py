@@ -176,13 +176,18 @@ class Trainer:
         self.step += 1
         return loss
 
-    def warm_up(self) -> None:
-        """The record's warm-up: ``warmup_steps`` steps (and as many with recurrence on), then undone."""
+    def warm_up(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """The record's warm-up: ``warmup_steps`` steps (and as many with recurrence on), then undone.
+        ``progress(done, total)`` after each step."""
         snapshot = copy.deepcopy(self.state_dict())
-        for looping in ([False, True] if self.loops_later else [self.model.looping]):
+        passes = [False, True] if self.loops_later else [self.model.looping]
+        total = len(passes) * self.config.warmup_steps
+        for n, looping in enumerate(passes):
             self.model.looping = looping
             for i in range(self.config.warmup_steps):
                 self.train_step(1.0, muon_momentum(self.config, i))
+                if progress is not None:
+                    progress(n * self.config.warmup_steps + i + 1, total)
         self.load_state_dict(snapshot)
         self.log(f"warm-up: {self.config.warmup_steps} steps run and undone")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from pgttt.checkpoints.cli import add_architecture_args
 from pgttt.checkpoints.model import PRECISIONS
+from pgttt.runtime import add_runtime_args, parse_device, set_threads, show_progress
 
 from .config import LR_SCHEDULES, OPTIMIZERS
 
@@ -48,10 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="adapt only parameters matching this fnmatch pattern (repeatable; default: all)")
     p.add_argument("--adapt-exclude", action="append", default=[], metavar="PATTERN",
                    help="freeze parameters matching this fnmatch pattern (repeatable)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    add_runtime_args(p)  # --device, --threads
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile (compiling is on for CUDA)")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON instead of one line")
-    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar on stderr (there is none either when stderr is not a terminal)")
     p.set_defaults(func=run)
 
 
@@ -66,17 +68,18 @@ def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch  # torch-heavy imports wait until the command runs
-    from tqdm import tqdm
+    from tqdm import tqdm  # torch-heavy imports wait until the command runs
 
     from .config import EvalConfig
-    from .engine import EvalSession, Progress, default_device
+    from .engine import EvalSession, Progress
 
     config = EvalConfig(**eval_settings(args))
-    device = torch.device(args.device) if args.device else default_device()
+    device = parse_device(args.device)
+    set_threads(args.threads)
     session = EvalSession.load(args.checkpoint, preset=args.preset, overrides=args.overrides or None,
                                tokenizer=args.tokenizer)
-    bar = None if args.quiet else tqdm(total=None, unit="tok", unit_scale=True, file=sys.stderr, desc="eval")
+    bar = tqdm(total=None, unit="tok", unit_scale=True, file=sys.stderr, desc="eval") \
+        if show_progress(args.quiet) else None
 
     def show(p: Progress) -> None:
         assert bar is not None
@@ -94,4 +97,7 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    if not args.json:  # with --json they are in the result's "warnings"
+        for warning in result.warnings:
+            print(f"pgttt eval: warning: {warning}", file=sys.stderr)
     return 0

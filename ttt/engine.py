@@ -484,6 +484,8 @@ class EvalResult:
     projection: dict[str, Any]
     projected_8gpu_s: float
     reference_8xh100_s: float | None = None
+    trained_chunks: int = 0  # chunks trained on after scoring (never the last; 0 with ttt_epochs=0)
+    warnings: list[str] = field(default_factory=list)  # e.g. a TTT run that trained on nothing
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -663,6 +665,12 @@ class EvalSession:
         tokens_per_second = run.tokens / eval_s if eval_s > 0 else 0.0
         projection = project_full_eval(tokens_per_second, world.size, cfg.to_dict(),
                                        " ".join(str(f) for f in valset.files), self.config.to_dict())
+        trained = sum(1 for c in run.chunks if c.lr is not None)
+        warnings = [] if cfg.ttt_epochs == 0 or trained else [
+            f"ttt_epochs={cfg.ttt_epochs} trained on nothing: of {len(run.chunks)} chunk(s) of chunk_tokens="
+            f"{cfg.chunk_tokens}, none was trained on (the last chunk never is, nor one without a whole "
+            f"seq_len={cfg.seq_len} sequence), so val_bpb is ttt_epochs=0's; score more tokens than chunk_tokens"
+        ]
         return EvalResult(
             val_loss=run.val_loss,
             val_bpb=run.val_bpb,
@@ -697,4 +705,6 @@ class EvalSession:
             projection=projection,
             projected_8gpu_s=projection["pgttt"]["seconds"],
             reference_8xh100_s=(projection["reference"] or {}).get("seconds"),
+            trained_chunks=trained,
+            warnings=warnings,
         )
