@@ -39,6 +39,16 @@ def write_ptz_vocab(path: Path, vocab_size: int) -> Path:
     return path
 
 
+def write_ptz_view(path: Path) -> Path:
+    """A small .ptz holding, besides the tiny model, a float16 view of 1 TiB (stride 0 over one element)."""
+    w = {n: t.detach().to(torch.float16) for n, t in init_weights(GPT(PRESETS["tiny"]), 0).state_dict().items()}
+    w["huge"] = torch.zeros(1, dtype=torch.float16).as_strided((1 << 20, 1 << 19), (0, 0))
+    buf = io.BytesIO()
+    torch.save({"w": w, "m": dict.fromkeys(w, "passthrough (float16)")}, buf)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     """The app with its catalog found but no workers started: jobs queue and never run (fast)."""
@@ -46,6 +56,7 @@ def api(tmp_path_factory):
     ckpts = root / "ckpts"
     write_ptz(ckpts / "plain.ptz")  # registered below
     write_ptz_vocab(ckpts / "wide.ptz", 2048)  # its sidecar names no tokenizer
+    write_ptz_view(ckpts / "view.ptz")  # registered below
     settings = Settings(checkpoint_dirs=[DEMO, ckpts], data_dirs=[DEMO], state_dir=root / "state", devices=["cpu"],
                         warmup=False, validate_timeout_s=120)
     app = create_app(settings)
@@ -146,6 +157,19 @@ def test_a_file_that_kills_its_reader_is_a_422_and_the_server_stays_up(api, targ
     r = api.client.post("/checkpoints", json={"name": f"reg-{target}", "path": "plain.ptz", "preset": "tiny"})
     assert r.status_code == 422 and needle in r.json()["error"]["message"], r.text
     assert api.client.get("/healthz").status_code == 200 and api.client.get("/checkpoints").status_code == 200
+
+
+def test_a_tensor_view_of_a_tebibyte_is_a_422_then_a_listed_problem(api):
+    r = api.client.post("/checkpoints", json={"name": "view", "path": "view.ptz", "preset": "tiny"})
+    assert r.status_code == 422 and "view.ptz" in r.json()["error"]["message"], r.text  # was a 500
+    (api.ckpts / "view.ptz.json").write_text(json.dumps({"preset": "tiny"}))
+    try:
+        again = Catalog([api.ckpts], [DEMO])
+        again.discover()  # a RuntimeError here left the server 503 not_ready on every request after a restart
+        assert "wide" in again.checkpoints and "view" not in again.checkpoints
+        assert any("view.ptz" in p for p in again.problems)
+    finally:
+        (api.ckpts / "view.ptz.json").unlink()
 
 
 def test_discovery_lists_any_failing_file_as_a_problem(tmp_path, monkeypatch):
