@@ -24,7 +24,7 @@ from pgttt.errors import PgtttError
 from . import engine_bridge as bridge
 from .catalog import NAME_RE, SIDECAR_SUFFIX, Catalog, PathError, safe_path
 from .errors import ApiError, invalid_field
-from .isolate import run_isolated
+from .isolate import INSPECT, run_isolated
 from .schemas import RegisterCheckpoint
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class Registrar:
     def __init__(self, service: Service) -> None:
         self.service = service
         self._adding = asyncio.Lock()
-        self.inspect_target = "pgttt.app.engine_bridge:inspect_checkpoint"  # tests swap in a hostile one
+        self.inspect_target = INSPECT  # tests swap in a hostile reader
 
     @property
     def incoming(self) -> Path:
