@@ -31,7 +31,8 @@ from . import engine_bridge as bridge
 
 log = logging.getLogger("pgttt.app.catalog")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: "$" would allow a final "\n"
+MAX_PATH_CHARS = 4096
 SIDECAR_SUFFIX = ".json"
 CHALLENGE_LIMIT_BYTES = 16_000_000
 
@@ -94,13 +95,18 @@ class Catalog:
     datasets: dict[str, DatasetEntry] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
-    def add_checkpoint(self, spec: bridge.CheckpointSpec) -> CheckpointEntry:
-        """Fully read and validate a checkpoint, then serve it (CatalogError if it cannot be)."""
-        if not NAME_RE.match(spec.name):
+    def add_checkpoint(self, spec: bridge.CheckpointSpec, inspect: Any = None) -> CheckpointEntry:
+        """Fully read and validate a checkpoint (``inspect``: how; default in this process), then serve it
+        (CatalogError if it cannot be). A ``spec.sha256`` (recorded at registration) must still match."""
+        if not NAME_RE.fullmatch(spec.name):
             raise CatalogError(f"checkpoint name {spec.name!r}: use letters, digits, '.', '_' and '-' only")
         if spec.name in self.checkpoints:
             raise CatalogError(f"checkpoint name {spec.name!r} is taken by {self.checkpoints[spec.name].spec.path}")
-        entry = CheckpointEntry(spec, bridge.inspect_checkpoint(spec))
+        info = (inspect or bridge.inspect_checkpoint)(spec)
+        if spec.sha256 is not None and info.sha256 != spec.sha256:
+            raise CatalogError(f"{spec.path}: changed since it was registered (sha256 {info.sha256[:12]}, recorded "
+                               f"{spec.sha256[:12]}): a damaged or replaced file; register it again if intended")
+        entry = CheckpointEntry(spec, info)
         self.checkpoints[spec.name] = entry
         return entry
 
@@ -113,19 +119,21 @@ class Catalog:
 
     # ---- discovery ------------------------------------------------------------------------
     def discover(self, registered: list[bridge.CheckpointSpec] = ()) -> None:
-        """Find and validate everything under the folders, then the checkpoints registered over HTTP."""
+        """Find and validate everything under the folders, then the checkpoints registered over HTTP. A file
+        that fails, however it fails, is skipped and listed under ``problems``: one bad file never stops
+        the server from serving the rest."""
         for root in self.data_dirs:
             for folder in _walk_dirs(root):
                 if any(folder.glob(bridge.VAL_PATTERN)):
                     try:
                         self._add_dataset(folder)
-                    except PgtttError as exc:
-                        self._problem(f"dataset {folder} skipped: {exc}")
+                    except Exception as exc:  # noqa: BLE001 - see above
+                        self._problem(f"dataset {folder} skipped: {_describe(exc)}")
         for spec in [*self._found_checkpoints(), *registered]:
             try:
                 self.add_checkpoint(spec)
-            except PgtttError as exc:
-                self._problem(f"checkpoint {spec.path} skipped: {exc}")
+            except Exception as exc:  # noqa: BLE001 - see above
+                self._problem(f"checkpoint {spec.path} skipped: {_describe(exc)}")
 
     def _add_dataset(self, folder: Path) -> None:
         name = folder.name
@@ -147,8 +155,8 @@ class Catalog:
                     elif path.suffix == ".ptz":
                         try:
                             found.append(ptz_spec(path))
-                        except PgtttError as exc:
-                            self._problem(f"checkpoint {path} skipped: {exc}")
+                        except Exception as exc:  # noqa: BLE001 - as in discover()
+                            self._problem(f"checkpoint {path} skipped: {_describe(exc)}")
         return found
 
     # ---- request paths --------------------------------------------------------------------
@@ -161,6 +169,25 @@ def safe_path(raw: str, roots: list[Path], field_name: str) -> Path:
     """``raw`` as an existing file inside one of ``roots``, symlinks followed; PathError otherwise."""
     if not isinstance(raw, str) or not raw.strip():
         raise PathError(field_name, "must be a non-empty path")
+    if len(raw) > MAX_PATH_CHARS:
+        raise PathError(field_name, f"{len(raw)} characters: a path has at most {MAX_PATH_CHARS}")
+    if "\0" in raw:
+        raise PathError(field_name, "contains a NUL byte")
+    try:
+        os.fsencode(raw)
+    except UnicodeEncodeError:
+        raise PathError(field_name, f"{raw!r} cannot be a file name here (not encodable)") from None
+    try:
+        return _safe_path(raw, roots, field_name)
+    except OSError as exc:  # a name too long for the file system, a loop of links
+        raise PathError(field_name, f"{raw!r}: {exc.strerror or exc}") from None
+
+
+def _describe(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, PgtttError) else f"{type(exc).__name__}: {exc}"
+
+
+def _safe_path(raw: str, roots: list[Path], field_name: str) -> Path:
     candidate = Path(raw)
     if ".." in candidate.parts:
         raise PathError(field_name, f"{raw!r} contains '..'; give a path inside a configured folder")
@@ -213,9 +240,13 @@ def ptz_spec(path: Path) -> bridge.CheckpointSpec:
             '{"preset": "pg-2026-04-09", "overrides": {}, "tokenizer": "path/to/tokenizer.model"}'
         )
     meta = _read_json(sidecar)
-    unknown = sorted(set(meta) - {"preset", "overrides", "tokenizer"})
+    unknown = sorted(set(meta) - {"preset", "overrides", "tokenizer", "sha256"})
     if unknown:
-        raise CatalogError(f"{sidecar}: unknown key(s) {', '.join(unknown)} (known: preset, overrides, tokenizer)")
+        raise CatalogError(f"{sidecar}: unknown key(s) {', '.join(unknown)} (known: preset, overrides, tokenizer, "
+                           "sha256)")
+    sha256 = meta.get("sha256")
+    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+        raise CatalogError(f"{sidecar}: 'sha256' must be the file's sha256 in hex (64 characters)")
     if not isinstance(meta.get("preset"), str):
         raise CatalogError(f"{sidecar}: 'preset' must name a preset, e.g. \"pg-2026-04-09\"")
     overrides = meta.get("overrides") or {}
@@ -228,7 +259,7 @@ def ptz_spec(path: Path) -> bridge.CheckpointSpec:
         tokenizer = str((sidecar.parent / tokenizer).resolve())
     name = path.name[: -len(".ptz")]
     return bridge.CheckpointSpec(name=name, path=str(path), preset=meta["preset"], overrides=overrides,
-                                 tokenizer=tokenizer)
+                                 tokenizer=tokenizer, sha256=sha256)
 
 
 def _dataset_tokenizer(folder: Path) -> Path:

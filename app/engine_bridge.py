@@ -124,11 +124,12 @@ def resolve_eval_config(
             f"dataset: its tokenizer (sha256 {dataset.tokenizer_sha256[:12]}) is not the one the checkpoint was "
             f"trained with ({recorded['name']}, sha256 {recorded['sha256'][:12]})",
         )
-    if dataset.tokenizer_vocab_size > checkpoint.config.vocab_size:
+    if dataset.tokenizer_vocab_size != checkpoint.config.vocab_size:
+        # A model scored on another vocabulary's tokens gives a number, and a meaningless one.
         raise FieldError(
             "dataset",
-            f"dataset: its tokenizer has {dataset.tokenizer_vocab_size} tokens, more than the checkpoint's "
-            f"vocab_size={checkpoint.config.vocab_size}",
+            f"dataset: its tokenizer has {dataset.tokenizer_vocab_size} tokens; the checkpoint's vocab_size is "
+            f"{checkpoint.config.vocab_size}: they are not the same vocabulary",
         )
     try:
         config = EvalConfig.from_dict(dict(fields), where="request").resolved(checkpoint.config, device)
@@ -138,7 +139,23 @@ def resolve_eval_config(
         match = re.match(r"^(\w+)\s*[=:]", message)
         field = match.group(1) if match and match.group(1) in EVAL_FIELDS else "config"
         raise FieldError(field, message) from None
+    _check_stream(config.seq_len, config.stride, config.max_tokens, dataset.val_tokens)
     return config.to_dict()
+
+
+def _check_stream(seq_len: int, stride: int, max_tokens: int | None, val_tokens: int) -> None:
+    """What the engine would refuse once running, refused at submission: a stream that leaves no window
+    (``ttt.data.trim_stream`` keeps ``((N-1) // seq_len) * seq_len`` targets; the first window needs more
+    than ``seq_len - stride``)."""
+    usable = ((val_tokens - 1) // seq_len) * seq_len if val_tokens else 0
+    if usable <= 0:
+        raise FieldError("seq_len", f"seq_len={seq_len}: the dataset's {val_tokens} tokens are too few "
+                                    f"(at least {seq_len + 1} needed)")
+    targets = usable if max_tokens is None else min(usable, max_tokens)
+    if targets <= seq_len - stride:
+        field = "max_tokens" if max_tokens is not None and max_tokens < usable else "seq_len"
+        raise FieldError(field, f"{field}={max_tokens if field == 'max_tokens' else seq_len}: {targets} targets "
+                                f"leave no window; more than seq_len - stride = {seq_len - stride} are needed")
 
 
 def cache_key(checkpoint: CheckpointInfo, dataset: DatasetInfo, config: dict[str, Any]) -> str:

@@ -17,7 +17,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pgttt.errors import PgtttError
 
+from .store import StorageError
+
 log = logging.getLogger("pgttt.app")
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that always encodes: a lone surrogate echoed from a request ("\\ud800") is escaped, not a 500."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 class ApiError(PgtttError):
@@ -61,7 +73,7 @@ def _field_of(loc: tuple | list) -> str:
 
 
 async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.status, headers=exc.headers)
+    return SafeJSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.status, headers=exc.headers)
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -70,10 +82,10 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         message = f"malformed JSON body: {ctx.get('error', first.get('msg'))}"
-        return JSONResponse(error_body("malformed_json", message, None), status_code=400)
+        return SafeJSONResponse(error_body("malformed_json", message, None), status_code=400)
     field = _field_of(first.get("loc", ()))
     if field == "body" and first.get("type") in ("missing", "model_attributes_type", "model_type", "dict_type"):
-        return JSONResponse(
+        return SafeJSONResponse(
             error_body("malformed_body", "the request body must be a JSON object", {"field": "body"}), status_code=400
         )
     message = f"{field}: {first.get('msg', 'invalid value')}"
@@ -84,7 +96,7 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
             {"field": _field_of(e.get("loc", ())), "message": e.get("msg"), "type": e.get("type")} for e in errors
         ],
     }
-    return JSONResponse(error_body("invalid_field", message, detail), status_code=422)
+    return SafeJSONResponse(error_body("invalid_field", message, detail), status_code=422)
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
@@ -92,24 +104,33 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "
 
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-    return JSONResponse(
+    return SafeJSONResponse(
         error_body(code, str(exc.detail), None), status_code=exc.status_code, headers=getattr(exc, "headers", None)
     )
 
 
+async def _storage_error(_request: Request, exc: StorageError) -> JSONResponse:
+    # Nothing was changed: a client may retry; finished jobs are kept in memory meanwhile.
+    code = "storage_full" if exc.full else "storage_unavailable"
+    log.error("%s", exc)
+    return SafeJSONResponse(error_body(code, f"the server cannot store jobs now: {exc}", None), status_code=503,
+                            headers={"Retry-After": "30"})
+
+
 async def _user_error(_request: Request, exc: PgtttError) -> JSONResponse:
     # Another layer's input error that reached HTTP untranslated: still the client's input, so 422.
-    return JSONResponse(error_body("invalid_input", str(exc), None), status_code=422)
+    return SafeJSONResponse(error_body("invalid_input", str(exc), None), status_code=422)
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
-    return JSONResponse(error_body("internal", f"internal error: {type(exc).__name__}", None), status_code=500)
+    return SafeJSONResponse(error_body("internal", f"internal error: {type(exc).__name__}", None), status_code=500)
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StorageError, _storage_error)
     app.add_exception_handler(PgtttError, _user_error)
     app.add_exception_handler(Exception, _unexpected)

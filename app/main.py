@@ -1,4 +1,5 @@
-"""The FastAPI application: routers, error translation, the upload limit, and the service's life cycle."""
+"""The FastAPI application: routers, error translation, the key check, the upload limit, the docs' assets
+(served from the installed package: a GPU pod without internet still shows /docs), and the life cycle."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -15,6 +17,7 @@ from pgttt import __version__
 
 from . import errors
 from .routes import checkpoints, datasets, estimate, health, jobs
+from .routes.deps import key_error
 from .service import Service
 from .settings import Settings
 
@@ -29,6 +32,30 @@ server has an API key, send `Authorization: Bearer KEY` or `X-API-Key: KEY` (not
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body over the limit of {limit} bytes (max upload bytes)")
+
+
+DOCS_ASSETS = "/docs-assets"
+# Answered without the API key: probes, and the docs (which hold no data; the key is entered in them).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class KeyCheck:
+    """With an API key set, refuse a request without it before anything else reads it (body included)."""
+
+    def __init__(self, app: ASGIApp, key: str | None) -> None:
+        self.app, self.key = app, key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and self.key is not None and path not in PUBLIC_PATHS \
+                and not path.startswith(DOCS_ASSETS + "/"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            error = key_error(self.key, headers.get("x-api-key"), headers.get("authorization"))
+            if error is not None:
+                body = errors.error_body(error.code, error.message, error.detail)
+                await errors.SafeJSONResponse(body, status_code=401, headers=error.headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -75,10 +102,13 @@ def create_app(settings: Settings | None = None, *, engine_factory: Callable[[st
         finally:
             await service.stop()
 
-    app = FastAPI(title="pgttt", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPIOffline(title="pgttt", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                         static_url=DOCS_ASSETS, default_response_class=errors.SafeJSONResponse)
     app.state.service = service
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    key = settings.api_key
+    app.add_middleware(KeyCheck, key=None if key is None else key.get_secret_value())  # outermost: first
     for module in (health, jobs, checkpoints, datasets, estimate):
         app.include_router(module.router)
     return app

@@ -111,6 +111,8 @@ class Job(BaseModel):
     progress: Progress | None
     result: dict[str, Any] | None = Field(None, description="the engine's EvalResult.to_dict()")
     error: JobError | None
+    stored: bool = Field(True, description="false while the job database cannot be written (disk full): the "
+                         "finished job is held in memory and written again until it is stored")
 
 
 class JobList(BaseModel):

@@ -15,29 +15,26 @@ import functools
 import json
 import logging
 import math
-import os
-import shutil
 import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
-from pgttt.errors import PgtttError
-
 from . import engine_bridge as bridge
-from .catalog import NAME_RE, SIDECAR_SUFFIX, Catalog, PathError, ptz_spec, safe_path
+from .catalog import Catalog
 from .errors import ApiError, invalid_field, not_found
 from .metrics import Metrics
-from .schemas import EvalRequest, RegisterCheckpoint
+from .registrar import Registrar
+from .schemas import EvalRequest
 from .settings import Settings
-from .store import JobRecord, JobStore, new_job_id, utc_now
+from .store import JobRecord, JobStore, StorageError, lock_state_dir, new_job_id, utc_now
 from .workers import GANG_GRACE_S, RunOrder, Worker, WorkerPool
 
 log = logging.getLogger("pgttt.app")
 
 PROGRESS_PERSIST_S = 1.0
+STORE_RETRY_S = 2.0  # how often a finished job the database refused is written again
 RETRY_AFTER_S = 5
 KEEPALIVE_S = 15.0
 
@@ -64,7 +61,16 @@ class Service:
     def __init__(self, settings: Settings, engine_factory: Callable[[str], Any] | None = None) -> None:
         self.settings = settings
         self.devices = settings.resolved_devices()
-        self.store = JobStore(settings.database_path)
+        # One server per state dir: a second one would fail this one's running jobs at its start.
+        self._state_lock = lock_state_dir(settings.state_dir)
+        try:
+            self.store = JobStore(settings.database_path)
+        except BaseException:
+            self._state_lock.close()
+            raise
+        self.registrar = Registrar(self)
+        self.unsaved: dict[str, None] = {}  # final jobs the database refused (disk full), oldest first
+        self._retry: asyncio.TimerHandle | None = None
         self.catalog: Catalog | None = None
         self.catalog_error: str | None = None
         self.live: dict[str, JobRecord] = {}  # queued and running jobs, progress current
@@ -83,7 +89,6 @@ class Service:
             warmup=settings.warmup,
         )
         self._startup: asyncio.Task | None = None
-        self._adding = asyncio.Lock()
         self._closing = False
 
     # ---- life cycle -----------------------------------------------------------------------
@@ -100,6 +105,7 @@ class Service:
         self._startup = asyncio.create_task(self._load())
 
     async def _load(self) -> None:
+        self.registrar.clear_incoming()
         catalog = Catalog([*self.settings.checkpoint_dirs, self.settings.upload_dir], [*self.settings.data_dirs])
         registered = self.store.registrations()
         try:
@@ -120,7 +126,12 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._startup
         await asyncio.to_thread(self.pool.stop)
+        if self._retry is not None:
+            self._retry.cancel()
+        for job_id in list(self.unsaved):
+            self._save(job_id, last=True)
         self.store.close()
+        self._state_lock.close()
 
     # ---- readiness ------------------------------------------------------------------------
     def readiness(self) -> dict[str, Any]:
@@ -129,6 +140,9 @@ class Service:
         problems = list(self.catalog.problems) if self.catalog else []
         if self.catalog_error:
             problems.append(self.catalog_error)
+        if self.unsaved:
+            problems.append(f"the job database cannot be written: {len(self.unsaved)} finished job(s) are held in "
+                            f"memory (stored: false) and written again every {STORE_RETRY_S:g} s")
         return {"ready": ready, "workers": workers, "problems": problems}
 
     def require_catalog(self) -> Catalog:
@@ -201,8 +215,9 @@ class Service:
             return self.get(job_id)
         if not job.cancel_requested:
             job.cancel_requested = True
-            self.store.request_cancel(job_id)
             self.pool.cancel(job_id)
+            with contextlib.suppress(StorageError):  # the flag is in memory; the final state is what must last
+                self.store.request_cancel(job_id)
             self._publish(job_id, "state")
         return job
 
@@ -271,77 +286,6 @@ class Service:
             raise not_found("checkpoint", name)
         return entry.to_api(self.devices)
 
-    async def register(self, req: RegisterCheckpoint) -> dict[str, Any]:
-        """Serve a file already under a checkpoint folder; remembered across restarts."""
-        async with self._adding:
-            catalog = self._check_new_name(req.name)
-            try:
-                path = catalog.checkpoint_path(req.path)
-                tokenizer = None if req.tokenizer is None else str(
-                    safe_path(req.tokenizer, [*catalog.data_dirs, *catalog.checkpoint_dirs], "tokenizer"))
-            except PathError as exc:
-                raise invalid_field(exc.field, str(exc), getattr(req, exc.field)) from None
-            model_bin = bridge.is_model_bin(path)
-            self._check_architecture(model_bin, req.preset, req.overrides)
-            if model_bin and req.tokenizer is not None:
-                raise invalid_field("tokenizer", "tokenizer: a model.bin records its own tokenizer", req.tokenizer)
-            spec = bridge.CheckpointSpec(req.name, str(path), req.preset, req.overrides, tokenizer)
-            entry = await self._add(catalog, spec, "path")
-            self.store.register_checkpoint(spec)
-        return entry
-
-    async def upload(self, name: str, file: Any, preset: str | None, overrides: Any) -> dict[str, Any]:
-        """Write an uploaded checkpoint to the upload folder (found there again after a restart), validate it,
-        serve it; a file that does not validate is removed."""
-        async with self._adding:
-            catalog = self._check_new_name(name)
-            head = await file.read(len(bridge.MAGIC))
-            await file.seek(0)
-            model_bin = head == bridge.MAGIC
-            self._check_architecture(model_bin, preset, overrides)
-            folder = self.settings.upload_dir
-            path = folder / f"{name}{'.bin' if model_bin else '.ptz'}"
-            sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
-            await asyncio.to_thread(_write_upload, file.file, path, sidecar,
-                                    None if model_bin else {"preset": preset, "overrides": overrides or {}})
-            spec = bridge.CheckpointSpec(name, str(path)) if model_bin else ptz_spec(path)
-            try:
-                return await self._add(catalog, spec, "file")
-            except ApiError:
-                for leftover in (path, sidecar):
-                    leftover.unlink(missing_ok=True)
-                raise
-
-    def _check_new_name(self, name: str) -> Catalog:
-        catalog = self.require_catalog()
-        if not NAME_RE.match(name):
-            raise invalid_field("name", "name: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
-                                "or digit", name)
-        if name in catalog.checkpoints:
-            raise ApiError(409, "checkpoint_exists", f"name: a checkpoint called {name!r} is already served",
-                           {"field": "name", "value": name})
-        return catalog
-
-    @staticmethod
-    def _check_architecture(model_bin: bool, preset: str | None, overrides: Any) -> None:
-        if model_bin and (preset is not None or overrides):
-            raise invalid_field("preset", "preset: a model.bin carries its own architecture; give no preset or "
-                                "overrides", preset)
-        if not model_bin and not preset:
-            raise invalid_field("preset", "preset: not a model.bin, so read as a challenge .ptz, which carries no "
-                                "architecture: name a preset (e.g. pg-2026-04-09) and the overrides from its "
-                                "training log", preset)
-        if overrides is not None and not isinstance(overrides, dict):
-            raise invalid_field("overrides", "overrides: must be an object of architecture keys", overrides)
-
-    async def _add(self, catalog: Catalog, spec: bridge.CheckpointSpec, field: str) -> dict[str, Any]:
-        try:
-            entry = await asyncio.to_thread(catalog.add_checkpoint, spec)
-        except PgtttError as exc:
-            raise invalid_field(bridge.error_field(exc, field), str(exc), spec.path) from None
-        self.pool.load(spec)
-        return entry.to_api(self.devices)
-
     # ---- scheduling -----------------------------------------------------------------------
     def _dispatch(self) -> None:
         if self.catalog is None:
@@ -363,8 +307,14 @@ class Service:
             idle = self.pool.idle()
             if len(idle) < job.gpus:
                 return  # strict FIFO: the head job waits; nothing behind it jumps ahead
+            try:
+                started = self.store.mark_running(job.id)
+            except StorageError as exc:
+                log.error("job %s cannot start: %s (retried in %g s)", job.id, exc, STORE_RETRY_S)
+                self._retry_later()
+                return  # it stays at the head of the queue
             self.pending.popleft()
-            if not self.store.mark_running(job.id):
+            if not started:
                 self.live.pop(job.id, None)
                 continue
             job.state, job.started_at = "running", utc_now()
@@ -404,22 +354,56 @@ class Service:
         now = time.monotonic()
         if now - self._persisted_at.get(job_id, 0.0) >= PROGRESS_PERSIST_S:
             self._persisted_at[job_id] = now
-            self.store.set_progress(job_id, progress)
+            with contextlib.suppress(StorageError):  # progress is a convenience; the API has the live value
+                self.store.set_progress(job_id, progress)
         self._publish(job_id, "progress")
 
     def _finish(self, job_id: str, state: str, *, result: dict | None = None, error: dict | None = None) -> None:
-        job = self.live.pop(job_id, None)
-        if job is None:
+        job = self.live.get(job_id)
+        if job is None or job.final:
             return  # already final (a late report from a gang member)
         self._persisted_at.pop(job_id, None)
-        if not self.store.finish(job_id, state, result=result, error=error, progress=job.progress):
-            return
-        final = self.store.get(job_id)
-        self.metrics.job_finished(final)
+        job.state, job.finished_at, job.result, job.error = state, utc_now(), result, error
+        self._save(job_id)
+        self.metrics.job_finished(job)
         self._publish(job_id, "state")
         # A worker still on a finished job (a gang peer stuck in a collective with a dead or failed rank)
         # gets a grace, then is killed and restarted.
         asyncio.get_running_loop().call_later(GANG_GRACE_S, self.pool.kill, job_id)
+
+    def _save(self, job_id: str, last: bool = False) -> None:
+        """Write a final job to the store, then let go of it. While the database refuses (disk full) it is
+        kept in memory, shown with ``stored: false``, and written again every STORE_RETRY_S."""
+        job = self.live[job_id]
+        try:
+            self.store.finish(job_id, job.state, result=job.result, error=job.error, progress=job.progress,
+                              finished_at=job.finished_at)
+        except StorageError as exc:
+            if last:
+                log.error("job %s %s but could not be stored (%s); it is lost with this process. Its result: %s",
+                          job_id, job.state, exc, json.dumps(finite(job.result)))
+                return
+            if job_id not in self.unsaved:
+                log.error("job %s %s but could not be stored: %s; kept in memory, retried every %g s", job_id,
+                          job.state, exc, STORE_RETRY_S)
+            job.stored = False
+            self.unsaved[job_id] = None
+            self._retry_later()
+            return
+        self.unsaved.pop(job_id, None)
+        self.live.pop(job_id, None)
+
+    def _retry_later(self) -> None:
+        if self._retry is None and not self._closing:
+            self._retry = asyncio.get_running_loop().call_later(STORE_RETRY_S, self._retry_store)
+
+    def _retry_store(self) -> None:
+        self._retry = None
+        for job_id in list(self.unsaved):
+            self._save(job_id)
+            if job_id in self.unsaved:
+                return  # still refused: _save has scheduled the next try
+        self._dispatch()  # a job that could not be marked running waits at the head of the queue
 
 
 def _free_port() -> int:
@@ -427,15 +411,3 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def _write_upload(src: Any, path: Path, sidecar: Path, meta: dict[str, Any] | None) -> None:
-    """Copy the upload next to its final name, then move it there (a half-written file is never served)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
-    os.replace(partial, path)
-    if meta is None:
-        sidecar.unlink(missing_ok=True)
-    else:
-        sidecar.write_text(json.dumps(meta))

@@ -9,7 +9,9 @@ Workers never touch the database: they report to the server process, which write
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import uuid
@@ -64,6 +66,38 @@ class StoreError(PgtttError):
     """The job database cannot be opened or is not ours."""
 
 
+class StorageError(StoreError):
+    """A write to the job database failed (disk full, read-only, I/O error); nothing was changed."""
+
+    def __init__(self, path: Path, exc: sqlite3.Error) -> None:
+        super().__init__(f"job database {path}: cannot write ({exc})")
+        self.full = "full" in str(exc).lower()
+
+
+def lock_state_dir(state_dir: Path) -> Any:
+    """Hold ``STATE_DIR/pgttt.lock`` exclusively for the life of the returned file (one server per state
+    dir: a second one would mark the first one's running jobs failed). StoreError names the holder."""
+    state_dir = Path(state_dir).expanduser().resolve()
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(state_dir / "pgttt.lock", "a+")  # noqa: SIM115 - kept open: the lock lives with it
+    except OSError as exc:
+        raise StoreError(f"state dir {state_dir}: cannot create its lock file ({exc})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise StoreError(f"state dir {state_dir} is in use by another pgttt serve (pid {holder}); stop it, "
+                         "or give this one another --state-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def utc_now() -> str:
     """ISO 8601 UTC with milliseconds and a Z, the form every timestamp of the API has."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -91,6 +125,7 @@ class JobRecord:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     cancel_requested: bool = False
+    stored: bool = True  # False while the database refuses this final job (disk full): held in memory only
 
     @property
     def final(self) -> bool:
@@ -107,6 +142,7 @@ class CheckpointSpec:
     preset: str | None = None
     overrides: dict[str, Any] | None = None
     tokenizer: str | None = None
+    sha256: str | None = None  # of the file when it was registered: a changed file is refused
 
 
 class JobStore:
@@ -122,6 +158,9 @@ class JobStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(checkpoints)")}
+            if "sha256" not in columns:  # a database from before registrations recorded it
+                self._db.execute("ALTER TABLE checkpoints ADD COLUMN sha256 TEXT")
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"job database {self.path}: cannot open ({exc})") from exc
         if str(mode).lower() != "wal":
@@ -135,7 +174,7 @@ class JobStore:
     # ---- start-up -------------------------------------------------------------------------
     def recover(self) -> tuple[list[JobRecord], list[str]]:
         """Fail the jobs a dead process left running; return (queued jobs oldest first, failed ids)."""
-        with self._lock, self._transaction():
+        with self._lock, self._writing(), self._transaction():
             running = [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE state = 'running'")]
             error = json.dumps({"code": "server_stopped", "message": STOPPED_REASON})
             self._db.execute(
@@ -151,11 +190,12 @@ class JobStore:
         if job.state not in STATES:
             raise ValueError(f"state {job.state!r} is not one of {STATES}")
         row = asdict(job)
+        del row["stored"]
         for key in _JSON_COLUMNS:
             row[key] = None if row[key] is None else json.dumps(row[key])
         row["cached"], row["cancel_requested"] = int(job.cached), int(job.cancel_requested)
         columns = ", ".join(row)
-        with self._lock:
+        with self._lock, self._writing():
             self._db.execute(f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
         return job
 
@@ -220,29 +260,32 @@ class JobStore:
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
         progress: dict[str, Any] | None = None,
+        finished_at: str | None = None,
     ) -> bool:
         """queued/running -> a final state, once; False if the job was already final."""
         if state not in FINAL_STATES:
             raise ValueError(f"finish: {state!r} is not a final state")
-        values: dict[str, Any] = {"state": state, "finished_at": utc_now(), "result": result, "error": error}
+        values: dict[str, Any] = {"state": state, "finished_at": finished_at or utc_now(), "result": result,
+                                  "error": error}
         if progress is not None:
             values["progress"] = progress
         return self._update(job_id, ACTIVE_STATES, **values)
 
     # ---- registered checkpoints -----------------------------------------------------------
     def register_checkpoint(self, reg: CheckpointSpec) -> None:
-        with self._lock:
+        with self._lock, self._writing():
             self._db.execute(
-                "INSERT OR REPLACE INTO checkpoints (name, path, preset, overrides, tokenizer, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (reg.name, reg.path, reg.preset, json.dumps(reg.overrides), reg.tokenizer, utc_now()),
+                "INSERT OR REPLACE INTO checkpoints (name, path, preset, overrides, tokenizer, sha256, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (reg.name, reg.path, reg.preset, json.dumps(reg.overrides), reg.tokenizer, reg.sha256, utc_now()),
             )
 
     def registrations(self) -> list[CheckpointSpec]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM checkpoints ORDER BY created_at, name").fetchall()
         return [
-            CheckpointSpec(r["name"], r["path"], r["preset"], json.loads(r["overrides"]), r["tokenizer"]) for r in rows
+            CheckpointSpec(r["name"], r["path"], r["preset"], json.loads(r["overrides"]), r["tokenizer"], r["sha256"])
+            for r in rows
         ]
 
     # ---- internals ------------------------------------------------------------------------
@@ -257,9 +300,16 @@ class JobStore:
             args.append(value)
         states = tuple(from_states)
         sql = f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({', '.join('?' * len(states))})"
-        with self._lock:
+        with self._lock, self._writing():
             cursor = self._db.execute(sql, (*args, job_id, *states))
         return cursor.rowcount == 1
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:  # disk full, read-only, I/O error, locked
+            raise StorageError(self.path, exc) from exc
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

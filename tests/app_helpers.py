@@ -152,3 +152,24 @@ class EngineThatCannotStart:
 
     def __init__(self, device: str) -> None:
         raise RuntimeError(f"out of memory on {device} (a test engine that never starts)")
+
+
+# Stand-ins for validating a hostile file in the server's child process (``Registrar.inspect_target``).
+def hog_memory(spec: Any) -> None:
+    """A decompression bomb: asks for far more memory than any limit allows."""
+    return bytearray(1 << 40)
+
+
+def die(spec: Any) -> None:
+    """A reader that crashes the process (or is killed by the OOM killer)."""
+    os.kill(os.getpid(), 9)
+
+
+def hang(spec: Any) -> None:
+    """A parser that never ends."""
+    time.sleep(3600)
+
+
+def strange_error(spec: Any) -> None:
+    """A reader failing with something that is not one of ours (as a 1 TiB tensor view did)."""
+    raise OverflowError(f"{spec.path}: storage of 1099511627776 bytes")

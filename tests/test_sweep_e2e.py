@@ -104,7 +104,10 @@ def sweep_process(spec: Path, out: Path, *servers: str, extra: tuple[str, ...] =
     args = [sys.executable, "-m", "pgttt.main", "sweep", str(spec), "--out", str(out), "--quiet", "--poll-s", "0.1"]
     for url in servers:
         args += ["--server", url]
-    return subprocess.Popen([*args, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A pytest started in the background (`&`) has SIGINT ignored, and a child inherits that: the Ctrl-C test's
+    # SIGINT would then never arrive. Default handling in the child makes Python turn it into KeyboardInterrupt.
+    return subprocess.Popen([*args, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
@@ -197,7 +200,12 @@ def test_an_interrupted_sweep_cancels_its_job_and_a_rerun_submits_only_the_rest(
 
     wait_for(lambda: halfway() or proc.poll() is not None, 120, "two finished points and one in flight")
     proc.send_signal(signal.SIGINT)  # Ctrl-C
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never left behind, polling a server that is about to go
+        proc.communicate(timeout=10)
+        pytest.fail("the sweep did not stop within 60 s of SIGINT")
     assert proc.returncode == 130, err
     done = result_lines(out)
     assert 2 <= len(done) < 4, err

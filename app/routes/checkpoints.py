@@ -82,15 +82,17 @@ async def add_checkpoint(request: Request, service: ServiceDep) -> dict:
                     raise invalid_field("overrides", "overrides: must be a JSON object", fields["overrides"]) from None
             if fields["name"] is None:
                 raise invalid_field("name", "name: a name for the checkpoint is required")
-            return await service.upload(fields["name"], file, fields["preset"], overrides)
+            return await service.registrar.upload(fields["name"], file, fields["preset"], overrides)
     if media != "application/json":
         raise ApiError(415, "unsupported_media_type", f"send application/json or multipart/form-data, not {media}")
     try:
         data = json.loads(await request.body())
     except ValueError as exc:
         raise ApiError(400, "malformed_json", f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed_json", "malformed JSON body: nested too deeply") from None
     try:
         req = RegisterCheckpoint.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    return await service.register(req)
+    return await service.registrar.register(req)

@@ -13,6 +13,7 @@ from ..schemas import EvalRequest, Job, JobList, JobState, error_responses
 from ..service import job_to_api
 from .deps import ServiceDep, require_key
 
+MAX_OFFSET = 2**63 - 1  # SQLite's integers are 64-bit: a larger OFFSET cannot even be asked
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_key)])
 
 
@@ -43,7 +44,7 @@ async def list_jobs(
     checkpoint: str | None = None,
     dataset: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> dict:
     jobs, total = service.list_jobs(state=state, checkpoint=checkpoint, dataset=dataset, limit=limit, offset=offset)
     return {"jobs": [job_to_api(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
