@@ -265,6 +265,9 @@ class EvalConfig:
         data = dataclasses.asdict(self)
         data["adapt_include"], data["adapt_exclude"] = list(self.adapt_include), list(self.adapt_exclude)
         data["defaults_filled"] = list(self.defaults_filled)
+        if self.protocol != "phased":  # what ran: the phased knobs are unset and unread
+            for key in (*PHASED_KNOBS, "record_defaults", "max_docs", "emulate_ranks", "defaults_filled"):
+                del data[key]
         return data
 
     @classmethod
