@@ -21,23 +21,9 @@ from pgttt.checkpoints.model import autocast
 from .compliance import ComplianceLog
 from .config import EvalConfig
 from .distributed import World
-from .documents import BOS_ID, Doc
+from .documents import Doc
+from .packing import row_cu_seqlens
 from .schedule import global_chunks, rank_share
-
-CU_SEQLENS_BUCKET = 64  # the reference pads cu_seqlens to a multiple of this (CUDA-graph shapes)
-
-
-def doc_cu_seqlens(x: Tensor, max_len: int) -> Tensor:
-    """Spec 3.10: segment boundaries of a packed row: a segment per document (from each BOS, and from 0),
-    cut into pieces of at most ``max_len`` from the document start, padded with ``n`` entries."""
-    n = x.numel()
-    starts = torch.nonzero(x == BOS_ID).flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0, *starts]
-    pieces = [p for a, b in zip(starts, [*starts[1:], n], strict=True) for p in range(a, b, max_len)]
-    bounds = [*pieces, n]
-    padded = -(-len(bounds) // CU_SEQLENS_BUCKET) * CU_SEQLENS_BUCKET
-    return torch.tensor(bounds + [n] * (padded - len(bounds)), dtype=torch.int32, device=x.device)
 
 
 @dataclass
@@ -137,5 +123,6 @@ def _loss(model: torch.nn.Module, piece: Tensor, config: EvalConfig, length: int
     x, y = piece[:-1], piece[1:]
     with autocast(precision, x.device):
         if config.global_ttt_respect_doc_boundaries:
-            return model.loss(x[None], y[None], cu_seqlens=doc_cu_seqlens(x, length))
+            cu, _ = row_cu_seqlens(x.cpu().numpy(), length)  # pieces of at most seq_len (spec 3.10)
+            return model.loss(x[None], y[None], cu_seqlens=torch.from_numpy(cu).to(x.device))
         return model.loss(x.view(-1, length), y.view(-1, length))
