@@ -194,6 +194,8 @@ class Dataset(BaseModel):
     tokenizer_sha256: str
     val_files: list[str]
     val_tokens: int
+    val_byte_files: list[str] = Field(
+        default_factory=list, description="CaseOps byte sidecars (fineweb_val_bytes_*.bin), the bytes for bpb")
     fingerprint: str
 
 
