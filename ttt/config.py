@@ -19,6 +19,9 @@ from pgttt.checkpoints.model import PRECISIONS
 
 from .errors import EvalError
 
+# "chunked": sliding windows, with score-first chunked TTT unless ttt_epochs is 0 (spec sections 3-4).
+# "doc_masked": the frontier records' diagnostic eval_val, no TTT (frontier spec 2.12, ttt/doc_masked.py).
+PROTOCOLS: tuple[str, ...] = ("chunked", "doc_masked")
 LR_SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 MAX_SEQ_LEN = 65_536
@@ -29,6 +32,7 @@ MAX_LR = 10.0
 
 @dataclass(frozen=True)
 class EvalConfig:
+    protocol: str = "chunked"  # one of PROTOCOLS
     seq_len: int | None = None  # None: the checkpoint's train_seq_len
     stride: int = 64
     ttt_epochs: int = 3  # 0: plain sliding-window evaluation
@@ -45,6 +49,9 @@ class EvalConfig:
     precision: str | None = None  # None: bf16 on CUDA, fp32 elsewhere
     seed: int = 0
     compile: bool | None = None  # None: on for CUDA
+    # doc_masked only: the records' VAL_BATCH_TOKENS (their default), split over 8 = ranks x grad-accumulation
+    # steps, so a packed row holds val_batch_tokens // 8 // seq_len sequences (32 of 2048 tokens here).
+    val_batch_tokens: int = 524_288
 
     def __post_init__(self) -> None:
         # Lists from JSON or argparse become tuples so the config stays hashable and frozen.
@@ -73,9 +80,10 @@ class EvalConfig:
             need(low <= value and (value < high if high_open else value <= high), key,
                  f"must be within {low}..{high}" + (" (exclusive)" if high_open else ""))
 
+        need(self.protocol in PROTOCOLS, "protocol", f"expected one of {', '.join(PROTOCOLS)}")
         integer("seq_len", 1, MAX_SEQ_LEN, optional=True)
         integer("stride", 1, MAX_SEQ_LEN)
-        if self.seq_len is not None:
+        if self.seq_len is not None and self.protocol == "chunked":  # the other protocols have no stride
             need(self.stride <= self.seq_len, "stride", f"must not exceed seq_len={self.seq_len}")
         integer("ttt_epochs", 0, MAX_EPOCHS)
         integer("chunk_tokens", 1, 2**40)
@@ -95,13 +103,14 @@ class EvalConfig:
              f"expected one of {', '.join(PRECISIONS)} (or none: bf16 on CUDA, fp32 elsewhere)")
         integer("seed", 0, 2**63 - 1)
         need(self.compile is None or isinstance(self.compile, bool), "compile", "must be true, false or none")
+        integer("val_batch_tokens", 1, 2**40)
 
     # ---- resolution and serialisation ---------------------------------------------------------
     def resolved(self, model_config: ModelConfig, device: torch.device | str) -> EvalConfig:
         """Every ``None`` filled in for this model and device, and checked against them."""
         cuda = torch.device(device).type == "cuda"
         seq_len = model_config.train_seq_len if self.seq_len is None else self.seq_len
-        if self.stride > seq_len:
+        if self.stride > seq_len and self.protocol == "chunked":
             raise EvalError(f"stride={self.stride}: must not exceed seq_len={seq_len} (the checkpoint's train_seq_len)")
         return dataclasses.replace(
             self,
