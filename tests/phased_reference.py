@@ -44,7 +44,7 @@ def packed_logits(model, ids: list[int], boundaries: list[int] | None) -> torch.
     each segment (spec 3.10)."""
     if boundaries is None:
         return model(torch.tensor([ids]))[0]
-    return model(torch.tensor([ids]), cu_seqlens=torch.tensor(boundaries, dtype=torch.int32))[0]
+    return model(torch.tensor([ids]), cu_seqlens=torch.tensor(boundaries, dtype=torch.int64))[0]
 
 
 # ---- 2.2 documents and their selection -----------------------------------------------------------------
@@ -175,9 +175,9 @@ class DocumentLoRA:
                 params += [a, b]
         return params
 
-    def delta(self, slot: int, site: str, inp: torch.Tensor):
+    def delta(self, slot: int, site: str, inp: torch.Tensor) -> torch.Tensor | None:
         if site not in self.a:
-            return 0.0
+            return None
         return ((inp @ self.a[site][slot].t()) @ self.b[site][slot].t()) * self.scale
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -254,7 +254,8 @@ def run_document(model, tokens: list[int], target_bytes: list[int], start: int, 
             if c < chunks - 1:
                 if g > 0:
                     nll, _, _ = chunk_losses(model, tokens, start, c, predictions, lora, cfg)
-                grads = torch.autograd.grad(nll.mean(), params)
+                grads = torch.autograd.grad(nll.mean(), params, allow_unused=True)
+                grads = [torch.zeros_like(p) if d is None else d for p, d in zip(params, grads, strict=True)]
             else:
                 grads = [torch.zeros_like(p) for p in params]
             for p, grad in zip(params, grads, strict=True):
