@@ -62,13 +62,13 @@ def find_documents(tokens: list[int]) -> list[tuple[int, int]]:
 
 def select_documents(documents: list[tuple[int, int]], fraction: float, seed: int,
                      max_docs: int | None) -> list[tuple[int, int]]:
-    chosen = list(range(len(documents)))
+    """pgttt's ``max_docs`` keeps the stream's first documents; then the record's seeded subset (L2915-L2923)."""
+    if max_docs is not None:
+        documents = documents[:max_docs]
     if fraction < 1.0:
         count = max(1, int(round(len(documents) * fraction)))
-        chosen = sorted(random.Random(seed).sample(range(len(documents)), count))
-    if max_docs is not None:
-        chosen = chosen[:max_docs]
-    return [documents[i] for i in chosen]
+        documents = [documents[i] for i in sorted(random.Random(seed).sample(range(len(documents)), count))]
+    return documents
 
 
 # ---- 2.3 batches and their queue --------------------------------------------------------------------------
