@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -18,8 +21,27 @@ class ConfigError(PgtttError, ValueError):
     """An architecture configuration that is unknown, malformed or impossible."""
 
 
+FAMILIES: tuple[str, ...] = ("2026-04-09", "frontier")
+PARALLEL_FINAL_LANES: tuple[str, ...] = ("mean", "mlp", "attn")
+ATTN_OUT_GATE_SOURCES: tuple[str, ...] = ("proj", "q")
+# Upper bounds that keep a hostile config cheap to check (building a model on the meta device costs
+# ~2 ms per layer application); the records sit far inside them (11 layers, 512 wide, 17 applications).
+MAX_LAYERS = 64
+MAX_APPLICATIONS = 256
+MAX_MODEL_DIM = 8192
+MAX_HEADS = 256
+MAX_MLP_HIDDEN = 65536
+MAX_SEQ_LEN = 1 << 20
+MAX_LOOPS = 16
+# Layer-index knobs mean "none" or "all" beyond the layer range, as in the records' scripts.
+MAX_LAYER_INDEX = 1 << 16
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    # "2026-04-09": the 04-09 record's GPT (spec section 5). "frontier": the model code of the records
+    # from 2026-04-10 (#1530) on, which always holds the two-lane decoder's scalars (spec section 3).
+    family: str = "2026-04-09"
     vocab_size: int = 8192
     num_layers: int = 11
     model_dim: int = 512
@@ -29,7 +51,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     logit_softcap: float = 30.0
     rope_base: float = 10000.0
+    # 0 or less: every head dim (the scripts' ``ROPE_DIMS=0``).
     rope_dims: int = 16
+    # Scale RoPE's base for rows longer than train_seq_len (04-09 always; ROPE_YARN=0 in later records).
+    rope_yarn: bool = True
     # Sequence length the model was trained at: RoPE's base is scaled beyond it, and it is the
     # default evaluation length (the challenge evaluates at its training length).
     train_seq_len: int = 2048
@@ -38,9 +63,25 @@ class ModelConfig:
     num_loops: int = 2
     loop_start: int = 3
     loop_end: int = 5
-    parallel_residual_start: int = 7
+    # 04-09 family: single-stream parallel residual for layers >= this (None in the frontier family).
+    parallel_residual_start: int | None = 7
+    # Frontier family: two-lane decoder for decoder layers >= this when it is > 0 (None in 04-09).
+    parallel_start_layer: int | None = None
+    parallel_final_lane: str | None = None
+    # XSA on layers max(0, num_layers - xsa_last_n) .. num_layers - 1 (all of them beyond num_layers).
     xsa_last_n: int = 11
     skip_gates_enabled: bool = True
+    # SmearGate (04-16) on the raw embeddings; with the BOS mask (04-27) never across a document start.
+    smear_gate_enabled: bool = False
+    smear_gate_bos_mask: bool = True
+    # Width of the inputs of SmearGate and the windowed attention gates.
+    gate_window: int = 12
+    # Attention output gates, at most one: AttnOutGate (04-16), dense GatedAttn (04-19), sparse (04-23).
+    attn_out_gate_enabled: bool = False
+    attn_out_gate_src: str = "proj"
+    gated_attn_enabled: bool = False
+    sparse_attn_gate_enabled: bool = False
+    sparse_attn_gate_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -54,8 +95,18 @@ class ModelConfig:
     def mlp_hidden(self) -> int:
         return int(self.mlp_mult * self.model_dim)
 
+    @property
+    def rotary_dims(self) -> int:
+        """Dims of each head that RoPE rotates."""
+        return self.rope_dims if 0 < self.rope_dims < self.head_dim else self.head_dim
+
+    @property
+    def frontier(self) -> bool:
+        return self.family == "frontier"
+
     def layer_schedule(self) -> list[int]:
-        """Physical block index of every block application, depth recurrence included."""
+        """Physical block index of every block application, depth recurrence included (the scripts' formula,
+        which for ``loop_end < loop_start`` repeats nothing and runs layers loop_end+1.. after 0..loop_start-1)."""
         if self.num_loops <= 0:
             return list(range(self.num_layers))
         segment = list(range(self.loop_start, self.loop_end + 1))
@@ -76,13 +127,31 @@ class ModelConfig:
         enc, dec = self.encoder_decoder()
         return min(len(enc), len(dec))
 
+    def xsa_layers(self) -> range:
+        return range(max(0, self.num_layers - self.xsa_last_n), self.num_layers) if self.xsa_last_n > 0 else range(0)
+
+    @property
+    def attn_gate(self) -> str | None:
+        """The attention output gate: "attn_out", "dense", "sparse" or None."""
+        for name, on in (("attn_out", self.attn_out_gate_enabled), ("dense", self.gated_attn_enabled),
+                         ("sparse", self.sparse_attn_gate_enabled)):
+            if on:
+                return name
+        return None
+
     def num_parameters(self) -> int:
         d, kv = self.model_dim, self.num_kv_heads * self.head_dim
         per_block = 4 * d + self.num_heads + 2 * d * d + 2 * kv * d + 2 * self.mlp_hidden * d
+        gate_in = {"attn_out": self.gate_window, "dense": d, "sparse": self.gate_window, None: 0}[self.attn_gate]
+        per_block += self.num_heads * gate_in
         total = self.vocab_size * d + self.num_layers * per_block
         total += self.num_skip_weights * d * (2 if self.skip_gates_enabled else 1)
         if not self.tie_embeddings:
             total += self.vocab_size * d
+        if self.smear_gate_enabled:
+            total += self.gate_window + 1
+        if self.frontier:
+            total += self.num_layers * 6  # parallel_post_lambdas (L,2,2) and parallel_resid_lambdas (L,2)
         return total
 
     # ---- validation -----------------------------------------------------------------------
@@ -92,36 +161,60 @@ class ModelConfig:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: {why}")
 
         for f in fields(self):
-            problem = type_problem(getattr(self, f.name), _FIELD_TYPES[f.name])
+            value = getattr(self, f.name)
+            if value is None:
+                need(_OPTIONAL[f.name], f.name, "must be set")
+                continue
+            problem = type_problem(value, _FIELD_TYPES[f.name])
             need(problem is None, f.name, problem or "")
-        need(self.vocab_size >= 2, "vocab_size", "must be at least 2")
-        need(self.vocab_size <= 65536, "vocab_size", "token shards store uint16 ids, so at most 65536")
-        need(self.num_layers >= 1, "num_layers", "must be at least 1")
-        need(self.model_dim >= 2, "model_dim", "must be at least 2")
-        need(self.num_heads >= 1, "num_heads", "must be at least 1")
+            if _FIELD_TYPES[f.name] is float:
+                need(math.isfinite(value), f.name, "must be a finite number")
+        need(self.family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}")
+        need(2 <= self.vocab_size <= 65536, "vocab_size", "must be within 2..65536 (token shards store uint16 ids)")
+        need(1 <= self.num_layers <= MAX_LAYERS, "num_layers", f"must be within 1..{MAX_LAYERS}")
+        need(2 <= self.model_dim <= MAX_MODEL_DIM, "model_dim", f"must be within 2..{MAX_MODEL_DIM}")
+        need(1 <= self.num_heads <= MAX_HEADS, "num_heads", f"must be within 1..{MAX_HEADS}")
         need(self.model_dim % self.num_heads == 0, "num_heads", f"must divide model_dim={self.model_dim}")
         need(self.num_kv_heads >= 1, "num_kv_heads", "must be at least 1")
         need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"must divide num_heads={self.num_heads}")
         need(self.head_dim % 2 == 0, "num_heads", f"head dim model_dim/num_heads={self.head_dim} must be even")
-        need(self.mlp_mult > 0 and self.mlp_hidden >= 1, "mlp_mult", "must give an MLP width of at least 1")
+        need(1 <= self.mlp_hidden <= MAX_MLP_HIDDEN, "mlp_mult",
+             f"must give an MLP width int(mlp_mult * model_dim) within 1..{MAX_MLP_HIDDEN}")
         need(self.logit_softcap > 0, "logit_softcap", "must be positive")
         need(self.rope_base > 1, "rope_base", "must be greater than 1")
-        need(
-            2 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0,
-            "rope_dims",
-            f"must be even and within 2..head_dim={self.head_dim}",
-        )
-        need(self.train_seq_len >= 1, "train_seq_len", "must be at least 1")
-        need(self.num_loops >= 0, "num_loops", "must be 0 (no recurrence) or more")
+        need(self.rope_dims <= 0 or (self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0), "rope_dims",
+             f"must be even and at most head_dim={self.head_dim} (0 or less: every head dim)")
+        need(1 <= self.train_seq_len <= MAX_SEQ_LEN, "train_seq_len", f"must be within 1..{MAX_SEQ_LEN}")
+        need(self.num_loops <= MAX_LOOPS, "num_loops", f"must be at most {MAX_LOOPS} (0 or less: no recurrence)")
+        for key in ("loop_start", "loop_end", "xsa_last_n", "parallel_residual_start", "parallel_start_layer"):
+            value = getattr(self, key)
+            bound = MAX_LAYER_INDEX
+            need(value is None or abs(value) <= bound, key, f"must be within -{bound}..{bound}")
         if self.num_loops > 0:
-            need(0 <= self.loop_start < self.num_layers, "loop_start", f"must be within 0..{self.num_layers - 1}")
-            need(
-                self.loop_start <= self.loop_end < self.num_layers,
-                "loop_end",
-                f"must be within loop_start={self.loop_start}..num_layers-1={self.num_layers - 1}",
-            )
-        need(self.parallel_residual_start >= 0, "parallel_residual_start", "must be 0 or more (num_layers: none)")
-        need(0 <= self.xsa_last_n <= self.num_layers, "xsa_last_n", f"must be within 0..num_layers={self.num_layers}")
+            # Any schedule the scripts can run is fine; an index outside the layers would crash them.
+            need(0 <= self.loop_start <= self.num_layers, "loop_start",
+                 f"must be within 0..num_layers={self.num_layers}")
+            need(self.loop_end < self.num_layers, "loop_end", f"must be at most num_layers-1={self.num_layers - 1}")
+            need(len(self.layer_schedule()) <= MAX_APPLICATIONS, "num_loops",
+                 f"gives {len(self.layer_schedule())} layer applications, more than {MAX_APPLICATIONS}")
+        if self.frontier:
+            need(self.parallel_residual_start is None, "parallel_residual_start",
+                 "is the 2026-04-09 family's; the frontier decoder uses parallel_start_layer (set this to null)")
+            need(self.parallel_start_layer is not None, "parallel_start_layer", "must be set in the frontier family")
+            need(self.parallel_final_lane in PARALLEL_FINAL_LANES, "parallel_final_lane",
+                 f"must be one of {', '.join(PARALLEL_FINAL_LANES)}")
+        else:
+            need(self.parallel_residual_start is not None, "parallel_residual_start",
+                 "must be set in the 2026-04-09 family")
+            for key in ("parallel_start_layer", "parallel_final_lane"):
+                need(getattr(self, key) is None, key, "is the frontier family's (family=frontier); must be null here")
+        need(0 <= self.gate_window <= self.model_dim, "gate_window", f"must be within 0..model_dim={self.model_dim}")
+        need(self.attn_out_gate_src in ATTN_OUT_GATE_SOURCES, "attn_out_gate_src",
+             f"must be one of {', '.join(ATTN_OUT_GATE_SOURCES)}")
+        gates = [k for k in ("attn_out_gate_enabled", "gated_attn_enabled", "sparse_attn_gate_enabled")
+                 if getattr(self, k)]
+        need(len(gates) <= 1, gates[-1] if gates else "family",
+             f"the attention gates are mutually exclusive ({', '.join(gates)} are on)")
 
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +232,9 @@ class ModelConfig:
             # JSON has no int/float distinction worth trusting for float fields.
             if _FIELD_TYPES[key] is float and isinstance(value, int) and not isinstance(value, bool):
                 values[key] = float(value)
+            # The scripts lower-case the lane name; accept any case, store it lower.
+            if _FIELD_TYPES[key] is str and isinstance(value, str):
+                values[key] = value.lower()
         return cls(**values)
 
     def with_overrides(self, overrides: dict[str, Any]) -> ModelConfig:
@@ -147,13 +243,22 @@ class ModelConfig:
         return ModelConfig.from_dict(merged, where="overrides")
 
 
-_FIELD_TYPES: dict[str, type] = {
-    f.name: {"int": int, "float": float, "bool": bool}[str(f.type)] for f in fields(ModelConfig)
-}
+def _field_kind(name: str) -> tuple[type, bool]:
+    hint = typing.get_type_hints(ModelConfig)[name]
+    if isinstance(hint, types.UnionType):
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return inner, True
+    return hint, False
+
+
+_FIELD_TYPES: dict[str, type] = {f.name: _field_kind(f.name)[0] for f in fields(ModelConfig)}
+_OPTIONAL: dict[str, bool] = {f.name: _field_kind(f.name)[1] for f in fields(ModelConfig)}
 
 
 def type_problem(value: Any, kind: type) -> str | None:
-    """Why ``value`` is not a ``kind`` (bool, int or float) of a typed config, or None when it is."""
+    """Why ``value`` is not a ``kind`` (bool, int, float or str) of a typed config, or None when it is."""
+    if kind is str:
+        return None if isinstance(value, str) else "must be a string"
     if kind is bool:
         return None if isinstance(value, bool) else "must be true or false"
     if isinstance(value, bool):
@@ -173,6 +278,8 @@ def parse_scalar(raw: str, kind: type) -> Any:
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ValueError(raw)
+    if kind is str:
+        return raw.lower()
     return kind(raw)
 
 
@@ -182,8 +289,10 @@ def known_keys() -> str:
 
 # The spec's defaults are the 2026-04-09 record. Tiny presets keep the same structure (recurrence,
 # parallel residuals, XSA, skip gates) at a size that runs in milliseconds on a CPU.
+_PG0409 = ModelConfig()
 PRESETS: dict[str, ModelConfig] = {
-    "pg-2026-04-09": ModelConfig(),
+    "pg-2026-04-09": _PG0409,
+    "pr1493": _PG0409,
     "tiny": ModelConfig(
         vocab_size=1024, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
         rope_dims=8, train_seq_len=128, num_loops=1, loop_start=1, loop_end=2,
@@ -194,6 +303,36 @@ PRESETS: dict[str, ModelConfig] = {
         rope_dims=16, train_seq_len=64, num_loops=0, parallel_residual_start=3, xsa_last_n=0,
         skip_gates_enabled=False, ln_scale=False, tie_embeddings=False,
     ),
+}
+# The frontier records, by pull request, as their logs ran them (spec sections 1a and 3); the 04-10
+# model is shared by #1530, #1610, #1626 and #1729 (CaseOps changes the data, not the net).
+_FRONTIER = _PG0409.with_overrides({
+    "family": "frontier", "parallel_residual_start": None, "parallel_start_layer": 8,
+    "parallel_final_lane": "mean", "rope_yarn": False, "qk_gain_init": 5.0,
+})
+PRESETS |= {
+    "pr1530": _FRONTIER,
+    "pr1610": _FRONTIER,
+    "pr1626": _FRONTIER,
+    "pr1729": _FRONTIER,
+    "pr1667": _FRONTIER.with_overrides({"qk_gain_init": 5.25, "smear_gate_enabled": True,
+                                        "smear_gate_bos_mask": False, "attn_out_gate_enabled": True}),
+    "pr1736": _FRONTIER.with_overrides({"gated_attn_enabled": True}),
+    "pr1769": _FRONTIER.with_overrides({"gated_attn_enabled": True}),  # 04-22: the 04-19 model
+    "pr1787": _FRONTIER.with_overrides({"sparse_attn_gate_enabled": True, "sparse_attn_gate_scale": 1.0}),
+    "pr1851": _FRONTIER.with_overrides({"smear_gate_enabled": True, "sparse_attn_gate_enabled": True,
+                                        "sparse_attn_gate_scale": 1.0}),
+    "pr1868": _FRONTIER.with_overrides({"smear_gate_enabled": True, "sparse_attn_gate_enabled": True,
+                                        "sparse_attn_gate_scale": 1.0}),  # 04-29: #1851's code
+    "pr1855": _FRONTIER.with_overrides({"smear_gate_enabled": True, "sparse_attn_gate_enabled": True,
+                                        "sparse_attn_gate_scale": 0.5}),
+    # Tiny frontier models for tests: every knob of section 3 at a size that runs in milliseconds.
+    "tiny-frontier": _FRONTIER.with_overrides({
+        "vocab_size": 1024, "num_layers": 4, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2,
+        "mlp_mult": 2.0, "rope_dims": 8, "train_seq_len": 128, "num_loops": 1, "loop_start": 1,
+        "loop_end": 2, "parallel_start_layer": 2, "xsa_last_n": 4, "smear_gate_enabled": True,
+        "sparse_attn_gate_enabled": True, "sparse_attn_gate_scale": 0.5, "gate_window": 6,
+    }),
 }
 
 
@@ -214,6 +353,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: unknown key {key!r}; known: {known_keys()}")
     raw = raw.strip()
     kind = _FIELD_TYPES[key]
+    if _OPTIONAL[key] and raw.lower() in ("none", "null"):
+        return key, None
     try:
         return key, parse_scalar(raw, kind)
     except ValueError:

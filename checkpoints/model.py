@@ -1,12 +1,15 @@
-"""The Parameter Golf GPT (spec section 5), written out plainly, and its two precision policies.
+"""The Parameter Golf GPT, written out plainly, and its two precision policies.
 
-Block order, norms and scales follow the challenge's 2026-04-09 record so that a state dict saved by
-the challenge loads here unchanged and gives the same numbers.
+One module for both model families: the 2026-04-09 record's (spec section 5) and the frontier records'
+(spec section 3: SmearGate, attention output gates, a two-lane parallel decoder, RoPE without
+scaling). Block order, norms and scales follow the records so that a state dict saved by the challenge
+loads here unchanged and gives the same numbers. The shared pieces live in ``layers.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Literal
 
@@ -15,196 +18,88 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .layers import (
+    MLP,
+    Adapters,
+    CastedLinear,
+    CausalSelfAttention,
+    Hook,
+    gather_positions,
+    rms_norm,
+    segment_ids,
+    smear,
+)
+
+__all__ = ["GPT", "Block", "Adapters", "CastedLinear", "PRECISIONS", "apply_precision", "autocast", "init_weights"]
 
 Precision = Literal["bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("bf16", "fp32")
 
-try:  # FlashAttention-3 (Hopper); optional, never required.
-    from flash_attn_interface import flash_attn_func as _fa3_func  # type: ignore[import-not-found]
-except Exception:  # noqa: BLE001 - any import failure just means "not available"
-    _fa3_func = None
-
-
-def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
-
-
-class CastedLinear(nn.Linear):
-    """A bias-free linear layer that casts its (float32) weight to the activation dtype."""
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
-
-
-class Rotary(nn.Module):
-    """Split-half RoPE on the first ``rope_dims`` dims of each head, base scaled past ``train_seq_len``."""
-
-    def __init__(self, rope_dims: int, base: float, train_seq_len: int) -> None:
-        super().__init__()
-        self.rope_dims, self.base, self.train_seq_len = rope_dims, base, train_seq_len
-        self._cache: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
-
-    def cos_sin(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        key = (seq_len, str(device))
-        tables = self._cache.get(key)
-        if tables is None:
-            tables = self._tables(seq_len, device)
-            # Only eager calls fill the cache (GPT.cache_rotary before compiled ones): a compiled graph that
-            # filled it would guard on its absence and be compiled again on the next call.
-            if not torch.compiler.is_compiling():
-                self._cache[key] = tables
-        cos, sin = tables
-        return cos.to(dtype), sin.to(dtype)
-
-    def _tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        base = self.base
-        if seq_len > self.train_seq_len:
-            # Long-context scaling of the base (NTK-style), as the record does.
-            base = base * (seq_len / self.train_seq_len) ** (self.rope_dims / max(self.rope_dims - 2, 1))
-        exponents = torch.arange(0, self.rope_dims, 2, dtype=torch.float32, device=device) / self.rope_dims
-        inv_freq = 1.0 / (base**exponents)
-        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int) -> Tensor:
-    """x: (batch, seq, heads, head_dim); rotates the first rope_dims dims, split-half form."""
-    half = rope_dims // 2
-    a, b = x[..., :half], x[..., half:rope_dims]
-    rotated = torch.cat((a * cos + b * sin, a * (-sin) + b * cos), dim=-1)
-    if rope_dims == x.size(-1):
-        return rotated
-    return torch.cat((rotated, x[..., rope_dims:]), dim=-1)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, use_xsa: bool) -> None:
-        super().__init__()
-        d, hd = config.model_dim, config.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
-        self.rope_dims = config.rope_dims
-        self.c_q = CastedLinear(d, d)
-        self.c_k = CastedLinear(d, config.num_kv_heads * hd)
-        self.c_v = CastedLinear(d, config.num_kv_heads * hd)
-        self.proj = CastedLinear(d, d)
-        self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(config.rope_dims, config.rope_base, config.train_seq_len)
-        self.use_xsa = use_xsa
-
-    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Attention over all positions; with ``positions`` (batch, k), queries (and output) only there: keys
-        and values still come from every position."""
-        bsz, seq, dim = x.shape
-        x_q = x if positions is None else gather_positions(x, positions)
-        q = self.c_q(x_q).reshape(bsz, x_q.size(1), self.num_heads, self.head_dim)
-        k = self.c_k(x).reshape(bsz, seq, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).reshape(bsz, seq, self.num_kv_heads, self.head_dim)
-        q, k = rms_norm(q), rms_norm(k)
-        cos, sin = self.rotary.cos_sin(seq, x.device, q.dtype)
-        k = apply_rotary(k, cos, sin, self.rope_dims)
-        if positions is not None:
-            cos, sin = cos[0][positions], sin[0][positions]  # (batch, k, 1, rope_dims / 2)
-        q = apply_rotary(q, cos, sin, self.rope_dims)
-        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        if positions is None:
-            y = attention(q, k, v)  # (bsz, seq, heads, head_dim)
-        else:
-            y = attention_at(q, k, v, positions)  # (bsz, k, heads, head_dim)
-            v = gather_positions(v, positions)
-        if self.use_xsa:
-            y = exclude_self_value(y, v)
-        return self.proj(y.flatten(2))
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal GQA attention on (batch, seq, heads, head_dim) tensors, scale 1/sqrt(head_dim)."""
-    if _fa3_func is not None and q.is_cuda and q.dtype == torch.bfloat16:
-        out = _fa3_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        is_causal=True, enable_gqa=q.size(2) != k.size(2),
-    )
-    return y.transpose(1, 2)
-
-
-def attention_at(q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-    """Causal attention for queries at ``positions`` (batch, k) only: query i of row b sees the keys at
-    positions up to ``positions[b, i]``. The same numbers as ``attention`` there, for a fraction of its work."""
-    keys = torch.arange(k.size(1), device=k.device)
-    mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (batch, 1, k, seq)
-    groups = q.size(2) // k.size(2)
-    if groups > 1:  # query head h reads key/value head h // groups, as enable_gqa does
-        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return y.transpose(1, 2)
-
-
-def gather_positions(x: Tensor, positions: Tensor) -> Tensor:
-    """Rows ``positions`` (batch, k) of x (batch, seq, ...) -> (batch, k, ...)."""
-    index = positions.reshape(*positions.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
-    return x.gather(1, index)
-
-
-def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: remove from each head's output its component along its own (normalized) value vector."""
-    bsz, seq, heads, hd = y.shape
-    kv_heads = v.size(2)
-    y_g = y.reshape(bsz, seq, kv_heads, heads // kv_heads, hd)
-    v_n = F.normalize(v, dim=-1).unsqueeze(-2)
-    return (y_g - (y_g * v_n).sum(dim=-1, keepdim=True) * v_n).reshape(bsz, seq, heads, hd)
-
-
-class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.fc = CastedLinear(config.model_dim, config.mlp_hidden)
-        self.proj = CastedLinear(config.mlp_hidden, config.model_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
 
 
 class Block(nn.Module):
+    """One layer. ``forward``: the sequential block (or, 04-09 family, the single-stream parallel one);
+    ``lanes``: its two outputs in the frontier's two-lane decoder, which ``GPT`` mixes (spec 3.5)."""
+
     def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
         d = config.model_dim
-        self.attn = CausalSelfAttention(config, use_xsa=index >= config.num_layers - config.xsa_last_n)
+        self.attn = CausalSelfAttention(config, use_xsa=index in config.xsa_layers())
         self.mlp = MLP(config)
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.norm_scale = 1.0 / math.sqrt(index + 1) if config.ln_scale else 1.0
-        self.parallel = index >= config.parallel_residual_start
+        start = config.parallel_residual_start
+        self.parallel = start is not None and index >= start
 
-    def forward(self, x: Tensor, x0: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, positions: Tensor | None = None, segments: Tensor | None = None,
+                hook: Hook | None = None) -> Tensor:
         """The block at every position, or (keys and values still from every position) only at ``positions``."""
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
-        a = self.attn(rms_norm(x_in) * self.norm_scale, positions)
+        a = self.attn(rms_norm(x_in) * self.norm_scale, positions, segments, hook)
         if positions is not None:
             x_in = gather_positions(x_in, positions)
         attn_scale, mlp_scale = self.attn_scale.to(x.dtype), self.mlp_scale.to(x.dtype)
         if self.parallel:
-            return x_in + attn_scale * a + mlp_scale * self.mlp(rms_norm(x_in) * self.norm_scale)
+            return x_in + attn_scale * a + mlp_scale * self.mlp(rms_norm(x_in) * self.norm_scale, hook)
         h = x_in + attn_scale * a
-        return h + mlp_scale * self.mlp(rms_norm(h) * self.norm_scale)
+        return h + mlp_scale * self.mlp(rms_norm(h) * self.norm_scale, hook)
+
+    def lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, positions: Tensor | None = None,
+              segments: Tensor | None = None, hook: Hook | None = None) -> tuple[Tensor, Tensor]:
+        """A = attn_scale * Attn(norm(m0 lane0 + m1 x0) f) and M = mlp_scale * MLP(norm(lane1) f), both from
+        the old lanes (at ``positions`` only, when given)."""
+        mix = self.resid_mix.to(lane0.dtype)
+        a = self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.norm_scale, positions, segments, hook)
+        if positions is not None:
+            lane1 = gather_positions(lane1, positions)
+        m = self.mlp(rms_norm(lane1) * self.norm_scale, hook)
+        return self.attn_scale.to(a.dtype) * a, self.mlp_scale.to(m.dtype) * m
 
 
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        d = config.model_dim
+        d, layers = config.model_dim, config.num_layers
         self.tok_emb = nn.Embedding(config.vocab_size, d)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        if config.smear_gate_enabled:
+            self.smear_gate = CastedLinear(config.gate_window, 1)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(layers))
         self.encoder_indices, self.decoder_indices = config.encoder_decoder()
         n_skip = config.num_skip_weights
         self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
         self.skip_gates = nn.Parameter(torch.zeros(n_skip, d)) if config.skip_gates_enabled else None
+        # The frontier scripts always hold the lane scalars, whether or not any layer runs two lanes.
+        self.lane_start = None
+        if config.frontier:
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(layers, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((layers, 2), 1.1))
+            start = config.parallel_start_layer
+            self.lane_start = start if start is not None and start > 0 else None
         self.lm_head = None if config.tie_embeddings else CastedLinear(d, config.vocab_size)
         # Depth recurrence is always on for evaluation; training switches it on part-way.
         self.looping = True
@@ -215,32 +110,85 @@ class GPT(nn.Module):
         half = self.config.num_layers // 2
         return list(range(half)), list(range(half, self.config.num_layers))
 
-    def forward_hidden(self, ids: Tensor, positions: Tensor | None = None) -> Tensor:
+    def embed(self, ids: Tensor) -> Tensor:
+        """x0 = RMSNorm(token embeddings, smeared by SmearGate when it is on)."""
+        e = self.tok_emb(ids)
+        if self.config.smear_gate_enabled:
+            e = smear(e, ids, self.smear_gate, self.smear_lambda, self.config.smear_gate_bos_mask)
+        return rms_norm(e)
+
+    def forward_hidden(self, ids: Tensor, positions: Tensor | None = None, *, cu_seqlens: Tensor | None = None,
+                       adapters: Adapters | None = None) -> Tensor:
         """Token ids (batch, seq) -> final-normed hidden states (batch, seq, model_dim).
 
-        With ``positions`` (batch, k): the hidden states at those positions only, (batch, k, model_dim). The
-        same numbers, cheaper: the last block application computes queries, attention, MLP and output only
-        there (its keys and values still at every position).
+        ``positions`` (batch, k): the hidden states at those positions only, (batch, k, model_dim); the
+        same numbers, cheaper (the last block application computes queries, attention, MLP and output
+        only there). ``cu_seqlens``: segment boundaries [0, ..., seq] of every row (padding repeats of
+        seq allowed); attention is causal within each segment, RoPE positions stay the row's (spec 3.10).
+        ``adapters``: per-slot additive adapters (see ``layers.Adapters``).
         """
-        x = rms_norm(self.tok_emb(ids))
+        segments = None if cu_seqlens is None else segment_ids(cu_seqlens, ids.size(1))
+        x = self.embed(ids)
         x0 = x
         encoder, decoder = self.schedule()
+        hooks = [None if adapters is None else functools.partial(adapters.delta, slot)
+                 for slot in range(len(encoder) + len(decoder))]
         skips: list[Tensor] = []
-        for i in encoder:
-            x = self.blocks[i](x, x0)
+        for slot, i in enumerate(encoder):
+            x = self.blocks[i](x, x0, None, segments, hooks[slot])
             skips.append(x)
+        lanes: tuple[Tensor, Tensor] | None = None
+        at_positions = False  # whether x (or the lanes) already hold only the rows at ``positions``
         for j, i in enumerate(decoder):
-            if j < self.skip_weights.size(0) and skips:
-                s = self.skip_weights[j].to(x.dtype) * skips.pop()
-                if self.skip_gates is not None:
-                    x = s + torch.sigmoid(self.skip_gates[j].to(x.dtype)) * (x - s)
-                else:
-                    x = x + s
+            hook = hooks[len(encoder) + j]
             last = j == len(decoder) - 1
-            x = self.blocks[i](x, x0, positions if last else None)
-        if not decoder and positions is not None:
+            skip = None
+            if j < self.skip_weights.size(0) and skips:
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+            if self.lane_start is not None and i >= self.lane_start:
+                lane0, lane1 = lanes if lanes is not None else (x, x)  # both lanes start as x
+                if skip is not None:
+                    lane0 = self.add_skip(j, lane0, skip)
+                pos = positions if last else None
+                lanes = self.mix_lanes(i, lane0, lane1, *self.blocks[i].lanes(lane0, lane1, x0, pos, segments, hook),
+                                       positions=pos)
+            else:
+                if skip is not None:
+                    x = self.add_skip(j, x, skip)
+                # After the lanes start, a sequential layer (only odd schedules have one) feeds nothing: as
+                # in the scripts, the output is the lanes'.
+                pos = positions if last and lanes is None else None
+                x = self.blocks[i](x, x0, pos, segments, hook)
+            at_positions = pos is not None
+        if lanes is not None:
+            x = self.final_lane(*lanes)
+        if positions is not None and not at_positions:
             x = gather_positions(x, positions)
         return rms_norm(x)
+
+    def add_skip(self, j: int, x: Tensor, s: Tensor) -> Tensor:
+        """U-net skip (spec 3.6): s = skip_weights[j] * E_j, then s + sigmoid(skip_gates[j]) (x - s) or x + s."""
+        if self.skip_gates is None:
+            return x + s
+        return s + torch.sigmoid(self.skip_gates[j].to(x.dtype)) * (x - s)
+
+    def mix_lanes(self, i: int, lane0: Tensor, lane1: Tensor, a: Tensor, m: Tensor,
+                  positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """lane_k <- rho_{i,k} lane_k + pi_{i,0,k} A + pi_{i,1,k} M (spec 3.5)."""
+        if positions is not None:
+            lane0, lane1 = gather_positions(lane0, positions), gather_positions(lane1, positions)
+        rho = self.parallel_resid_lambdas[i].to(lane0.dtype)
+        post = self.parallel_post_lambdas[i].to(lane0.dtype)  # post[0]: attention -> lanes, post[1]: MLP
+        return (rho[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                rho[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+
+    def final_lane(self, lane0: Tensor, lane1: Tensor) -> Tensor:
+        lane = self.config.parallel_final_lane
+        if lane == "attn":
+            return lane0
+        if lane == "mlp":
+            return lane1
+        return 0.5 * (lane0 + lane1)
 
     def cache_rotary(self, seq_len: int, device: torch.device | str) -> None:
         """Make every layer's rotary tables for ``seq_len`` on ``device`` now, outside compiled code, so that
@@ -248,20 +196,23 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.rotary.cos_sin(seq_len, torch.device(device), torch.float32)
 
-    def logits_from_hidden(self, h: Tensor) -> Tensor:
-        """Tied (or head) projection, then the soft cap ``c * tanh(logits / c)``."""
+    def logits_from_hidden(self, h: Tensor, adapters: Adapters | None = None) -> Tensor:
+        """Tied (or head) projection, plus the head adapter, then the soft cap ``c * tanh(logits / c)``."""
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(h, weight.to(h.dtype))
+        if adapters is not None:
+            delta = adapters.head(h)
+            logits = logits if delta is None else logits + delta
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, *, cu_seqlens: Tensor | None = None, adapters: Adapters | None = None) -> Tensor:
         """Token ids (batch, seq) -> soft-capped logits (batch, seq, vocab)."""
-        return self.logits_from_hidden(self.forward_hidden(ids))
+        return self.logits_from_hidden(self.forward_hidden(ids, cu_seqlens=cu_seqlens, adapters=adapters), adapters)
 
-    def loss(self, ids: Tensor, targets: Tensor) -> Tensor:
+    def loss(self, ids: Tensor, targets: Tensor, *, cu_seqlens: Tensor | None = None) -> Tensor:
         """Mean cross-entropy over all positions, taken on float32 logits."""
-        logits = self(ids)
+        logits = self(ids, cu_seqlens=cu_seqlens)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
 
@@ -295,10 +246,14 @@ def init_weights(model: GPT, seed: int = 0, tied_embed_init_std: float = 0.005) 
         nn.init.normal_(model.tok_emb.weight, std=tied_embed_init_std, generator=gen)
         for name, module in model.named_modules():
             if isinstance(module, CastedLinear):
-                if name.endswith(".proj") or name == "lm_head":
+                # Output projections and the gates start at zero: the gates transparent (2 sigmoid(0) = 1,
+                # smear_lambda = 0), as the records initialise them.
+                if name.endswith((".proj", "attn_gate_proj")) or name in ("lm_head", "smear_gate"):
                     nn.init.zeros_(module.weight)
                 elif min(module.weight.shape) >= 64:
                     nn.init.orthogonal_(module.weight, generator=gen)
                 else:
                     nn.init.normal_(module.weight, std=module.weight.size(1) ** -0.5, generator=gen)
+            elif isinstance(module, CausalSelfAttention) and module.gate == "dense":
+                nn.init.normal_(module.attn_gate_w, std=0.01, generator=gen)  # GATED_ATTN_INIT_STD
     return model

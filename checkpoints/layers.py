@@ -1,0 +1,251 @@
+"""The pieces every Parameter Golf GPT is built from: norms, rotary, attention (with its output gates,
+XSA and document masks), the MLP, SmearGate, and the adapter protocol of per-document TTT.
+
+Formulas follow spec sections 3 and 5 (``../shared/spec``); names are the records' state-dict names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+try:  # FlashAttention-3 (Hopper); optional, never required.
+    from flash_attn_interface import flash_attn_func as _fa3_func  # type: ignore[import-not-found]
+except Exception:  # noqa: BLE001 - any import failure just means "not available"
+    _fa3_func = None
+
+# The records' BOS id (SentencePiece ``<s>``); SmearGate's document mask compares against it.
+BOS_ID = 1
+
+Site = Literal["q", "k", "v", "o", "mlp"]
+
+
+class Adapters(Protocol):
+    """Additive adapters (per-document LoRA TTT, spec 2.6), called by the forward pass when given.
+
+    ``slot`` is the layer *application* in execution order (0..16 for the records' looped schedule:
+    encoder then decoder). Sites and inputs (``inp`` is (batch, seq, model_dim)):
+
+    * ``"q"``, ``"k"``, ``"v"``: input the normalised attention input; the result is added to that
+      projection's output, before the head reshape, q/k RMS norm and RoPE;
+    * ``"o"``: input the same normalised attention input; added to the attention output after the output
+      projection, before ``attn_scale``;
+    * ``"mlp"``: input the normalised MLP input; added to the MLP output, before ``mlp_scale``.
+
+    ``delta`` returns None where it has no adapter. ``head(h)`` gets the final-normed hidden state and
+    its result (or None) is added to the tied-embedding logits before the soft cap.
+    """
+
+    def delta(self, slot: int, site: Site, inp: Tensor) -> Tensor | None: ...
+
+    def head(self, h: Tensor) -> Tensor | None: ...
+
+
+Hook = Callable[[Site, Tensor], "Tensor | None"]  # an Adapters' delta bound to one slot
+
+
+def plus(out: Tensor, hook: Hook | None, site: Site, inp: Tensor) -> Tensor:
+    """``out`` plus the adapter's delta at ``site``, if there is one."""
+    delta = None if hook is None else hook(site, inp)
+    return out if delta is None else out + delta
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """A bias-free linear layer that casts its (float32) weight to the activation dtype."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    """Split-half RoPE tables for ``rope_dims`` dims of each head; with ``yarn`` the base is scaled for rows
+    longer than ``train_seq_len`` (04-09), without it never (``ROPE_YARN=0``, spec 3.4)."""
+
+    def __init__(self, rope_dims: int, base: float, train_seq_len: int, yarn: bool = True) -> None:
+        super().__init__()
+        self.rope_dims, self.base, self.train_seq_len, self.yarn = rope_dims, base, train_seq_len, yarn
+        self._cache: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+
+    def cos_sin(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (seq_len, str(device))
+        tables = self._cache.get(key)
+        if tables is None:
+            tables = self._tables(seq_len, device)
+            # Only eager calls fill the cache (GPT.cache_rotary before compiled ones): a compiled graph that
+            # filled it would guard on its absence and be compiled again on the next call.
+            if not torch.compiler.is_compiling():
+                self._cache[key] = tables
+        cos, sin = tables
+        return cos.to(dtype), sin.to(dtype)
+
+    def _tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        base = self.base
+        if self.yarn and seq_len > self.train_seq_len:
+            # Long-context scaling of the base (NTK-style), as the 04-09 record does.
+            base = base * (seq_len / self.train_seq_len) ** (self.rope_dims / max(self.rope_dims - 2, 1))
+        exponents = torch.arange(0, self.rope_dims, 2, dtype=torch.float32, device=device) / self.rope_dims
+        inv_freq = 1.0 / (base**exponents)
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int) -> Tensor:
+    """x: (batch, seq, heads, head_dim); rotates the first rope_dims dims, split-half form."""
+    half = rope_dims // 2
+    a, b = x[..., :half], x[..., half:rope_dims]
+    rotated = torch.cat((a * cos + b * sin, a * (-sin) + b * cos), dim=-1)
+    if rope_dims == x.size(-1):
+        return rotated
+    return torch.cat((rotated, x[..., rope_dims:]), dim=-1)
+
+
+# ---- attention kernels ----------------------------------------------------------------------
+def segment_ids(cu_seqlens: Tensor, seq_len: int) -> Tensor:
+    """Segment index of every position of a packed row from its boundaries ``cu_seqlens`` (0, ends...,
+    padded with ``seq_len`` as the records pad them): position t is in segment s when
+    ``cu[s] <= t < cu[s+1]``."""
+    positions = torch.arange(seq_len, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens.contiguous(), positions, right=True)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor | None = None) -> Tensor:
+    """Causal GQA attention on (batch, seq, heads, head_dim) tensors, scale 1/sqrt(head_dim); with
+    ``segments`` (seq,) only within each segment (document-masked "varlen" attention, spec 3.10)."""
+    if segments is None:
+        if _fa3_func is not None and q.is_cuda and q.dtype == torch.bfloat16:
+            out = _fa3_func(q, k, v, causal=True)
+            return out[0] if isinstance(out, tuple) else out
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, enable_gqa=q.size(2) != k.size(2),
+        )
+        return y.transpose(1, 2)
+    positions = torch.arange(q.size(1), device=q.device).expand(q.size(0), -1)
+    return attention_at(q, k, v, positions, segments)
+
+
+def attention_at(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, segments: Tensor | None = None) -> Tensor:
+    """Causal attention for queries at ``positions`` (batch, k) only: query i of row b sees the keys at
+    positions up to ``positions[b, i]`` (and, with ``segments``, in its segment only). The same numbers
+    as ``attention`` there, for a fraction of its work."""
+    keys = torch.arange(k.size(1), device=k.device)
+    mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (batch, 1, k, seq)
+    if segments is not None:
+        mask = mask & (segments[keys][None, None, None, :] == segments[positions][:, None, :, None])
+    groups = q.size(2) // k.size(2)
+    if groups > 1:  # query head h reads key/value head h // groups, as enable_gqa does
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return y.transpose(1, 2)
+
+
+def gather_positions(x: Tensor, positions: Tensor) -> Tensor:
+    """Rows ``positions`` (batch, k) of x (batch, seq, ...) -> (batch, k, ...)."""
+    index = positions.reshape(*positions.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
+
+
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output its component along its own (normalized) value vector."""
+    bsz, seq, heads, hd = y.shape
+    kv_heads = v.size(2)
+    y_g = y.reshape(bsz, seq, kv_heads, heads // kv_heads, hd)
+    v_n = F.normalize(v, dim=-1).unsqueeze(-2)
+    return (y_g - (y_g * v_n).sum(dim=-1, keepdim=True) * v_n).reshape(bsz, seq, heads, hd)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, use_xsa: bool) -> None:
+        super().__init__()
+        d, hd, heads = config.model_dim, config.head_dim, config.num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = heads, config.num_kv_heads, hd
+        self.rope_dims = config.rotary_dims
+        self.c_q = CastedLinear(d, d)
+        self.c_k = CastedLinear(d, config.num_kv_heads * hd)
+        self.c_v = CastedLinear(d, config.num_kv_heads * hd)
+        self.proj = CastedLinear(d, d)
+        self.q_gain = nn.Parameter(torch.full((heads,), config.qk_gain_init, dtype=torch.float32))
+        self.rotary = Rotary(self.rope_dims, config.rope_base, config.train_seq_len, config.rope_yarn)
+        self.use_xsa = use_xsa
+        # The output gate (spec 3.3), one of three or none; the state-dict names are the records'.
+        self.gate, self.gate_window = config.attn_gate, config.gate_window
+        self.gate_from_q = config.attn_out_gate_src == "q"
+        self.gate_scale = config.sparse_attn_gate_scale
+        if self.gate == "attn_out":
+            self.attn_gate_proj = CastedLinear(config.gate_window, heads)
+        elif self.gate in ("dense", "sparse"):
+            width = d if self.gate == "dense" else config.gate_window
+            self.attn_gate_w = nn.Parameter(torch.zeros(heads, width))
+
+    def forward(self, x: Tensor, positions: Tensor | None = None, segments: Tensor | None = None,
+                hook: Hook | None = None) -> Tensor:
+        """Attention over all positions; with ``positions`` (batch, k), queries (and output) only there: keys
+        and values still come from every position. ``segments``: document masks; ``hook``: adapters."""
+        bsz, seq, dim = x.shape
+        x_q = x if positions is None else gather_positions(x, positions)
+        q_raw = plus(self.c_q(x_q), hook, "q", x_q)
+        q = q_raw.reshape(bsz, x_q.size(1), self.num_heads, self.head_dim)
+        k = plus(self.c_k(x), hook, "k", x).reshape(bsz, seq, self.num_kv_heads, self.head_dim)
+        v = plus(self.c_v(x), hook, "v", x).reshape(bsz, seq, self.num_kv_heads, self.head_dim)
+        q, k = rms_norm(q), rms_norm(k)
+        cos, sin = self.rotary.cos_sin(seq, x.device, q.dtype)
+        k = apply_rotary(k, cos, sin, self.rope_dims)
+        if positions is not None:
+            cos, sin = cos[0][positions], sin[0][positions]  # (batch, k, 1, rope_dims / 2)
+        q = apply_rotary(q, cos, sin, self.rope_dims)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        if positions is None:
+            y = attention(q, k, v, segments)  # (bsz, seq, heads, head_dim)
+        else:
+            y = attention_at(q, k, v, positions, segments)  # (bsz, k, heads, head_dim)
+            v = gather_positions(v, positions)
+        if self.use_xsa:
+            y = exclude_self_value(y, v)
+        y = self.gate_heads(y, x_q, q_raw)
+        return plus(self.proj(y.flatten(2)), hook, "o", x_q)
+
+    def gate_heads(self, y: Tensor, a: Tensor, q_raw: Tensor) -> Tensor:
+        """Scale each head's output y (batch, seq, heads, head_dim) by its gate; ``a`` is the attention input."""
+        if self.gate is None:
+            return y
+        if self.gate == "attn_out":  # AttnOutGate (04-16): 2 sigmoid(P src[:w])
+            src = q_raw if self.gate_from_q else a
+            g = 2.0 * torch.sigmoid(self.attn_gate_proj(src[..., : self.gate_window]))
+        elif self.gate == "dense":  # GatedAttn (04-19): sigmoid(G a)
+            g = torch.sigmoid(F.linear(a, self.attn_gate_w.to(a.dtype)))
+        else:  # sparse head-output gate (04-23): sigmoid(kappa G a[:w])
+            g = torch.sigmoid(self.gate_scale * F.linear(a[..., : self.gate_window], self.attn_gate_w.to(a.dtype)))
+        return y * g[..., None]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc = CastedLinear(config.model_dim, config.mlp_hidden)
+        self.proj = CastedLinear(config.mlp_hidden, config.model_dim)
+
+    def forward(self, x: Tensor, hook: Hook | None = None) -> Tensor:
+        return plus(self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square()), hook, "mlp", x)
+
+
+def smear(e: Tensor, ids: Tensor, gate: CastedLinear, lam: Tensor, bos_mask: bool) -> Tensor:
+    """SmearGate (spec 3.2) on raw embeddings e (batch, seq, d): for t >= 1,
+    e'_t = e_t + lam * sigmoid(w . e_t[:window]) * e_{t-1}, times [id_t != BOS] with the BOS mask."""
+    g = lam.to(e.dtype) * torch.sigmoid(gate(e[:, 1:, : gate.in_features]))
+    prev = e[:, :-1]
+    if bos_mask:
+        prev = prev * (ids[:, 1:] != BOS_ID).to(e.dtype).unsqueeze(-1)
+    return torch.cat((e[:, :1], e[:, 1:] + g * prev), dim=1)
