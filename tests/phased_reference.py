@@ -352,9 +352,11 @@ def global_sgd(model, stream: list[int], cfg, ranks: int) -> list[float]:
 def reference_phased(model, tokens, target_bytes, cfg) -> tuple[float, int, int, list[dict]]:
     """(loss_sum, tokens_scored, bytes_scored, schedule); the model ends with the last phase's weights.
 
-    ``target_bytes[j]`` is the byte count of the target ``tokens[j + 1]``. Batches run in queue order, one
-    process, with one 64-slot adapter set whatever ``emulate_ranks`` is (the ranks shape the pauses and the
-    global SGD only).
+    ``target_bytes[j]`` is the byte count of the target ``tokens[j + 1]``. Batches run in queue order in one
+    process. The ``emulate_ranks`` W ranks shape the pauses and the global SGD, and own the adapters (spec 2.11
+    item 4, the rule it suggests): the j-th batch claimed after a pause (or the start) is rank j mod W's, which
+    keeps its own 64-slot set (warm-started A per slot) and its own A generator, seeded with ``seed`` as every
+    rank of the record seeds its CPU generator alike.
     """
     tokens, target_bytes = [int(t) for t in tokens], [int(b) for b in target_bytes]
     if len(target_bytes) != len(tokens) - 1:
@@ -377,19 +379,22 @@ def reference_phased(model, tokens, target_bytes, cfg) -> tuple[float, int, int,
         + (("o",) if cfg.ttt_o_lora else ())
     rank = cfg.ttt_lora_rank
     scale = 1.0 if cfg.ttt_lora_alpha is None else cfg.ttt_lora_alpha / rank
-    draws = Draws(cfg.seed, sites, layer_applications(model), dim, rank)
+    full = cfg.ttt_batch_size
 
+    draws = [Draws(cfg.seed, sites, layer_applications(model), dim, rank) for _ in range(ranks)]
+    kept = [d.draw(full) for d in draws]  # each rank's reusable set: A per slot
     totals = {"loss": 0.0, "tokens": 0, "bytes": 0, "scored": []}
-    kept = draws.draw(cfg.ttt_batch_size)  # the reusable set's A per slot
     pauses = {entry["batches"]: entry for entry in schedule}
-    for claimed, g in enumerate(queue, start=1):
+    segment_start = 0
+    for claimed, g in enumerate(queue):
+        v = (claimed - segment_start) % ranks
         batch = batches[g]
-        if len(batch) == cfg.ttt_batch_size:
+        if len(batch) == full:
             if not cfg.ttt_warm_start_a:
-                kept = draws.draw(cfg.ttt_batch_size)
-            slots = kept
+                kept[v] = draws[v].draw(full)
+            slots = kept[v]
         else:
-            slots = draws.draw(len(batch))
+            slots = draws[v].draw(len(batch))  # another size: a brand-new set
         chunks = [-(-(lengths[i] - 1) // cfg.ttt_chunk_size) for i in batch]
         batch_steps = max(chunks) - 1
         for slot, i in enumerate(batch):
@@ -397,11 +402,12 @@ def reference_phased(model, tokens, target_bytes, cfg) -> tuple[float, int, int,
             lora = DocumentLoRA(a, a_head, outs, config.vocab_size, scale)
             start, length = documents[i]
             run_document(model, tokens, target_bytes, start, length, lora, batch_steps, cfg, totals)
-            if len(batch) == cfg.ttt_batch_size:
-                kept[slot] = lora.a_values()
-        pause = pauses.get(claimed)
+            if len(batch) == full:
+                kept[v][slot] = lora.a_values()
+        pause = pauses.get(claimed + 1)
         if pause is not None:
             stream = [t for i in pause["selected"] for t in tokens[documents[i][0] : documents[i][0] + lengths[i]]]
             pause["lr"] = global_sgd(model, stream, cfg, ranks)
-            kept = draws.draw(cfg.ttt_batch_size)  # new adapters after every phase
+            kept = [d.draw(full) for d in draws]  # new adapters on every rank after every phase
+            segment_start = claimed + 1
     return totals["loss"], totals["tokens"], totals["bytes"], schedule
