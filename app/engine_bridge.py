@@ -25,7 +25,7 @@ from pgttt.checkpoints.format import MAGIC, tokenizer_identity
 from pgttt.checkpoints.loading import LoadedCheckpoint, load_checkpoint
 from pgttt.errors import PgtttError
 from pgttt.ttt.bytes import load_byte_tables
-from pgttt.ttt.config import EvalConfig
+from pgttt.ttt.config import PHASED_SETTINGS, EvalConfig
 from pgttt.ttt.data import VAL_PATTERN, ValSet, fingerprint, load_val, read_header, resolve_val_files
 from pgttt.ttt.engine import EvalSession, Progress
 from pgttt.ttt.errors import EvalError
@@ -36,6 +36,7 @@ __all__ = ["MAGIC", "VAL_PATTERN"]
 EVAL_FIELDS: tuple[str, ...] = (
     "ttt_epochs", "chunk_tokens", "ttt_lr", "ttt_momentum", "seq_len", "stride", "batch_seqs", "max_tokens",
     "grad_clip", "lr_schedule", "optimizer", "adapt_include", "adapt_exclude", "precision", "seed",
+    *PHASED_SETTINGS,
 )
 
 
@@ -60,6 +61,7 @@ class CheckpointInfo:
     config: ModelConfig
     tokenizer: dict[str, Any] | None
     parameter_names: tuple[str, ...]
+    preset: str | None = None  # the architecture preset it was made as, when known: its record's TTT defaults
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ def inspect_checkpoint(spec: CheckpointSpec) -> CheckpointInfo:
         config=ckpt.config,
         tokenizer=None if ckpt.tokenizer is None else ckpt.tokenizer.to_dict(),
         parameter_names=tuple(ckpt.tensors),
+        preset=ckpt.provenance.get("preset"),
     )
 
 
@@ -131,7 +134,8 @@ def resolve_eval_config(
             f"vocab_size={checkpoint.config.vocab_size}",
         )
     try:
-        config = EvalConfig.from_dict(dict(fields), where="request").resolved(checkpoint.config, device)
+        config = EvalConfig.from_dict(dict(fields), where="request").resolved(
+            checkpoint.config, device, preset=checkpoint.preset)
         config.adapted(list(checkpoint.parameter_names))
     except EvalError as exc:
         message = str(exc)
@@ -157,11 +161,15 @@ def progress_to_api(p: Progress) -> dict[str, Any]:
     """The engine's progress as the API's: rate and ETA from scored tokens over elapsed seconds."""
     rate = p.tokens_scored / p.elapsed_s if p.elapsed_s > 0 and p.tokens_scored else None
     eta = (p.tokens_total - p.tokens_scored) / rate if rate else None
-    return {
+    api = {
         "phase": p.phase, "chunks_done": p.chunks_done, "chunks_total": p.num_chunks,
         "tokens_scored": p.tokens_scored, "tokens_total": p.tokens_total,
         "tokens_per_s": rate, "eta_s": eta, "running_bpb": p.bpb,
     }
+    if p.docs_total is not None:  # the phased protocol: documents, phases, and its own estimate
+        api.update(docs_done=p.docs_done, docs_total=p.docs_total, phases_done=p.phases_done,
+                   num_phases=p.num_phases, eta_s=p.eta_s)
+    return api
 
 
 def warmed_world_sizes(devices: int) -> tuple[int, ...]:

@@ -41,6 +41,8 @@ PHASED_KNOBS: tuple[str, ...] = (
     "global_ttt_grad_clip", "global_ttt_warmup_start_lr", "global_ttt_warmup_chunks",
     "global_ttt_respect_doc_boundaries", "val_doc_fraction",
 )
+# Every setting of the phased protocol a request or flag may give (the knobs and how they are chosen).
+PHASED_SETTINGS: tuple[str, ...] = ("protocol", "record_defaults", *PHASED_KNOBS, "max_docs", "emulate_ranks")
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,9 @@ class EvalConfig:
         data = dataclasses.asdict(self)
         data["adapt_include"], data["adapt_exclude"] = list(self.adapt_include), list(self.adapt_exclude)
         data["defaults_filled"] = list(self.defaults_filled)
+        if self.protocol != "phased":  # what ran: the phased knobs are unset and unread
+            for key in (*PHASED_KNOBS, "record_defaults", "max_docs", "emulate_ranks", "defaults_filled"):
+                del data[key]
         return data
 
     @classmethod

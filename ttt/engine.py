@@ -35,6 +35,7 @@ from .config import EvalConfig
 from .data import ValSet, load_val
 from .distributed import World
 from .errors import EvalCancelled, EvalError
+from .phased import PhasedProgress, run_phased
 from .plan import Plan, merged_spans, plan_windows, share
 
 ENGINE_VERSION = __version__
@@ -73,6 +74,12 @@ class Progress:
     loss: float | None  # running values, as of the last finished chunk
     bpb: float | None
     elapsed_s: float
+    # The phased protocol's (chunk/chunks count documents there): its documents, phases and an estimate.
+    docs_done: int | None = None
+    docs_total: int | None = None
+    phases_done: int | None = None
+    num_phases: int | None = None
+    eta_s: float | None = None
 
 
 ProgressFn = Callable[[Progress], None]
@@ -465,6 +472,11 @@ class EvalResult:
     # Projected seconds for the full FineWeb val set on 8 GPUs, and whether that fits the 600 s budget.
     projection: dict[str, Any]
     projected_8gpu_s: float
+    # The phased protocol: counts, the phase schedule, the per-batch trace (chunks stays empty).
+    protocol: str = "chunked"
+    counts: dict[str, int] | None = None
+    schedule: dict[str, Any] | None = None
+    batches: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -472,6 +484,9 @@ class EvalResult:
     def summary(self) -> str:
         cfg = self.config
         mode = "sliding" if cfg["ttt_epochs"] == 0 else f"ttt {cfg['ttt_epochs']}ep/{cfg['chunk_tokens']}"
+        if self.protocol == "phased":
+            mode = (f"phased {cfg['phased_ttt_num_phases']}x{cfg['phased_ttt_prefix_docs']} docs, LoRA r"
+                    f"{cfg['ttt_lora_rank']} chunk {cfg['ttt_chunk_size']} ({cfg['record_defaults']} defaults)")
         ok = self.compliance["scored_exactly_once"] and self.compliance["score_before_update"]
         return (
             f"val_loss {self.val_loss:.8f} val_bpb {self.val_bpb:.8f} | {mode} seq_len {cfg['seq_len']} "
@@ -526,6 +541,7 @@ class EvalSession:
         source: str | None = None,
         load_s: float = 0.0,
         cuda_graphs: bool = True,
+        preset: str | None = None,
     ) -> None:
         self.template = copy.deepcopy(model).cpu().float().eval().requires_grad_(False)
         self.cuda_graphs = cuda_graphs
@@ -533,6 +549,7 @@ class EvalSession:
         self.tokenizer_sha256 = tokenizer_sha256  # what the checkpoint was trained with, when it says
         self.source = source
         self.load_s = load_s
+        self.preset = preset  # the architecture preset it was made as, when known: its record's TTT defaults
         self._workers: dict[tuple[str, str], _Worker] = {}
         self._lock = threading.Lock()
 
@@ -544,7 +561,7 @@ class EvalSession:
         model = build_model(ckpt, precision="fp32", device="cpu")
         tokenizer = ckpt.tokenizer.sha256 if ckpt.tokenizer is not None else None
         return cls(model, checkpoint_sha256=ckpt.sha256, tokenizer_sha256=tokenizer, source=str(ckpt.path),
-                   load_s=load_s, cuda_graphs=cuda_graphs)
+                   load_s=load_s, cuda_graphs=cuda_graphs, preset=ckpt.provenance.get("preset"))
 
     @classmethod
     def load(cls, path: str | Path, *, preset: str | None = None, overrides: Any = None,
@@ -592,7 +609,7 @@ class EvalSession:
               world: World | None = None) -> None:
         """Compile what ``cfg`` needs and was not compiled yet; in an evaluation (not ``warmup``), a new
         training batch size takes the dynamic-batch graph instead of a compile of its own."""
-        if cfg.compile:
+        if cfg.compile and cfg.protocol == "chunked":  # the phased protocol runs eager
             warm_up(worker.model, worker.steps_for(True), cfg, world, static_training=static_training)
 
     def evaluate(
@@ -608,7 +625,7 @@ class EvalSession:
         """One evaluation. ``val``: a ``ValSet`` or what ``load_val`` takes (a directory, glob or file)."""
         t_start = time.perf_counter()
         device = torch.device(device) if device is not None else default_device()
-        cfg = (config or EvalConfig()).resolved(self.config, device)
+        cfg = (config or EvalConfig()).resolved(self.config, device, preset=self.preset)
         vocab = self.config.vocab_size
         valset = val if isinstance(val, ValSet) else load_val(val, vocab)
         valset.check_vocab(vocab)
@@ -635,9 +652,16 @@ class EvalSession:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            steps = worker.steps_for(bool(cfg.compile))
-            run = run_protocol(worker.model, tokens, tables, cfg, steps=steps, world=world, progress=progress,
-                               cancel=cancel)
+            if cfg.protocol == "phased":
+                phased = run_phased(worker.model, tokens, tables.target_bytes(tokens), cfg, world=world,
+                                    progress=None if progress is None else _phased_progress(progress), cancel=cancel)
+                run = ProtocolRun(phased.loss_sum, phased.tokens, phased.bytes, [], phased.compliance,
+                                  phased.timings["scoring_s"], phased.timings["training_s"])
+            else:
+                phased = None
+                steps = worker.steps_for(bool(cfg.compile))
+                run = run_protocol(worker.model, tokens, tables, cfg, steps=steps, world=world, progress=progress,
+                                   cancel=cancel)
             eval_s = time.perf_counter() - t0
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         tokens_per_second = run.tokens / eval_s if eval_s > 0 else 0.0
@@ -665,6 +689,7 @@ class EvalSession:
                 "warmup_s": warmup_s,
                 "scoring_s": run.scoring_s,
                 "training_s": run.training_s,
+                **({"global_sgd_s": phased.timings["global_sgd_s"]} if phased else {}),
                 "eval_s": eval_s,
                 "total_s": time.perf_counter() - t_start,
             },
@@ -675,4 +700,16 @@ class EvalSession:
             compliance=run.compliance,
             projection=projection,
             projected_8gpu_s=projection["seconds"],
+            protocol=cfg.protocol,
+            counts=phased.counts if phased else None,
+            schedule=phased.schedule if phased else None,
+            batches=phased.batches if phased else [],
         )
+
+
+def _phased_progress(progress: ProgressFn) -> Callable[[PhasedProgress], None]:
+    """The phased loop's progress as ``Progress``: documents for chunks, and its own fields."""
+    def forward(p: PhasedProgress) -> None:
+        progress(Progress(p.stage, p.docs_done, p.docs_done, p.docs_total, p.tokens_scored, p.tokens_total, None,
+                          None, p.elapsed_s, p.docs_done, p.docs_total, p.phases_done, p.num_phases, p.eta_s))
+    return forward
