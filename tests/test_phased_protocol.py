@@ -26,6 +26,7 @@ from ttt_helpers import micro_model, one_thread  # noqa: F401 (a fixture)
 
 from pgttt.checkpoints.config import preset
 from pgttt.ttt.config import EvalConfig
+from pgttt.ttt.phased import run_phased
 
 
 @pytest.fixture(autouse=True)
@@ -198,7 +199,6 @@ def test_reference_without_learning_is_plain_windows():
 
 # ---- the engine against the reference -----------------------------------------------------------------------
 def run_both(seed: int):
-    run_phased = pytest.importorskip("pgttt.ttt.phased", reason="the engine (h-phased) is not merged").run_phased
     tokens, target_bytes, cfg = random_case(seed)
     engine_model, reference_model = copy.deepcopy(MODEL), copy.deepcopy(MODEL)
     run = run_phased(engine_model, tokens, target_bytes, cfg)
