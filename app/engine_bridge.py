@@ -12,7 +12,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +25,27 @@ from pgttt.checkpoints.format import MAGIC, tokenizer_identity
 from pgttt.checkpoints.loading import LoadedCheckpoint, load_checkpoint
 from pgttt.errors import PgtttError
 from pgttt.ttt.bytes import load_byte_tables
-from pgttt.ttt.config import EvalConfig
-from pgttt.ttt.data import VAL_PATTERN, ValSet, fingerprint, load_val, read_header, resolve_val_files
+from pgttt.ttt.config import PHASED_SETTINGS, EvalConfig
+from pgttt.ttt.data import (
+    VAL_PATTERN,
+    ValSet,
+    fingerprint,
+    is_sidecar,
+    load_val,
+    read_header,
+    resolve_sidecar_files,
+    resolve_val_files,
+)
 from pgttt.ttt.engine import EvalSession, Progress
 from pgttt.ttt.errors import EvalError
 
-__all__ = ["MAGIC", "VAL_PATTERN"]
+__all__ = ["MAGIC", "VAL_PATTERN", "is_sidecar"]
 
 # The request fields that are the engine's settings, under the engine's own names.
 EVAL_FIELDS: tuple[str, ...] = (
     "ttt_epochs", "chunk_tokens", "ttt_lr", "ttt_momentum", "seq_len", "stride", "batch_seqs", "max_tokens",
     "grad_clip", "lr_schedule", "optimizer", "adapt_include", "adapt_exclude", "precision", "seed",
+    *PHASED_SETTINGS,
 )
 
 
@@ -60,6 +70,7 @@ class CheckpointInfo:
     config: ModelConfig
     tokenizer: dict[str, Any] | None
     parameter_names: tuple[str, ...]
+    preset: str | None = None  # the architecture preset it was made as, when known: its record's TTT defaults
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,7 @@ class DatasetInfo:
     fingerprint: str
     tokenizer_sha256: str
     tokenizer_vocab_size: int
+    val_byte_files: list[str] = field(default_factory=list)  # CaseOps byte sidecars, one per val file
 
 
 def is_model_bin(path: Path) -> bool:
@@ -97,19 +109,23 @@ def inspect_checkpoint(spec: CheckpointSpec) -> CheckpointInfo:
         config=ckpt.config,
         tokenizer=None if ckpt.tokenizer is None else ckpt.tokenizer.to_dict(),
         parameter_names=tuple(ckpt.tensors),
+        preset=ckpt.provenance.get("preset"),
     )
 
 
 def inspect_dataset(spec: DatasetSpec) -> DatasetInfo:
-    """Check every shard's header and the tokenizer; fingerprint the shards (read once, cached)."""
+    """Check every shard's header and the tokenizer; fingerprint the shards and their byte sidecars (read
+    once, cached); a sidecar's count and alignment are checked when the dataset is loaded."""
     files = resolve_val_files(spec.path)
+    sidecars = resolve_sidecar_files(spec.path, files)
     identity = tokenizer_identity(spec.tokenizer)
     return DatasetInfo(
         val_files=[f.name for f in files],
         val_tokens=sum(read_header(f) for f in files),
-        fingerprint=fingerprint(files),
+        fingerprint=fingerprint(files + sidecars),
         tokenizer_sha256=identity.sha256,
         tokenizer_vocab_size=identity.vocab_size,
+        val_byte_files=[f.name for f in sidecars],
     )
 
 
@@ -132,7 +148,8 @@ def resolve_eval_config(
             f"{checkpoint.config.vocab_size}: they are not the same vocabulary",
         )
     try:
-        config = EvalConfig.from_dict(dict(fields), where="request").resolved(checkpoint.config, device)
+        config = EvalConfig.from_dict(dict(fields), where="request").resolved(
+            checkpoint.config, device, preset=checkpoint.preset)
         config.adapted(list(checkpoint.parameter_names))
     except EvalError as exc:
         message = str(exc)
@@ -174,11 +191,15 @@ def progress_to_api(p: Progress) -> dict[str, Any]:
     """The engine's progress as the API's: rate and ETA from scored tokens over elapsed seconds."""
     rate = p.tokens_scored / p.elapsed_s if p.elapsed_s > 0 and p.tokens_scored else None
     eta = (p.tokens_total - p.tokens_scored) / rate if rate else None
-    return {
+    api = {
         "phase": p.phase, "chunks_done": p.chunks_done, "chunks_total": p.num_chunks,
         "tokens_scored": p.tokens_scored, "tokens_total": p.tokens_total,
         "tokens_per_s": rate, "eta_s": eta, "running_bpb": p.bpb,
     }
+    if p.docs_total is not None:  # the phased protocol: documents, phases, and its own estimate
+        api.update(docs_done=p.docs_done, docs_total=p.docs_total, phases_done=p.phases_done,
+                   num_phases=p.num_phases, eta_s=p.eta_s)
+    return api
 
 
 def warmed_world_sizes(devices: int) -> tuple[int, ...]:

@@ -44,6 +44,42 @@ class EvalRequest(BaseModel):
     adapt_exclude: list[str] | None = None
     precision: str | None = Field(None, description="bf16 or fp32; default bf16 on CUDA, fp32 on CPU")
     seed: int | None = None
+    # The phased protocol (per-document LoRA TTT with global-SGD phases; frontier spec 2). Knobs are the
+    # records' environment variables in lower case; unset ones take the checkpoint's record's as-run values.
+    protocol: str | None = Field(None, description="chunked (default), doc_masked or phased")
+    record_defaults: str | None = Field(None, description="phased: the record (e.g. pr1855) whose values fill "
+                                                          "unset knobs; default the checkpoint's preset's")
+    ttt_lora_rank: int | None = None
+    ttt_lora_lr: float | None = None
+    ttt_lora_alpha: float | None = Field(None, description="adapters scale by alpha / rank")
+    ttt_warm_start_a: bool | None = None
+    ttt_chunk_size: int | None = Field(None, description="target tokens per LoRA chunk")
+    ttt_eval_seq_len: int | None = None
+    ttt_batch_size: int | None = Field(None, description="documents per LoRA batch")
+    ttt_grad_steps: int | None = None
+    ttt_optimizer: str | None = Field(None, description="adam (AdamW) or sgd")
+    ttt_beta1: float | None = None
+    ttt_beta2: float | None = None
+    ttt_eps: float | None = None
+    ttt_weight_decay: float | None = None
+    ttt_k_lora: bool | None = None
+    ttt_mlp_lora: bool | None = None
+    ttt_o_lora: bool | None = None
+    phased_ttt_prefix_docs: int | None = Field(None, description="documents the global phases train on (0: none)")
+    phased_ttt_num_phases: int | None = None
+    global_ttt_lr: float | None = None
+    global_ttt_momentum: float | None = None
+    global_ttt_epochs: int | None = None
+    global_ttt_chunk_tokens: int | None = None
+    global_ttt_batch_seqs: int | None = None
+    global_ttt_grad_clip: float | None = None
+    global_ttt_warmup_start_lr: float | None = None
+    global_ttt_warmup_chunks: int | None = None
+    global_ttt_respect_doc_boundaries: bool | None = None
+    val_doc_fraction: float | None = Field(None, description="the record's seeded random share of the documents")
+    max_docs: int | None = Field(None, description="phased: only the stream's first max_docs documents")
+    emulate_ranks: int | None = Field(None, description="phased: the schedule of this many reference ranks "
+                                                        "(default 8, as the records ran; 1: one GPU's)")
     gpus: int = Field(1, ge=1, description="workers ganged for one data-parallel evaluation")
     force: bool = Field(False, description="run even when the result cache has the answer")
     wait: bool = Field(False, description="answer when the job has finished (or wait_timeout_s passed)")
@@ -59,6 +95,10 @@ class Progress(BaseModel):
     tokens_per_s: float | None = None
     eta_s: float | None = None
     running_bpb: float | None = None
+    docs_done: int | None = None  # the phased protocol's documents and phases
+    docs_total: int | None = None
+    phases_done: int | None = None
+    num_phases: int | None = None
 
 
 class JobError(BaseModel):
@@ -196,6 +236,8 @@ class Dataset(BaseModel):
     tokenizer_sha256: str
     val_files: list[str]
     val_tokens: int
+    val_byte_files: list[str] = Field(
+        default_factory=list, description="CaseOps byte sidecars (fineweb_val_bytes_*.bin), the bytes for bpb")
     fingerprint: str
 
 

@@ -57,6 +57,7 @@ def test_result_records_what_ran(val_dir, sp1024_tokenizer):
     assert len(data["identity"]["tokenizer_sha256"]) == 64
     assert data["identity"]["engine_version"] == ENGINE_VERSION
     assert len(data["identity"]["val_files"]) == 2
+    assert data["identity"]["val_byte_files"] == [] and data["identity"]["bytes_from"] == "tokenizer"
     assert data["tokens_scored"] == 288 and data["bytes_scored"] > 0  # 300 tokens trimmed to 18 * 16 + 1
     assert math.isclose(data["val_loss"], data["loss_sum"] / 288)
     assert math.isclose(data["val_bpb"], data["val_loss"] / math.log(2) * 288 / data["bytes_scored"])
@@ -74,6 +75,8 @@ def test_result_records_what_ran(val_dir, sp1024_tokenizer):
     assert "val_bpb" in result.summary() and "compliance ok" in result.summary()
     projection = data["projection"]
     pgttt, reference = projection["pgttt"], projection["reference"]
+    # the full val set of the dataset's family (a folder that names none: SP8192's), not the 288 targets scored
+    assert pgttt["tokens"] == 40_540_160
     assert pgttt["seconds"] == pytest.approx(40_540_160 / (8 * data["tokens_per_second"]))
     assert data["projected_8gpu_s"] == pgttt["seconds"] and data["reference_8xh100_s"] == reference["seconds"]
     # the budget is the reference's: the record's script on 8xH100 with these settings, not this engine's speed

@@ -64,15 +64,60 @@ class _Covered:
         return i >= 0 and self.ends[i] >= b
 
 
-def check_compliance(log: ComplianceLog, total_targets: int) -> dict[str, Any]:
-    """The compliance record of an evaluation of ``total_targets`` targets (positions ``1 .. T``)."""
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(s for s in spans if s[1] > s[0]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _minus(spans: list[tuple[int, int]], cut: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of merged ``spans`` outside merged ``cut``."""
+    out = []
+    for a, b in spans:
+        for c, d in cut:
+            if d <= a or c >= b:
+                continue
+            if c > a:
+                out.append((a, c))
+            a = max(a, d)
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def _coverage_violations(scores: list[Span], expected: list[tuple[int, int]]) -> list[str]:
+    """Scored spans against the positions that must each be scored once (``expected``, any order)."""
+    violations, reached = [], None
+    for e in scores:
+        if reached is not None and e.start < reached:
+            violations.append(f"positions {e.start}..{min(e.end, reached) - 1} scored more than once (chunk {e.chunk})")
+        reached = e.end if reached is None else max(reached, e.end)
+    union, want = _merged([(e.start, e.end) for e in scores]), _merged(expected)
+    violations += [f"positions {a}..{b - 1} never scored" for a, b in _minus(want, union)]
+    violations += [f"positions {a}..{b - 1} scored outside the evaluated targets" for a, b in _minus(union, want)]
+    return violations
+
+
+def check_compliance(log: ComplianceLog, total_targets: int,
+                     expected: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """The compliance record of an evaluation of ``total_targets`` targets: positions ``1 .. T``, or the
+    spans ``expected`` (the phased protocol's selected documents) holding that many positions."""
     violations: list[str] = []
     scores = sorted((e for e in log.events if e.kind == "score"), key=lambda e: (e.start, e.end))
     trains = [e for e in log.events if e.kind == "train"]
     span_tokens = sum(e.end - e.start for e in scores)
 
-    position = 1  # the next position that must be scored
-    for e in scores:
+    position = total_targets + 1 if expected is not None else 1  # the next position that must be scored
+    if expected is not None:
+        violations += _coverage_violations(scores, expected)
+        scores_in_order: list[Span] = []
+    else:
+        scores_in_order = scores
+    for e in scores_in_order:
         if e.start > position:
             violations.append(f"positions {position}..{e.start - 1} never scored")
         elif e.start < position:

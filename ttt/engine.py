@@ -30,21 +30,30 @@ from pgttt.budget import FAMILIES, BudgetError, ModelShape, estimate, family_for
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.model import GPT, apply_precision, autocast
 
-from .bytes import ByteTables, load_byte_tables
+from .bytes import ByteTables, byte_source, load_byte_tables
 from .compliance import ComplianceLog, check_compliance
 from .config import EvalConfig
-from .data import ValSet, load_val
+from .data import ByteSource, ValSet, load_val
 from .distributed import World
 from .errors import EvalCancelled, EvalError
+from .phased import PhasedProgress, run_phased
 from .plan import Plan, merged_spans, plan_windows, share
 
 ENGINE_VERSION = __version__
 
-# The challenge's eval budget: the full FineWeb val split (first 50,000 documents) on 8 GPUs within 600 seconds.
-# The val set's size is per tokenizer family (pgttt.budget.FAMILIES: 40,540,160 SP8192 targets, 47,851,520 CaseOps).
+# The challenge's eval budget: the full val split (its first 50,000 documents) on 8 GPUs within 600 seconds.
+# Its size is per tokenizer family (pgttt.budget.FAMILIES: 40,540,160 SP8192 targets, 47,851,520 CaseOps).
 FULL_VAL_TOKENS = FAMILIES["sp8192"].targets
 BUDGET_GPUS = 8
 BUDGET_S = 600.0
+
+
+def dataset_family_hint(valset: ValSet) -> str:
+    """What names the val set's family for the full-val projection: a byte sidecar means CaseOps, whatever the
+    folder is called; otherwise the shards' paths (``fineweb10B_sp1024/...`` -> sp1024)."""
+    if valset.sidecar is not None:
+        return "caseops"
+    return " ".join(str(f) for f in valset.files)
 
 
 def project_full_eval(tokens_per_second: float, world_size: int, config: dict[str, Any] | None = None,
@@ -90,6 +99,12 @@ class Progress:
     loss: float | None  # running values, as of the last finished chunk
     bpb: float | None
     elapsed_s: float
+    # The phased protocol's (chunk/chunks count documents there): its documents, phases and an estimate.
+    docs_done: int | None = None
+    docs_total: int | None = None
+    phases_done: int | None = None
+    num_phases: int | None = None
+    eta_s: float | None = None
 
 
 ProgressFn = Callable[[Progress], None]
@@ -344,7 +359,7 @@ def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = 
 def run_protocol(
     model: GPT,
     tokens: np.ndarray,
-    tables: ByteTables,
+    tables: ByteSource,
     config: EvalConfig,
     *,
     steps: Steps | None = None,
@@ -353,7 +368,8 @@ def run_protocol(
     cancel: CancelEvent | None = None,
 ) -> ProtocolRun:
     """Spec sections 3-4 on ``model`` in place (its weights end adapted). ``tokens``: the trimmed val stream
-    (T + 1 ids); ``config``: resolved. Sliding-window evaluation is ``ttt_epochs=0``."""
+    (T + 1 ids); ``tables``: the bytes of its targets (tokenizer tables or the val set's sidecar);
+    ``config``: resolved. Sliding-window evaluation is ``ttt_epochs=0``."""
     length, precision = resolved_shape(config)
     world = world or World.current()
     steps = steps or Steps(model, compiled=False)
@@ -486,19 +502,34 @@ class EvalResult:
     reference_8xh100_s: float | None = None
     trained_chunks: int = 0  # chunks trained on after scoring (never the last; 0 with ttt_epochs=0)
     warnings: list[str] = field(default_factory=list)  # e.g. a TTT run that trained on nothing
+    # The phased protocol: counts, the phase schedule, the per-batch trace (chunks stays empty).
+    protocol: str = "chunked"
+    counts: dict[str, int] | None = None
+    schedule: dict[str, Any] | None = None
+    batches: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         cfg = self.config
-        mode = "sliding" if cfg["ttt_epochs"] == 0 else f"ttt {cfg['ttt_epochs']}ep/{cfg['chunk_tokens']}"
-        ok = self.compliance["scored_exactly_once"] and self.compliance["score_before_update"]
+        c = self.compliance
+        if cfg["protocol"] == "doc_masked":
+            mode = f"doc_masked seq_len {cfg['seq_len']} batches of {c['batch_seqs']}"
+            check = f"{c['unscored_targets']} of {c['targets']} targets never scored (the records' truncation)"
+        else:
+            mode = "sliding" if cfg["ttt_epochs"] == 0 else f"ttt {cfg['ttt_epochs']}ep/{cfg['chunk_tokens']}"
+            mode += f" seq_len {cfg['seq_len']} stride {cfg['stride']}"
+            if cfg["protocol"] == "phased":
+                mode = (f"phased {cfg['phased_ttt_num_phases']}x{cfg['phased_ttt_prefix_docs']} docs, LoRA r"
+                        f"{cfg['ttt_lora_rank']} chunk {cfg['ttt_chunk_size']} ({cfg['record_defaults']} defaults)")
+            ok = c["scored_exactly_once"] and c["score_before_update"]
+            check = f"compliance {'ok' if ok else 'VIOLATED'}"
         return (
-            f"val_loss {self.val_loss:.8f} val_bpb {self.val_bpb:.8f} | {mode} seq_len {cfg['seq_len']} "
-            f"stride {cfg['stride']} | {self.tokens_scored} tokens {self.bytes_scored} bytes | "
+            f"val_loss {self.val_loss:.8f} val_bpb {self.val_bpb:.8f} | {mode} | {self.tokens_scored} tokens "
+            f"{self.bytes_scored} bytes ({self.identity['bytes_from']}) | "
             f"{self.timings['eval_s']:.1f}s {self.tokens_per_second:.0f} tok/s | {self.device} x{self.world_size} "
-            f"{cfg['precision']} | compliance {'ok' if ok else 'VIOLATED'} | full val: pgttt on 8 such devices "
+            f"{cfg['precision']} | {check} | full val: pgttt on 8 such devices "
             f"~{self.projected_8gpu_s:.0f}s, reference on 8xH100 ~{self.reference_8xh100_s or math.nan:.0f}s "
             f"({'fits' if self.projection['fits_budget'] else 'over'} the 600 s budget)"
         )
@@ -545,16 +576,20 @@ class EvalSession:
         *,
         checkpoint_sha256: str | None = None,
         tokenizer_sha256: str | None = None,
+        tokenizer_name: str | None = None,
         source: str | None = None,
         load_s: float = 0.0,
         cuda_graphs: bool = True,
+        preset: str | None = None,
     ) -> None:
         self.template = copy.deepcopy(model).cpu().float().eval().requires_grad_(False)
         self.cuda_graphs = cuda_graphs
         self.checkpoint_sha256 = checkpoint_sha256
         self.tokenizer_sha256 = tokenizer_sha256  # what the checkpoint was trained with, when it says
+        self.tokenizer_name = tokenizer_name
         self.source = source
         self.load_s = load_s
+        self.preset = preset  # the architecture preset it was made as, when known: its record's TTT defaults
         self._workers: dict[tuple[str, str], _Worker] = {}
         self._lock = threading.Lock()
 
@@ -564,9 +599,11 @@ class EvalSession:
         from pgttt.checkpoints.loading import build_model
 
         model = build_model(ckpt, precision="fp32", device="cpu")
-        tokenizer = ckpt.tokenizer.sha256 if ckpt.tokenizer is not None else None
-        return cls(model, checkpoint_sha256=ckpt.sha256, tokenizer_sha256=tokenizer, source=str(ckpt.path),
-                   load_s=load_s, cuda_graphs=cuda_graphs)
+        tokenizer = ckpt.tokenizer
+        return cls(model, checkpoint_sha256=ckpt.sha256, source=str(ckpt.path), load_s=load_s,
+                   tokenizer_sha256=None if tokenizer is None else tokenizer.sha256,
+                   tokenizer_name=None if tokenizer is None else tokenizer.name, cuda_graphs=cuda_graphs,
+                   preset=ckpt.provenance.get("preset"))
 
     @classmethod
     def load(cls, path: str | Path, *, preset: str | None = None, overrides: Any = None,
@@ -613,9 +650,22 @@ class EvalSession:
     def _warm(self, worker: _Worker, cfg: EvalConfig, *, static_training: bool = False,
               world: World | None = None) -> None:
         """Compile what ``cfg`` needs and was not compiled yet; in an evaluation (not ``warmup``), a new
-        training batch size takes the dynamic-batch graph instead of a compile of its own."""
-        if cfg.compile:
+        training batch size takes the dynamic-batch graph instead of a compile of its own. The doc_masked pass
+        and the phased protocol run eager (graphs made for windows would not serve them)."""
+        if cfg.compile and cfg.protocol == "chunked":
             warm_up(worker.model, worker.steps_for(True), cfg, world, static_training=static_training)
+
+    @staticmethod
+    def _run(worker: _Worker, tokens: np.ndarray, source: ByteSource, cfg: EvalConfig, world: World,
+             progress: ProgressFn | None, cancel: CancelEvent | None) -> ProtocolRun:
+        """The protocol ``cfg.protocol`` on the worker's (reset) model: one function per protocol."""
+        if cfg.protocol == "doc_masked":
+            from .doc_masked import run_doc_masked  # it imports this module's result types
+
+            return run_doc_masked(worker.model, tokens, source, cfg, world=world, progress=progress, cancel=cancel)
+        steps = worker.steps_for(bool(cfg.compile))
+        return run_protocol(worker.model, tokens, source, cfg, steps=steps, world=world, progress=progress,
+                            cancel=cancel)
 
     def evaluate(
         self,
@@ -627,21 +677,16 @@ class EvalSession:
         progress: ProgressFn | None = None,
         cancel: CancelEvent | None = None,
     ) -> EvalResult:
-        """One evaluation. ``val``: a ``ValSet`` or what ``load_val`` takes (a directory, glob or file)."""
+        """One evaluation. ``val``: a ``ValSet`` or what ``load_val`` takes (a directory, glob or file); the
+        bytes of targets come from its sidecar when it has one (CaseOps), else from ``tokenizer``'s tables."""
         t_start = time.perf_counter()
         device = torch.device(device) if device is not None else default_device()
-        cfg = (config or EvalConfig()).resolved(self.config, device)
+        cfg = (config or EvalConfig()).resolved(self.config, device, preset=self.preset)
         vocab = self.config.vocab_size
         valset = val if isinstance(val, ValSet) else load_val(val, vocab)
         valset.check_vocab(vocab)
         tables = tokenizer if isinstance(tokenizer, ByteTables) else load_byte_tables(tokenizer, vocab)
-        if tables.vocab_size != vocab:
-            raise EvalError(f"byte tables cover {tables.vocab_size} ids, the model's vocab_size is {vocab}")
-        if self.tokenizer_sha256 is not None and tables.tokenizer_sha256 != self.tokenizer_sha256:
-            raise EvalError(
-                f"tokenizer sha256 {tables.tokenizer_sha256[:12]}… is not the one this checkpoint records "
-                f"({self.tokenizer_sha256[:12]}…): bits per byte would be counted with the wrong pieces"
-            )
+        source = byte_source(valset, tables, vocab, self.tokenizer_sha256, self.tokenizer_name)
         seq_len, precision = resolved_shape(cfg)
         tokens = valset.trimmed(seq_len, cfg.max_tokens)
         world = World.current()
@@ -657,16 +702,21 @@ class EvalSession:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            steps = worker.steps_for(bool(cfg.compile))
-            run = run_protocol(worker.model, tokens, tables, cfg, steps=steps, world=world, progress=progress,
-                               cancel=cancel)
+            phased = None
+            if cfg.protocol == "phased":
+                phased = run_phased(worker.model, tokens, source.target_bytes(tokens), cfg, world=world,
+                                    progress=None if progress is None else _phased_progress(progress), cancel=cancel)
+                run = ProtocolRun(phased.loss_sum, phased.tokens, phased.bytes, [], phased.compliance,
+                                  phased.timings["scoring_s"], phased.timings["training_s"])
+            else:
+                run = self._run(worker, tokens, source, cfg, world, progress, cancel)
             eval_s = time.perf_counter() - t0
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         tokens_per_second = run.tokens / eval_s if eval_s > 0 else 0.0
         projection = project_full_eval(tokens_per_second, world.size, cfg.to_dict(),
-                                       " ".join(str(f) for f in valset.files), self.config.to_dict())
+                                       dataset_family_hint(valset), self.config.to_dict())
         trained = sum(1 for c in run.chunks if c.lr is not None)
-        warnings = [] if cfg.ttt_epochs == 0 or trained else [
+        warnings = [] if cfg.protocol != "chunked" or cfg.ttt_epochs == 0 or trained else [
             f"ttt_epochs={cfg.ttt_epochs} trained on nothing: of {len(run.chunks)} chunk(s) of chunk_tokens="
             f"{cfg.chunk_tokens}, none was trained on (the last chunk never is, nor one without a whole "
             f"seq_len={cfg.seq_len} sequence), so val_bpb is ttt_epochs=0's; score more tokens than chunk_tokens"
@@ -685,6 +735,8 @@ class EvalSession:
                 "tokenizer_sha256": tables.tokenizer_sha256,
                 "val_fingerprint": valset.fingerprint,
                 "val_files": [str(f) for f in valset.files],
+                "val_byte_files": [str(f) for f in valset.sidecar_files],
+                "bytes_from": source.kind,  # "sidecar" (CaseOps, frontier spec 5.4) or "tokenizer"
                 "engine_version": ENGINE_VERSION,
             },
             chunks=run.chunks,
@@ -694,6 +746,7 @@ class EvalSession:
                 "warmup_s": warmup_s,
                 "scoring_s": run.scoring_s,
                 "training_s": run.training_s,
+                **({"global_sgd_s": phased.timings["global_sgd_s"]} if phased else {}),
                 "eval_s": eval_s,
                 "total_s": time.perf_counter() - t_start,
             },
@@ -707,4 +760,16 @@ class EvalSession:
             reference_8xh100_s=(projection["reference"] or {}).get("seconds"),
             trained_chunks=trained,
             warnings=warnings,
+            protocol=cfg.protocol,
+            counts=phased.counts if phased else None,
+            schedule=phased.schedule if phased else None,
+            batches=phased.batches if phased else [],
         )
+
+
+def _phased_progress(progress: ProgressFn) -> Callable[[PhasedProgress], None]:
+    """The phased loop's progress as ``Progress``: documents for chunks, and its own fields."""
+    def forward(p: PhasedProgress) -> None:
+        progress(Progress(p.stage, p.docs_done, p.docs_done, p.docs_total, p.tokens_scored, p.tokens_total, None,
+                          None, p.elapsed_s, p.docs_done, p.docs_total, p.phases_done, p.num_phases, p.eta_s))
+    return forward

@@ -1,0 +1,287 @@
+"""The phased protocol (frontier spec 2): per-document LoRA TTT, with phases of global SGD on scored documents.
+
+``run_phased`` runs it on a model in place. Documents are batched by length and the queue runs from the
+longest; each batch's documents are scored chunk by chunk, each chunk in one window inside its document,
+and after each chunk one LoRA step (per ``ttt_grad_steps``) trains on that chunk. At the canonical pauses
+(``schedule``) the base weights take a phase of global SGD on the selected scored documents. The schedule,
+the packing and the adapters' A follow ``emulate_ranks`` emulated ranks, so the numbers do not depend on
+how many real ranks share the work (real rank r takes the batches of emulated ranks v = r mod size).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pgttt.checkpoints.model import autocast
+
+from .compliance import ComplianceLog, check_compliance
+from .config import EvalConfig
+from .distributed import World
+from .documents import Batch, chunk_window, find_documents, make_queue, num_chunks, select_documents
+from .errors import EvalCancelled, EvalError
+from .global_sgd import global_sgd
+from .lora import AdapterSet, DrawStream, Shapes, lora_optimizer, shapes_for
+from .schedule import pause_points, phase_boundaries, segments, selected_documents, virtual_rank
+
+
+@dataclass(frozen=True)
+class PhasedProgress:
+    stage: str  # "scoring" or "global_sgd"
+    docs_done: int
+    docs_total: int
+    phases_done: int
+    num_phases: int
+    tokens_scored: int  # this rank's
+    tokens_total: int
+    elapsed_s: float
+    eta_s: float | None  # from the work done so far, in forward columns (long documents cost more per token)
+
+
+@dataclass
+class BatchTrace:
+    queue_index: int
+    batch: int  # orig_batch_idx (ascending-length order)
+    docs: int
+    min_len: int
+    max_len: int
+    chunks: int
+    emulated_rank: int
+    phases_done: int  # global phases whose weights scored this batch
+    loss_sum: float
+    tokens: int
+    bytes: int
+    running_loss: float = 0.0  # in queue order over every rank's batches, filled at the end
+    running_bpb: float | None = None
+    scoring_s: float = 0.0
+    training_s: float = 0.0
+
+
+@dataclass
+class PhasedRun:
+    loss_sum: float
+    tokens: int
+    bytes: int
+    counts: dict[str, int]
+    schedule: dict[str, Any]
+    batches: list[BatchTrace]
+    compliance: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def val_loss(self) -> float:
+        return self.loss_sum / self.tokens
+
+    @property
+    def val_bpb(self) -> float:
+        if self.bytes <= 0:
+            raise EvalError(f"the {self.tokens} scored tokens stand for 0 bytes: bits per byte is undefined")
+        return self.loss_sum / (math.log(2.0) * self.bytes)
+
+
+class Lane:
+    """One emulated rank's adapters: its draw stream and its reusable (warm-started) set."""
+
+    def __init__(self, seed: int) -> None:
+        self.draws = DrawStream(seed)
+        self.pending: Tensor | None = None
+        self.reusable: AdapterSet | None = None
+
+    def build(self, shapes: Shapes, bsz: int) -> None:
+        """A new reusable set (at the start and after each phase), drawn when first used."""
+        self.pending, self.reusable = self.draws.reserve(shapes, bsz), None
+
+    def adapters(self, shapes: Shapes, bsz: int, config: EvalConfig, device: torch.device) -> AdapterSet:
+        if bsz != config.ttt_batch_size:  # another size: a brand-new set (spec 2.6)
+            return AdapterSet(shapes, self.draws.draw(shapes, bsz), config.lora_scale, device)
+        if self.reusable is None:
+            assert self.pending is not None
+            a = DrawStream.draw_from(self.pending, shapes, bsz)
+            self.reusable = AdapterSet(shapes, a, config.lora_scale, device)
+        self.reusable.reset(None if config.ttt_warm_start_a else self.draws.draw(shapes, bsz))
+        return self.reusable
+
+
+def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndarray, config: EvalConfig, *,
+               world: World | None = None, progress: Callable[[PhasedProgress], None] | None = None,
+               cancel: Any = None) -> PhasedRun:
+    """Spec 2 on ``model`` in place. ``tokens``: the cut val stream; ``target_bytes[i]``: bytes of target i
+    (stream position i + 1); ``config``: resolved (``EvalConfig.resolved``)."""
+    world = world or World.current()
+    device = next(model.parameters()).device
+    precision = config.precision
+    if precision is None or config.seq_len is None or config.ttt_lora_rank is None:
+        raise ValueError("run_phased needs a resolved EvalConfig (EvalConfig.resolved)")
+    if len(target_bytes) != len(tokens) - 1:
+        raise EvalError(f"{len(target_bytes)} target byte counts for a stream of {len(tokens)} tokens")
+    t_start = time.perf_counter()
+    docs = select_documents(find_documents(tokens), max_docs=config.max_docs, fraction=config.val_doc_fraction,
+                            seed=config.seed)
+    queue = make_queue(docs, config.ttt_batch_size)
+    bounds = phase_boundaries(len(docs), config.phased_ttt_prefix_docs, config.phased_ttt_num_phases)
+    pauses = pause_points([len(b.docs) for b in queue], bounds, config.emulate_ranks)
+    shapes = shapes_for(model, config.ttt_lora_rank, k=config.ttt_k_lora, mlp=config.ttt_mlp_lora,
+                        o=config.ttt_o_lora)
+    lanes = {v: Lane(config.seed) for v in range(config.emulate_ranks) if v % world.size == world.rank}
+    stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
+    nbytes = torch.from_numpy(np.asarray(target_bytes, dtype=np.int64)).to(device)
+    cost = [sum(len(b.docs) * min((c + 1) * config.ttt_chunk_size, config.ttt_eval_seq_len)
+                for c in range(max(num_chunks(d, config.ttt_chunk_size) for d in b.docs))) for b in queue]
+    my_cost = sum(c for q, c in enumerate(cost) if virtual_rank(q, pauses, config.emulate_ranks) in lanes)
+    model.eval().requires_grad_(False)
+    log, traces, phases = ComplianceLog(), [], []
+    done_cost = docs_done = scored = 0
+    step = 2 * max(num_chunks(d, config.ttt_chunk_size) for d in docs) + 2  # ledger order: batch, chunk, kind
+    scoring_s = training_s = global_s = 0.0
+
+    for lane in lanes.values():
+        lane.build(shapes, config.ttt_batch_size)
+
+    def report(stage: str) -> None:
+        if cancel is not None and cancel.is_set():
+            raise EvalCancelled(f"cancelled after {docs_done} of {len(docs)} documents ({stage})")
+        if progress is not None:
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed * (my_cost - done_cost) / done_cost if done_cost else None
+            progress(PhasedProgress(stage, docs_done, len(docs), len(phases), len(pauses), scored,
+                                    int(sum(d.targets for d in docs)), elapsed, eta))
+
+    for seg, (first, last) in enumerate(segments(len(queue), pauses)):
+        for q in range(first, last):
+            v = virtual_rank(q, pauses, config.emulate_ranks)
+            docs_done += len(queue[q].docs)
+            if v not in lanes:
+                continue  # another real rank's batch
+            report("scoring")
+            adapters = lanes[v].adapters(shapes, len(queue[q].docs), config, device)
+            trace = score_batch(model, queue[q], adapters, stream, nbytes, config, log, order=q * step)
+            trace.queue_index, trace.emulated_rank, trace.phases_done = q, v, seg
+            traces.append(trace)
+            done_cost += cost[q]
+            scored += trace.tokens
+            scoring_s, training_s = scoring_s + trace.scoring_s, training_s + trace.training_s
+        if seg < len(pauses):  # the pause after this segment: phase seg + 1
+            report("global_sgd")
+            t0 = time.perf_counter()
+            selected = selected_documents(queue, pauses[seg], bounds[seg])
+            remaining = pauses[seg] < len(queue)  # weights nobody scores with are not trained
+            sgd = global_sgd(model, tokens, selected, config, world=world, log=log, order=pauses[seg] * step - 1,
+                             precision=precision) if remaining else None
+            phases.append({
+                "phase": seg + 1, "boundary": bounds[seg], "batches_completed": pauses[seg],
+                "docs_completed": sum(len(b.docs) for b in queue[: pauses[seg]]), "docs_selected": len(selected),
+                "trained": remaining, "stream_tokens": sgd.stream_tokens if sgd else None,
+                "global_chunks": sgd.num_chunks if sgd else None, "chunks": sgd.chunks if sgd else [],
+                "seconds": time.perf_counter() - t0,
+            })
+            global_s += time.perf_counter() - t0
+            if remaining:
+                for lane in lanes.values():
+                    lane.build(shapes, config.ttt_batch_size)
+    return _finish(world, log, traces, docs, queue, bounds, pauses, phases, config,
+                   {"scoring_s": scoring_s, "training_s": training_s, "global_sgd_s": global_s})
+
+
+def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stream: Tensor, nbytes: Tensor,
+                config: EvalConfig, log: ComplianceLog, *, order: int) -> BatchTrace:
+    """Spec 2.5 for one batch: for each chunk step c, score every document's chunk c in its window, then
+    one LoRA step (``ttt_grad_steps``) on the chunk's mean loss of the documents that have a later chunk."""
+    device, docs = stream.device, batch.docs
+    size, window, bsz = config.ttt_chunk_size, config.ttt_eval_seq_len, len(docs)
+    chunks = [num_chunks(d, size) for d in docs]
+    optimizer = lora_optimizer(adapters.parameters(), kind=config.ttt_optimizer, lr=config.ttt_lora_lr,
+                               beta1=config.ttt_beta1, beta2=config.ttt_beta2, eps=config.ttt_eps,
+                               weight_decay=config.ttt_weight_decay)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+    scoring_s = training_s = 0.0
+    for c in range(max(chunks)):
+        t0 = time.perf_counter()
+        width = min((c + 1) * size, window)  # the longest window of this step; rows are left-aligned
+        offset = c * size - max(0, (c + 1) * size - window)  # a full chunk's first column
+        starts, lengths, lo, hi = [], [], [], []
+        for d, n in zip(docs, chunks, strict=True):
+            w = chunk_window(c, d.targets, size, window) if c < n else None
+            starts.append(d.start + w.start if w else 0)
+            lengths.append(w.length if w else 0)
+            lo.append(w.chunk_offset if w else 0)
+            hi.append(w.chunk_offset + w.chunk_length if w else 0)
+        cols = torch.arange(width, device=device)
+        index = torch.tensor(starts, device=device)[:, None] + cols
+        valid = cols < torch.tensor(lengths, device=device)[:, None]
+        scored = valid & (cols >= torch.tensor(lo, device=device)[:, None])
+        scored &= cols < torch.tensor(hi, device=device)[:, None]
+        x = torch.where(valid, stream[index.clamp(max=len(stream) - 2)], 0)
+        y = torch.where(valid, stream[index.clamp(max=len(stream) - 2) + 1], 0)
+        train = torch.tensor([c < n - 1 for n in chunks], device=device)
+        trains = bool(train.any())
+        with torch.set_grad_enabled(trains):
+            per_token = _per_token_loss(model, x, y, adapters, config.precision)
+        with torch.no_grad():
+            mask = scored.double()
+            sums += torch.stack(((per_token.double() * mask).sum(), mask.sum(),
+                                 (nbytes[index.clamp(max=len(nbytes) - 1)].double() * mask).sum()))
+        log.score(order + 2 * c, [(d.start + c * size + 1, d.start + c * size + 1 + (h - lw))
+                                  for d, lw, h, n in zip(docs, lo, hi, chunks, strict=True) if c < n], 0)
+        t1 = time.perf_counter()
+        if trains:
+            for g in range(config.ttt_grad_steps):
+                if g > 0:
+                    per_token = _per_token_loss(model, x, y, adapters, config.precision)
+                per_doc = per_token[:, offset : offset + size].mean(dim=-1)
+                optimizer.zero_grad(set_to_none=True)
+                (per_doc * train.float()).sum().backward()
+                optimizer.step()
+            log.train(order + 2 * c + 1, [(d.start + max(s - d.start, 1), d.start + (c + 1) * size + 1)
+                                          for d, s, n in zip(docs, starts, chunks, strict=True) if c < n - 1])
+        scoring_s += t1 - t0
+        training_s += time.perf_counter() - t1
+    loss_sum, tokens, nb = sums.tolist()
+    log.observed_scored += int(tokens)
+    return BatchTrace(0, batch.index, bsz, min(d.length for d in docs), max(d.length for d in docs), max(chunks),
+                      0, 0, loss_sum, int(tokens), int(nb), scoring_s=scoring_s, training_s=training_s)
+
+
+def _per_token_loss(model: torch.nn.Module, x: Tensor, y: Tensor, adapters: AdapterSet, precision: str) -> Tensor:
+    with autocast(precision, x.device):
+        logits = model(x, adapters=adapters)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
+def _finish(world: World, log: ComplianceLog, traces: list[BatchTrace], docs: list, queue: list[Batch],
+            bounds: list[int], pauses: list[int], phases: list[dict], config: EvalConfig,
+            timings: dict[str, float]) -> PhasedRun:
+    """Every rank's traces and ledger gathered; running values in queue order; the compliance check."""
+    if world.distributed:
+        traces = [t for part in world.all_gather(traces) for t in part]
+        log = ComplianceLog.merge(world.all_gather(log))
+    traces.sort(key=lambda t: t.queue_index)
+    loss_sum, tokens, nbytes = 0.0, 0, 0
+    for t in traces:  # fp64 sums in queue order: the same on every rank and for every world size
+        loss_sum, tokens, nbytes = loss_sum + t.loss_sum, tokens + t.tokens, nbytes + t.bytes
+        t.running_loss = loss_sum / tokens
+        t.running_bpb = loss_sum / (math.log(2.0) * nbytes) if nbytes else None
+    expected = [(d.start + 1, d.start + d.length) for d in docs]
+    compliance = check_compliance(log, sum(d.targets for d in docs), expected)
+    compliance["exempt"] = ("each document's own first token, its BOS, is read as context by its windows and "
+                            "by global SGD without being one of its targets (a constant delimiter: spec 2.13 (a))")
+    counts = {"documents": len(docs), "batches": len(queue),
+              "chunks": sum(num_chunks(d, config.ttt_chunk_size) for d in docs),  # scored (document, chunk) pairs
+              "chunk_steps": sum(t.chunks for t in traces),  # batched forward passes that scored them
+              "tokens": tokens, "bytes": nbytes}
+    schedule = {
+        "emulate_ranks": config.emulate_ranks, "boundaries": bounds, "pauses": pauses,
+        "docs_completed": [p["docs_completed"] for p in phases], "phases": phases,
+    }
+    return PhasedRun(loss_sum, tokens, nbytes, counts, schedule, traces, compliance, timings)
+
+
+def trace_dicts(run: PhasedRun) -> list[dict[str, Any]]:
+    return [asdict(t) for t in run.batches]
