@@ -82,8 +82,8 @@ def load_checkpoint(
         if training_log is None:
             config = resolve_config(preset, overrides)
         else:
-            given = overrides if isinstance(overrides, dict) else dict(parse_override(o) for o in overrides or [])
-            config = training_log.config(preset, given)
+            forced = overrides if isinstance(overrides, dict) else dict(parse_override(o) for o in overrides or [])
+            config = training_log.config(preset, forced)
         tensors, packing = parse_ptz(path, data, config)
         if training_log is not None:
             check_quantization(training_log, tensors, str(path))
