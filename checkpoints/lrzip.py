@@ -81,8 +81,9 @@ def decode(data: bytes, expected_size: int, *, timeout_s: float | None = None,
 
 
 def decode_all(jobs: list[tuple[bytes, int]], *, workers: int | None = None,
-               decoder: Callable[[bytes, int], bytes] = decode) -> list[bytes]:
+               decoder: Callable[[bytes, int], bytes] | None = None) -> list[bytes]:
     """Decode several streams in parallel (one lrzip process each); the first failure is raised."""
+    decoder = decoder or decode
     if not jobs:
         return []
     workers = workers or min(len(jobs), os.cpu_count() or 1)
