@@ -11,6 +11,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# lrzip decodes the 2026-04-27 record's per-group (PGRP) artifacts. Not pinned (DL3008): the base
+# image's Ubuntu release decides which version its archive holds, and any 0.6x decodes these files.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends lrzip \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/pgttt
 COPY pyproject.toml README.md ./
 COPY cli ./cli

@@ -1,8 +1,9 @@
 """One way to open a checkpoint of either kind (``model.bin`` or a challenge ``.ptz``) and build its GPT.
 
 The kind is decided by the file's first bytes, not its name: a ``model.bin`` carries its config in
-its header (a preset or overrides would be ignored, so they are refused); a ``.ptz`` carries none, so
-a preset (plus the training log's overrides) is required.
+its header (a preset, log or overrides would be ignored, so they are refused); a ``.ptz`` carries
+none, so its record's training log (``--log``, whose Hyperparameters block names the architecture) or
+a preset is required; a preset and ``--set`` overrides take precedence over the log.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from .config import ModelConfig, resolve_config
+from .config import ModelConfig, parse_override, resolve_config
 from .format import (
     MAGIC,
     CheckpointError,
@@ -24,6 +25,7 @@ from .format import (
     read_file_bytes,
     tokenizer_identity,
 )
+from .hparams_log import TrainingLog, check_quantization, read_training_log
 from .model import GPT, apply_precision
 from .ptz import parse_ptz
 from .quant import QuantizedTensor, dequantize_state
@@ -50,29 +52,41 @@ def load_checkpoint(
     preset: str | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
     tokenizer: str | os.PathLike | None = None,
+    log: str | os.PathLike | None = None,
 ) -> LoadedCheckpoint:
-    """Open and fully validate a checkpoint; ``tokenizer`` (a .model file) is checked against it."""
+    """Open and fully validate a checkpoint; ``tokenizer`` (a .model file) is checked against it.
+
+    ``log``: a record's training log, for a ``.ptz``: the architecture comes from its Hyperparameters
+    block (``preset``, if given, replaces the base for what a log does not print; ``overrides`` win),
+    and the artifact's quantization must be what the log's settings produce."""
     path = Path(path)
     data = read_file_bytes(path)
     given = None if tokenizer is None else tokenizer_identity(tokenizer)
     if data.startswith(MAGIC):
-        if preset is not None or overrides:
+        if preset is not None or overrides or log is not None:
             raise CheckpointError(
                 f"{path}: a model.bin carries its own architecture in its header; "
-                "a preset or overrides are not allowed (drop --preset/--set)"
+                "a preset, log or overrides are not allowed (drop --preset/--log/--set)"
             )
         mb = parse_model_bin(path, data)
         config, tensors, provenance, recorded = mb.config, mb.tensors, mb.provenance, mb.tokenizer
         kind: Kind = "model.bin"
         sha256 = mb.sha256
     else:
-        if preset is None:
+        if preset is None and log is None:
             raise CheckpointError(
                 f"{path}: not a model.bin, so read as a challenge .ptz artifact, which carries no hyperparameters: "
-                "give a preset (and overrides from its training log), e.g. --preset pg-2026-04-09"
+                "give its training log (--log train_seed42.log) or a preset (and overrides), e.g. --preset pr1855"
             )
-        config = resolve_config(preset, overrides)
+        training_log = None if log is None else read_training_log(log)
+        if training_log is None:
+            config = resolve_config(preset, overrides)
+        else:
+            forced = overrides if isinstance(overrides, dict) else dict(parse_override(o) for o in overrides or [])
+            config = training_log.config(preset, forced)
         tensors, packing = parse_ptz(path, data, config)
+        if training_log is not None:
+            check_quantization(training_log, tensors, str(path))
         sha256 = hashlib.sha256(data).hexdigest()
         provenance = {
             "source": "ptz",
@@ -82,6 +96,8 @@ def load_checkpoint(
             "overrides": _overrides_dict(overrides, config),
             **packing,
         }
+        if training_log is not None:
+            provenance["training_log"] = _log_provenance(training_log, preset, config)
         kind, recorded = "ptz", None
     if given is not None and recorded is not None and given.sha256 != recorded.sha256:
         raise CheckpointError(
@@ -95,6 +111,20 @@ def load_checkpoint(
             f"vocab_size={config.vocab_size}"
         )
     return LoadedCheckpoint(path, kind, config, tensors, sha256, len(data), identity, provenance)
+
+
+def _log_provenance(log: TrainingLog, preset: str | None, config: ModelConfig) -> dict[str, Any]:
+    """What the log supplied, and what it could not (taken from the base preset), for the record."""
+    base = preset or log.base_preset()
+    return {
+        "file": log.path.name,
+        "sha256": hashlib.sha256(log.path.read_bytes()).hexdigest(),
+        "base_preset": base,
+        "not_in_log": {key: getattr(config, key) for key in log.unprinted},
+        "code_bytes": log.code_bytes,
+        "model_params": log.model_params,
+        "settings": log.other,
+    }
 
 
 def _overrides_dict(overrides: list[str] | dict[str, Any] | None, config: ModelConfig) -> dict[str, Any]:

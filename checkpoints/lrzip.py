@@ -43,9 +43,11 @@ def declared_size(data: bytes) -> int | None:
     return int.from_bytes(data[6:14], "little")
 
 
-def decode(data: bytes, expected_size: int, *, timeout_s: float = TIMEOUT_S,
-           memory_limit: int = MEMORY_LIMIT_BYTES) -> bytes:
+def decode(data: bytes, expected_size: int, *, timeout_s: float | None = None,
+           memory_limit: int | None = None) -> bytes:
     """The decoded bytes of one lrzip file, which must be exactly ``expected_size`` long."""
+    timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
+    memory_limit = MEMORY_LIMIT_BYTES if memory_limit is None else memory_limit
     program = lrzip_program()
     if program is None:
         raise LrzipError(f"the lrzip program is not installed; {INSTALL_HINT}")
@@ -79,8 +81,9 @@ def decode(data: bytes, expected_size: int, *, timeout_s: float = TIMEOUT_S,
 
 
 def decode_all(jobs: list[tuple[bytes, int]], *, workers: int | None = None,
-               decoder: Callable[[bytes, int], bytes] = decode) -> list[bytes]:
+               decoder: Callable[[bytes, int], bytes] | None = None) -> list[bytes]:
     """Decode several streams in parallel (one lrzip process each); the first failure is raised."""
+    decoder = decoder or decode
     if not jobs:
         return []
     workers = workers or min(len(jobs), os.cpu_count() or 1)

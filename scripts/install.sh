@@ -22,3 +22,8 @@ fi
 echo "torch==${existing}" > "$constraints"
 .venv/bin/python -m pip install -q -c "$constraints" -e ".[test]"
 echo "install: done (.venv/bin/pgttt, torch ${existing})"
+if ! command -v lrzip >/dev/null; then
+  # Not installable here without root; only PGRP (per-group lrzip) artifacts need it.
+  echo "install: WARNING: the lrzip program is missing; PGRP (2026-04-27 record) artifacts will be refused." >&2
+  echo "install:   install it with: sudo apt-get install lrzip   (Debian/Ubuntu; 0.651 is known to work)" >&2
+fi
