@@ -65,7 +65,8 @@ def tiny_bin(tmp_path, tiny_tensors):
 
 
 # ---- round trips ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(PRESETS))
+# One name per distinct architecture: aliases (pr1493, pr1610, ...) hold the same config and would only add time.
+@pytest.mark.parametrize("name", list({config: name for name, config in reversed(PRESETS.items())}.values()))
 def test_round_trip_is_bit_exact_for_every_preset(tmp_path, name):
     config = PRESETS[name]
     tensors = quantized_state(config, seed=1)
