@@ -36,3 +36,22 @@ def sp8192_tokenizer() -> Path:
 @pytest.fixture
 def sp1024_tokenizer() -> Path:
     return shared_path("data", "tokenizers", "fineweb_1024_bpe.model")
+
+
+@pytest.fixture(scope="session")
+def pr1855_model_bin(tmp_path_factory) -> Path:
+    """The pr1855 compat artifact (``compat/pr1855/r0427_s42.int6.ptz``) imported by ``pgttt import`` into a
+    model.bin, once per test session: decoding its lrzip groups costs 2-3 minutes of CPU, so every test
+    that needs the record's model shares this one file."""
+    from pgttt.main import main
+
+    artifact = shared_path("compat", "pr1855", "r0427_s42.int6.ptz")
+    out = tmp_path_factory.mktemp("pr1855") / "model.bin"
+    code = main(["import", str(artifact), "--preset", "pr1855", "--tokenizer", str(caseops_tokenizer_path()),
+                 "-o", str(out)])
+    assert code == 0, f"pgttt import of {artifact} failed (exit {code})"
+    return out
+
+
+def caseops_tokenizer_path() -> Path:
+    return shared_path("data", "tokenizers", "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
