@@ -39,12 +39,36 @@ def sp1024_tokenizer() -> Path:
 
 
 @pytest.fixture(scope="session")
-def pr1855_checkpoint(tmp_path_factory) -> Path:
-    """The 1.0611 record's compat artifact imported once per session as a model.bin (lrzip: minutes of CPU)."""
+def pr1855_import(tmp_path_factory) -> tuple[Path, dict[bytes, bytes]]:
+    """The pr1855 compat artifact (``compat/pr1855/r0427_s42.int6.ptz``) imported by ``pgttt import`` into a
+    model.bin, once per test session, with lrzip's output for each of its streams: decoding the lrzip groups
+    costs minutes of CPU, so every test that needs the record's model or those outputs shares this one run."""
+    from pgttt.checkpoints import lrzip
     from pgttt.main import main
 
-    ptz = shared_path("compat", "pr1855", "r0427_s42.int6.ptz")
-    tokenizer = shared_path("data", "tokenizers", "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+    artifact = shared_path("compat", "pr1855", "r0427_s42.int6.ptz")
     out = tmp_path_factory.mktemp("pr1855") / "model.bin"
-    assert main(["import", str(ptz), "--preset", "pr1855", "--tokenizer", str(tokenizer), "-o", str(out)]) == 0
-    return out
+    outputs: dict[bytes, bytes] = {}
+    real = lrzip.decode
+
+    def recording(data, size, **kw):
+        outputs[bytes(data)] = real(data, size, **kw)
+        return outputs[bytes(data)]
+
+    lrzip.decode = recording  # the container reader looks it up per call
+    try:
+        code = main(["import", str(artifact), "--preset", "pr1855", "--tokenizer", str(caseops_tokenizer_path()),
+                     "-o", str(out)])
+    finally:
+        lrzip.decode = real
+    assert code == 0, f"pgttt import of {artifact} failed (exit {code})"
+    return out, outputs
+
+
+@pytest.fixture(scope="session")
+def pr1855_checkpoint(pr1855_import) -> Path:
+    return pr1855_import[0]
+
+
+def caseops_tokenizer_path() -> Path:
+    return shared_path("data", "tokenizers", "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")

@@ -29,19 +29,15 @@ QUANT = {"embed_bits": 7, "matrix_bits": 6, "lqer_enabled": True, "lqer_top_k": 
 
 
 @pytest.fixture(scope="session")
-def imported(tmp_path_factory):
-    """Import once through the CLI with a record-format log; keep lrzip's outputs for the plain decode."""
+def imported(tmp_path_factory, pr1855_import):
+    """Import again through the CLI with a record-format log; lrzip's outputs come from the session's first
+    import (``pr1855_import``, which ran the real program on the same streams), so lrzip runs once."""
     artifact = shared_path("compat", "pr1855", "r0427_s42.int6.ptz")
-    tmp = tmp_path_factory.mktemp("pr1855")
+    tmp = tmp_path_factory.mktemp("pr1855-log")
     log = write_log(tmp / "train_seed42.log", ARCH, QUANT, params=PARAMS)
-    outputs: dict[bytes, bytes] = {}
+    outputs = pr1855_import[1]
     real = lrzip.decode
-
-    def recording(data, size, **kw):
-        outputs[data] = real(data, size, **kw)
-        return outputs[data]
-
-    lrzip.decode = recording  # decode_all looks it up per call
+    lrzip.decode = lambda data, size, **kw: outputs[bytes(data)] if bytes(data) in outputs else real(data, size, **kw)
     try:
         out = tmp / "model.bin"
         tokenizer = shared_path("data", "tokenizers", "fineweb_8192_bpe.model")
