@@ -98,7 +98,10 @@ def test_import_errors_are_one_line(capsys, tmp_path, artifact, sp1024_tokenizer
 
 
 def test_import_requires_preset_tokenizer_and_output(capsys, artifact, sp1024_tokenizer):
-    for missing in ("--preset", "--tokenizer", "-o"):
+    code, _, err = run(capsys, "import", artifact, "--tokenizer", sp1024_tokenizer, "-o", "x.bin")
+    assert code == 2
+    assert_one_line_error(err, "import", "give its training log (--log train_seed42.log) or a preset")
+    for missing in ("--tokenizer", "-o"):
         argv = {"--preset": "tiny", "--tokenizer": str(sp1024_tokenizer), "-o": "x.bin"}
         del argv[missing]
         with pytest.raises(SystemExit) as info:
@@ -122,7 +125,8 @@ def test_inspect_text(capsys, model_bin):
     assert (code, err) == (0, "")
     assert "kind          model.bin" in out and "architecture  preset tiny" in out
     assert f"parameters    {TINY_PARAMS:,}" in out
-    assert "int8        1 tensors       65,536 params       67,584 bytes raw" in out
+    assert "int8             1 tensors       65,536 params       67,584 bytes raw" in out
+    assert "lqer          none" in out
     assert "tokenizer     fineweb_1024_bpe.model (vocab 1024" in out
     assert '"steps": 10' in out
     assert (f"{size:,} artifact + 0 code (--code-bytes not given: code counted as 0) = {size:,} bytes; "
@@ -137,7 +141,8 @@ def test_inspect_json_and_the_size_limit(capsys, model_bin):
     assert report["config"] == PRESETS["tiny"].to_dict() and report["provenance"]["steps"] == 10
     assert report["size_check"] == {
         "artifact_bytes": size, "code_bytes": 16_000_000 - size, "code_bytes_given": True,
-        "total_bytes": 16_000_000, "limit_bytes": 16_000_000, "within_limit": True,
+        "code_bytes_rule": "given (--code-bytes)", "total_bytes": 16_000_000, "limit_bytes": 16_000_000,
+        "within_limit": True,
     }
     code, out, _ = run(capsys, "inspect", model_bin, "--json", "--code-bytes", 16_000_001 - size)
     assert json.loads(out)["size_check"]["within_limit"] is False
@@ -148,7 +153,7 @@ def test_inspect_json_and_the_size_limit(capsys, model_bin):
 def test_inspect_ptz_needs_preset_and_reports_custom_configs(capsys, artifact):
     code, _, err = run(capsys, "inspect", artifact)
     assert code == 2
-    assert_one_line_error(err, "inspect", "carries no hyperparameters: give a preset")
+    assert_one_line_error(err, "inspect", "carries no hyperparameters: give its training log")
     code, out, _ = run(capsys, "inspect", artifact, "--preset", "tiny", "--json")
     report = json.loads(out)
     assert code == 0 and report["kind"] == "ptz" and report["preset"] == "tiny" and report["tokenizer"] is None
@@ -175,7 +180,7 @@ def test_inspect_bad_file_is_one_line_error(capsys, model_bin, damage, fragment)
 def test_inspect_model_bin_with_preset_is_refused(capsys, model_bin):
     code, _, err = run(capsys, "inspect", model_bin, "--preset", "tiny")
     assert code == 2
-    assert_one_line_error(err, "inspect", "a preset or overrides are not allowed")
+    assert_one_line_error(err, "inspect", "a preset, log or overrides are not allowed")
 
 
 def test_inspect_rejects_negative_code_bytes(capsys, model_bin):

@@ -306,7 +306,7 @@ def test_load_checkpoint_model_bin(tiny_bin, tiny_tensors):
 
 def test_model_bin_refuses_preset_and_overrides(tiny_bin):
     for kwargs in ({"preset": "tiny"}, {"overrides": ["num_layers=4"]}):
-        with pytest.raises(CheckpointError, match="a preset or overrides are not allowed"):
+        with pytest.raises(CheckpointError, match="a preset, log or overrides are not allowed"):
             load_checkpoint(tiny_bin, **kwargs)
 
 

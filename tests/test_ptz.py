@@ -134,7 +134,7 @@ def test_ptz_with_overrides_records_them(tmp_path):
 
 
 def test_ptz_needs_a_preset(artifact):
-    with pytest.raises(CheckpointError, match="carries no hyperparameters: give a preset"):
+    with pytest.raises(CheckpointError, match="carries no hyperparameters: give its training log"):
         load_checkpoint(artifact)
 
 
