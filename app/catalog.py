@@ -5,7 +5,8 @@ every challenge ``*.ptz`` with a sidecar ``NAME.ptz.json`` = ``{"preset": ..., "
 "tokenizer": "path"}`` (paths relative to the sidecar). A file called ``model.bin`` is named after its
 folder (``runs/abc/model.bin`` is ``abc``), any other after its file name without the suffix.
 
-Datasets: every folder holding ``fineweb_val_*.bin`` shards, named after the folder. Its tokenizer is,
+Datasets: every folder holding ``fineweb_val_*.bin`` shards, named after the folder; CaseOps byte sidecars
+(``fineweb_val_bytes_*.bin``) are listed as such, never as shards. Its tokenizer is,
 in order: the ``tokenizer`` of a ``dataset.json`` in the folder; the one ``*.model`` in the folder; or,
 for a folder named ``..._sp{V}`` (the challenge's ``data/datasets/fineweb10B_sp8192``),
 ``tokenizers/fineweb_{V}_bpe.model`` beside the folder or one level up (the challenge's
@@ -82,6 +83,7 @@ class DatasetEntry:
             "tokenizer_sha256": self.info.tokenizer_sha256,
             "val_files": self.info.val_files,
             "val_tokens": self.info.val_tokens,
+            "val_byte_files": self.info.val_byte_files,
             "fingerprint": self.info.fingerprint,
         }
 
@@ -116,7 +118,7 @@ class Catalog:
         """Find and validate everything under the folders, then the checkpoints registered over HTTP."""
         for root in self.data_dirs:
             for folder in _walk_dirs(root):
-                if any(folder.glob(bridge.VAL_PATTERN)):
+                if any(not bridge.is_sidecar(p) for p in folder.glob(bridge.VAL_PATTERN)):
                     try:
                         self._add_dataset(folder)
                     except PgtttError as exc:

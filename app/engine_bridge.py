@@ -12,7 +12,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,20 @@ from pgttt.checkpoints.loading import LoadedCheckpoint, load_checkpoint
 from pgttt.errors import PgtttError
 from pgttt.ttt.bytes import load_byte_tables
 from pgttt.ttt.config import PHASED_SETTINGS, EvalConfig
-from pgttt.ttt.data import VAL_PATTERN, ValSet, fingerprint, load_val, read_header, resolve_val_files
+from pgttt.ttt.data import (
+    VAL_PATTERN,
+    ValSet,
+    fingerprint,
+    is_sidecar,
+    load_val,
+    read_header,
+    resolve_sidecar_files,
+    resolve_val_files,
+)
 from pgttt.ttt.engine import EvalSession, Progress
 from pgttt.ttt.errors import EvalError
 
-__all__ = ["MAGIC", "VAL_PATTERN"]
+__all__ = ["MAGIC", "VAL_PATTERN", "is_sidecar"]
 
 # The request fields that are the engine's settings, under the engine's own names.
 EVAL_FIELDS: tuple[str, ...] = (
@@ -78,6 +87,7 @@ class DatasetInfo:
     fingerprint: str
     tokenizer_sha256: str
     tokenizer_vocab_size: int
+    val_byte_files: list[str] = field(default_factory=list)  # CaseOps byte sidecars, one per val file
 
 
 def is_model_bin(path: Path) -> bool:
@@ -104,15 +114,18 @@ def inspect_checkpoint(spec: CheckpointSpec) -> CheckpointInfo:
 
 
 def inspect_dataset(spec: DatasetSpec) -> DatasetInfo:
-    """Check every shard's header and the tokenizer; fingerprint the shards (read once, cached)."""
+    """Check every shard's header and the tokenizer; fingerprint the shards and their byte sidecars (read
+    once, cached); a sidecar's count and alignment are checked when the dataset is loaded."""
     files = resolve_val_files(spec.path)
+    sidecars = resolve_sidecar_files(spec.path, files)
     identity = tokenizer_identity(spec.tokenizer)
     return DatasetInfo(
         val_files=[f.name for f in files],
         val_tokens=sum(read_header(f) for f in files),
-        fingerprint=fingerprint(files),
+        fingerprint=fingerprint(files + sidecars),
         tokenizer_sha256=identity.sha256,
         tokenizer_vocab_size=identity.vocab_size,
+        val_byte_files=[f.name for f in sidecars],
     )
 
 

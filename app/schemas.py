@@ -46,7 +46,7 @@ class EvalRequest(BaseModel):
     seed: int | None = None
     # The phased protocol (per-document LoRA TTT with global-SGD phases; frontier spec 2). Knobs are the
     # records' environment variables in lower case; unset ones take the checkpoint's record's as-run values.
-    protocol: str | None = Field(None, description="chunked (default) or phased")
+    protocol: str | None = Field(None, description="chunked (default), doc_masked or phased")
     record_defaults: str | None = Field(None, description="phased: the record (e.g. pr1855) whose values fill "
                                                           "unset knobs; default the checkpoint's preset's")
     ttt_lora_rank: int | None = None
@@ -234,6 +234,8 @@ class Dataset(BaseModel):
     tokenizer_sha256: str
     val_files: list[str]
     val_tokens: int
+    val_byte_files: list[str] = Field(
+        default_factory=list, description="CaseOps byte sidecars (fineweb_val_bytes_*.bin), the bytes for bpb")
     fingerprint: str
 
 

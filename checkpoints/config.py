@@ -181,7 +181,7 @@ class ModelConfig:
         need(1 <= self.mlp_hidden <= MAX_MLP_HIDDEN, "mlp_mult",
              f"must give an MLP width int(mlp_mult * model_dim) within 1..{MAX_MLP_HIDDEN}")
         need(self.logit_softcap > 0, "logit_softcap", "must be positive")
-        need(self.rope_base > 1, "rope_base", "must be greater than 1")
+        need(self.rope_base > 0, "rope_base", "must be positive")
         need(self.rope_dims <= 0 or (self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0), "rope_dims",
              f"must be even and at most head_dim={self.head_dim} (0 or less: every head dim)")
         need(1 <= self.train_seq_len <= MAX_SEQ_LEN, "train_seq_len", f"must be within 1..{MAX_SEQ_LEN}")

@@ -4,7 +4,7 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic b"PGTTTBIN"
-    8       4     format version, uint32 (this module writes and reads version 1)
+    8       4     format version, uint32 (this module writes version 2 and reads 1 and 2)
     12      8     header length H, uint64
     20      8     payload length P, uint64
     28      H     header: UTF-8 JSON object
@@ -13,21 +13,19 @@ Layout (all integers little-endian)::
 
 The header holds ``config`` (ModelConfig keys), ``tokenizer`` (sha256, vocab_size, name, or null),
 ``provenance`` (how the weights were trained or imported), ``payload`` (compression, shuffle_stride,
-raw_bytes) and ``tensors``: in state-dict order, ``{"name", "scheme", "shape", "q": [offset, length],
-"scale": [offset, length] | null}``, offsets into the raw (decompressed, unshuffled) payload, where
-the sections lie back to back. Scheme int6/int8: ``q`` is int8 values and ``scale`` one float16 per
-row (weight = q * scale[row]); scheme float16: ``q`` is the float16 tensor and ``scale`` is null.
+raw_bytes) and ``tensors``: in state-dict order, byte spans of each tensor's sections in the raw
+(decompressed, unshuffled) payload (``tensor_table.py``; version 2 adds int7, gate_int8_row and LQER).
 
 Reading checks, in order: magic, version, lengths against the file size, the checksum, the header,
-the payload, then every tensor against the config's state dict; any failure is one CheckpointError
-naming the file and the problem. Docs: docs/model-bin.md.
+the tensor table against the config's state dict (before anything is decompressed), the payload
+(decompressed to at most the size the table needs), then every tensor's values; any failure is one
+CheckpointError naming the file and the problem. Docs: docs/model-bin.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import struct
 import tempfile
@@ -43,11 +41,14 @@ import torch
 from pgttt.errors import PgtttError
 
 from .config import ConfigError, ModelConfig
+from .inflate import InflateError, brotli_decompress
 from .model import GPT
 from .quant import SCHEMES, QuantizedTensor
+from .tensor_table import build_tensors, plan_table, table_for
 
 MAGIC = b"PGTTTBIN"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<8sIQQ")  # magic, version, header length, payload length
 _DIGEST_BYTES = 32
 SHUFFLE_STRIDE = 2
@@ -55,10 +56,6 @@ SHUFFLE_STRIDE = 2
 # for the 36M-parameter model); model.bin is not the challenge's submission artifact.
 BROTLI_QUALITY = 5
 _HEADER_KEYS = {"config", "tokenizer", "provenance", "payload", "tensors"}
-_TENSOR_KEYS = {"name", "scheme", "shape", "q", "scale"}
-# Little-endian numpy dtypes of the stored sections.
-_VALUES_DTYPE = {"int6": np.dtype("<i1"), "int8": np.dtype("<i1"), "float16": np.dtype("<f2")}
-_SCALE_DTYPE = np.dtype("<f2")
 
 
 class CheckpointError(PgtttError):
@@ -149,15 +146,15 @@ def _listing(names: list[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def check_tensors(tensors: dict[str, QuantizedTensor], config: ModelConfig, where: str, hint: str = "") -> None:
-    """Raise one CheckpointError (prefixed ``where``) unless the tensors are exactly config's state dict."""
+def shape_problems(shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> list[str]:
+    """Missing, unexpected and mismatched names of ``shapes`` against config's state dict (empty: equal)."""
     expected = expected_shapes(config)
-    missing = [n for n in expected if n not in tensors]
-    unexpected = [n for n in tensors if n not in expected]
+    missing = [n for n in expected if n not in shapes]
+    unexpected = [n for n in shapes if n not in expected]
     mismatched = [
-        f"{n} {tensors[n].shape} vs {shape}"
+        f"{n} {shapes[n]} vs {shape}"
         for n, shape in expected.items()
-        if n in tensors and tensors[n].shape != shape
+        if n in shapes and shapes[n] != shape
     ]
     problems = []
     if missing:
@@ -166,6 +163,12 @@ def check_tensors(tensors: dict[str, QuantizedTensor], config: ModelConfig, wher
         problems.append(f"unexpected keys: {_listing(unexpected)}")
     if mismatched:
         problems.append(f"shape mismatches (file vs config): {_listing(mismatched, 4)}")
+    return problems
+
+
+def check_tensors(tensors: dict[str, QuantizedTensor], config: ModelConfig, where: str, hint: str = "") -> None:
+    """Raise one CheckpointError (prefixed ``where``) unless the tensors are exactly config's state dict."""
+    problems = shape_problems({n: qt.shape for n, qt in tensors.items()}, config)
     if problems:
         raise CheckpointError(f"{where}: tensors do not match the architecture: {'; '.join(problems)}{hint}")
     for name, qt in tensors.items():
@@ -182,9 +185,8 @@ def quantization_summary(tensors: dict[str, QuantizedTensor]) -> dict[str, dict[
         entry = summary.setdefault(qt.scheme, {"tensors": 0, "parameters": 0, "bytes": 0})
         entry["tensors"] += 1
         entry["parameters"] += qt.q.numel()
-        entry["bytes"] += qt.q.numel() * qt.q.element_size()
-        if qt.scale is not None:
-            entry["bytes"] += qt.scale.numel() * qt.scale.element_size()
+        parts = [qt.q, qt.scale, *(qt.lqer.tensors().values() if qt.lqer else ())]
+        entry["bytes"] += sum(t.numel() * t.element_size() for t in parts if t is not None)
     return {scheme: summary[scheme] for scheme in SCHEMES if scheme in summary}
 
 
@@ -216,28 +218,15 @@ def save_model_bin(
         json.dumps(provenance)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: refusing to write: provenance is not JSON-serialisable ({exc})") from None
-    entries, sections, offset = [], [], 0
-
-    def section(t: torch.Tensor, dtype: np.dtype) -> list[int]:
-        nonlocal offset
-        data = t.detach().cpu().contiguous().numpy().astype(dtype, copy=False).tobytes()
-        sections.append(data)
-        offset += len(data)
-        return [offset - len(data), len(data)]
-
-    for name in expected_shapes(config):
-        qt = tensors[name]
-        values = section(qt.q, _VALUES_DTYPE[qt.scheme])
-        scale = None if qt.scale is None else section(qt.scale, _SCALE_DTYPE)
-        entries.append({"name": name, "scheme": qt.scheme, "shape": list(qt.shape), "q": values, "scale": scale})
+    entries, raw = table_for(tensors, list(expected_shapes(config)))
     header = {
         "config": config.to_dict(),
         "tokenizer": None if tokenizer is None else tokenizer.to_dict(),
         "provenance": provenance,
-        "payload": {"compression": "brotli", "shuffle_stride": SHUFFLE_STRIDE, "raw_bytes": offset},
+        "payload": {"compression": "brotli", "shuffle_stride": SHUFFLE_STRIDE, "raw_bytes": len(raw)},
         "tensors": entries,
     }
-    write_atomic(path, _encode(header, b"".join(sections)))
+    write_atomic(path, _encode(header, raw))
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -274,9 +263,9 @@ def parse_model_bin(path: Path, data: bytes) -> ModelBin:
     if len(data) < _PREFIX.size:
         raise fail(f"truncated: {len(data)} bytes, shorter than the {_PREFIX.size}-byte prefix")
     _, version, header_len, payload_len = _PREFIX.unpack_from(data)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         newer = " is newer than this pgttt reads; upgrade pgttt" if version > FORMAT_VERSION else " is unknown"
-        raise fail(f"format version {version}{newer} (supported: {FORMAT_VERSION})")
+        raise fail(f"format version {version}{newer} (supported: {', '.join(map(str, READ_VERSIONS))})")
     expected_size = _PREFIX.size + header_len + payload_len + _DIGEST_BYTES
     if len(data) != expected_size:
         state = "truncated" if len(data) < expected_size else "has trailing bytes"
@@ -299,8 +288,13 @@ def parse_model_bin(path: Path, data: bytes) -> ModelBin:
     tokenizer = _parse_tokenizer(header["tokenizer"], fail)
     if not isinstance(header["provenance"], dict):
         raise fail("header provenance must be a JSON object")
-    raw = _decode_payload(header["payload"], body[_PREFIX.size + header_len :], fail)
-    tensors = _parse_tensors(header["tensors"], raw, fail)
+    planned, table_bytes = plan_table(header["tensors"], version, fail)
+    problems = shape_problems({p.name: p.shape for p in planned}, config)
+    if problems:
+        raise fail(f"tensors do not match the architecture: {'; '.join(problems)} "
+                   "(the header's config and its tensors disagree)")
+    raw = _decode_payload(header["payload"], body[_PREFIX.size + header_len :], table_bytes, fail)
+    tensors = build_tensors(planned, raw)
     check_tensors(tensors, config, str(path), hint=" (the header's config and its tensors disagree)")
     return ModelBin(
         path=path,
@@ -332,7 +326,7 @@ def _parse_tokenizer(entry: Any, fail) -> TokenizerIdentity | None:
     return TokenizerIdentity(entry["sha256"], entry["vocab_size"], entry["name"])
 
 
-def _decode_payload(meta: Any, payload: bytes, fail) -> bytes:
+def _decode_payload(meta: Any, payload: bytes, table_bytes: int, fail) -> bytes:
     if not isinstance(meta, dict) or set(meta) != {"compression", "shuffle_stride", "raw_bytes"}:
         raise fail(f"header payload must be {{compression, shuffle_stride, raw_bytes}}, found {meta!r}")
     if meta["compression"] != "brotli":
@@ -340,58 +334,13 @@ def _decode_payload(meta: Any, payload: bytes, fail) -> bytes:
     stride = meta["shuffle_stride"]
     if not _is_int(stride) or stride < 1:
         raise fail(f"header payload shuffle_stride must be a positive integer, found {stride!r}")
+    if meta["raw_bytes"] != table_bytes:
+        raise fail(f"header payload raw_bytes {meta['raw_bytes']!r} is not the {table_bytes} bytes its tensors need")
     try:
-        raw = byte_unshuffle(brotli.decompress(payload), stride)
-    except brotli.error as exc:
+        # Bounded by what the (already checked) tensor table needs: a small file cannot inflate beyond it.
+        raw = byte_unshuffle(brotli_decompress(payload, table_bytes), stride)
+    except InflateError as exc:
         raise fail(f"payload does not decompress ({exc})") from None
-    if len(raw) != meta["raw_bytes"]:
-        raise fail(f"payload holds {len(raw)} bytes, the header says {meta['raw_bytes']!r}")
+    if len(raw) != table_bytes:
+        raise fail(f"payload holds {len(raw)} bytes, the header says {table_bytes}")
     return raw
-
-
-def _parse_tensors(entries: Any, raw: bytes, fail) -> dict[str, QuantizedTensor]:
-    if not isinstance(entries, list):
-        raise fail("header tensors must be a list")
-    tensors: dict[str, QuantizedTensor] = {}
-    cursor = 0
-
-    def take(span: Any, dtype: np.dtype, shape: tuple[int, ...], what: str) -> torch.Tensor:
-        nonlocal cursor
-        count = math.prod(shape)
-        if not (isinstance(span, list) and len(span) == 2 and all(_is_int(v) for v in span)):
-            raise fail(f"{what}: byte span must be [offset, length], found {span!r}")
-        if span != [cursor, count * dtype.itemsize]:
-            raise fail(
-                f"{what}: byte span {span} does not fit shape {list(shape)} "
-                f"(expected {[cursor, count * dtype.itemsize]}: {count} x {dtype.itemsize} bytes, back to back)"
-            )
-        if cursor + span[1] > len(raw):
-            raise fail(f"{what}: byte span {span} runs past the {len(raw)}-byte payload")
-        array = np.frombuffer(raw, dtype=dtype, count=count, offset=cursor)
-        cursor += span[1]
-        return torch.from_numpy(array.astype(dtype.newbyteorder("="))).reshape(shape)
-
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or set(entry) != _TENSOR_KEYS:
-            raise fail(f"header tensors[{i}] must have the keys {sorted(_TENSOR_KEYS)}, found {entry!r}")
-        name, scheme, shape = entry["name"], entry["scheme"], entry["shape"]
-        if not isinstance(name, str) or name in tensors:
-            raise fail(f"header tensors[{i}]: name {name!r} is not a string or appears twice")
-        if scheme not in SCHEMES:
-            raise fail(f"tensor {name}: unknown scheme {scheme!r} (known: {', '.join(SCHEMES)})")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise fail(f"tensor {name}: shape must be a list of non-negative integers, found {shape!r}")
-        shape = tuple(shape)
-        values = take(entry["q"], _VALUES_DTYPE[scheme], shape, f"tensor {name} values")
-        if scheme == "float16":
-            if entry["scale"] is not None:
-                raise fail(f"tensor {name}: float16 passthrough must have scale null")
-            tensors[name] = QuantizedTensor("float16", values)
-        else:
-            if not shape:
-                raise fail(f"tensor {name}: {scheme} needs at least one dimension (rows)")
-            scale = take(entry["scale"], _SCALE_DTYPE, (shape[0],), f"tensor {name} scales (one per row)")
-            tensors[name] = QuantizedTensor(scheme, values, scale)
-    if cursor != len(raw):
-        raise fail(f"payload has {len(raw) - cursor} bytes that no tensor uses")
-    return tensors

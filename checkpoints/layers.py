@@ -17,8 +17,9 @@ from .config import ModelConfig
 
 try:  # FlashAttention-3 (Hopper); optional, never required.
     from flash_attn_interface import flash_attn_func as _fa3_func  # type: ignore[import-not-found]
+    from flash_attn_interface import flash_attn_varlen_func as _fa3_varlen  # type: ignore[import-not-found]
 except Exception:  # noqa: BLE001 - any import failure just means "not available"
-    _fa3_func = None
+    _fa3_func = _fa3_varlen = None
 
 # The records' BOS id (SentencePiece ``<s>``); SmearGate's document mask compares against it.
 BOS_ID = 1
@@ -121,29 +122,54 @@ def segment_ids(cu_seqlens: Tensor, seq_len: int) -> Tensor:
     return torch.searchsorted(cu_seqlens.contiguous(), positions, right=True)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor | None = None) -> Tensor:
+def check_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> None:
+    """Segment boundaries must start at 0, never decrease and end at the row's length."""
+    cu = cu_seqlens.tolist()
+    ordered = cu_seqlens.ndim == 1 and len(cu) >= 2 and all(a <= b for a, b in zip(cu[:-1], cu[1:], strict=True))
+    if not ordered or cu[0] != 0 or cu[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must be non-decreasing boundaries from 0 to {seq_len}; got {cu}")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
     """Causal GQA attention on (batch, seq, heads, head_dim) tensors, scale 1/sqrt(head_dim); with
-    ``segments`` (seq,) only within each segment (document-masked "varlen" attention, spec 3.10)."""
-    if segments is None:
-        if _fa3_func is not None and q.is_cuda and q.dtype == torch.bfloat16:
+    ``cu_seqlens`` only within each segment [cu[i], cu[i+1]) (document-masked "varlen", spec 3.10)."""
+    fa3 = q.is_cuda and q.dtype == torch.bfloat16
+    if cu_seqlens is None:
+        if fa3 and _fa3_func is not None:
             out = _fa3_func(q, k, v, causal=True)
             return out[0] if isinstance(out, tuple) else out
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, enable_gqa=q.size(2) != k.size(2),
-        )
-        return y.transpose(1, 2)
-    positions = torch.arange(q.size(1), device=q.device).expand(q.size(0), -1)
-    return attention_at(q, k, v, positions, segments)
+        return _sdpa_causal(q, k, v)
+    if fa3 and _fa3_varlen is not None and q.size(0) == 1:
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        out = _fa3_varlen(q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+                          max_seqlen_k=longest, causal=True)
+        return (out[0] if isinstance(out, tuple) else out)[None]
+    # One causal attention per segment: exactly the block-diagonal causal mask, in memory per segment.
+    y = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end > start:
+            y[:, start:end] = _sdpa_causal(q[:, start:end], k[:, start:end], v[:, start:end])
+    return y
 
 
-def attention_at(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, segments: Tensor | None = None) -> Tensor:
+def _sdpa_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        is_causal=True, enable_gqa=q.size(2) != k.size(2),
+    )
+    return y.transpose(1, 2)
+
+
+def attention_at(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
     """Causal attention for queries at ``positions`` (batch, k) only: query i of row b sees the keys at
-    positions up to ``positions[b, i]`` (and, with ``segments``, in its segment only). The same numbers
+    positions up to ``positions[b, i]`` (and, with ``cu_seqlens``, in its segment only). The same numbers
     as ``attention`` there, for a fraction of its work."""
     keys = torch.arange(k.size(1), device=k.device)
     mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (batch, 1, k, seq)
-    if segments is not None:
+    if cu_seqlens is not None:
+        segments = segment_ids(cu_seqlens.to(k.device), k.size(1))
         mask = mask & (segments[keys][None, None, None, :] == segments[positions][:, None, :, None])
     groups = q.size(2) // k.size(2)
     if groups > 1:  # query head h reads key/value head h // groups, as enable_gqa does
@@ -190,10 +216,10 @@ class CausalSelfAttention(nn.Module):
             width = d if self.gate == "dense" else config.gate_window
             self.attn_gate_w = nn.Parameter(torch.zeros(heads, width))
 
-    def forward(self, x: Tensor, positions: Tensor | None = None, segments: Tensor | None = None,
+    def forward(self, x: Tensor, positions: Tensor | None = None, cu_seqlens: Tensor | None = None,
                 hook: Hook | None = None) -> Tensor:
         """Attention over all positions; with ``positions`` (batch, k), queries (and output) only there: keys
-        and values still come from every position. ``segments``: document masks; ``hook``: adapters."""
+        and values still come from every position. ``cu_seqlens``: document masks; ``hook``: adapters."""
         bsz, seq, dim = x.shape
         x_q = x if positions is None else gather_positions(x, positions)
         q_raw = plus(self.c_q(x_q), hook, "q", x_q)
@@ -208,9 +234,9 @@ class CausalSelfAttention(nn.Module):
         q = apply_rotary(q, cos, sin, self.rope_dims)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         if positions is None:
-            y = attention(q, k, v, segments)  # (bsz, seq, heads, head_dim)
+            y = attention(q, k, v, cu_seqlens)  # (bsz, seq, heads, head_dim)
         else:
-            y = attention_at(q, k, v, positions, segments)  # (bsz, k, heads, head_dim)
+            y = attention_at(q, k, v, positions, cu_seqlens)  # (bsz, k, heads, head_dim)
             v = gather_positions(v, positions)
         if self.use_xsa:
             y = exclude_self_value(y, v)

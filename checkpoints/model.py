@@ -24,9 +24,9 @@ from .layers import (
     CastedLinear,
     CausalSelfAttention,
     Hook,
+    check_cu_seqlens,
     gather_positions,
     rms_norm,
-    segment_ids,
     smear,
 )
 
@@ -53,12 +53,12 @@ class Block(nn.Module):
         start = config.parallel_residual_start
         self.parallel = start is not None and index >= start
 
-    def forward(self, x: Tensor, x0: Tensor, positions: Tensor | None = None, segments: Tensor | None = None,
+    def forward(self, x: Tensor, x0: Tensor, positions: Tensor | None = None, cu_seqlens: Tensor | None = None,
                 hook: Hook | None = None) -> Tensor:
         """The block at every position, or (keys and values still from every position) only at ``positions``."""
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
-        a = self.attn(rms_norm(x_in) * self.norm_scale, positions, segments, hook)
+        a = self.attn(rms_norm(x_in) * self.norm_scale, positions, cu_seqlens, hook)
         if positions is not None:
             x_in = gather_positions(x_in, positions)
         attn_scale, mlp_scale = self.attn_scale.to(x.dtype), self.mlp_scale.to(x.dtype)
@@ -68,11 +68,11 @@ class Block(nn.Module):
         return h + mlp_scale * self.mlp(rms_norm(h) * self.norm_scale, hook)
 
     def lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, positions: Tensor | None = None,
-              segments: Tensor | None = None, hook: Hook | None = None) -> tuple[Tensor, Tensor]:
+              cu_seqlens: Tensor | None = None, hook: Hook | None = None) -> tuple[Tensor, Tensor]:
         """A = attn_scale * Attn(norm(m0 lane0 + m1 x0) f) and M = mlp_scale * MLP(norm(lane1) f), both from
         the old lanes (at ``positions`` only, when given)."""
         mix = self.resid_mix.to(lane0.dtype)
-        a = self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.norm_scale, positions, segments, hook)
+        a = self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.norm_scale, positions, cu_seqlens, hook)
         if positions is not None:
             lane1 = gather_positions(lane1, positions)
         m = self.mlp(rms_norm(lane1) * self.norm_scale, hook)
@@ -127,7 +127,8 @@ class GPT(nn.Module):
         seq allowed); attention is causal within each segment, RoPE positions stay the row's (spec 3.10).
         ``adapters``: per-slot additive adapters (see ``layers.Adapters``).
         """
-        segments = None if cu_seqlens is None else segment_ids(cu_seqlens, ids.size(1))
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, ids.size(1))
         x = self.embed(ids)
         x0 = x
         encoder, decoder = self.schedule()
@@ -135,7 +136,7 @@ class GPT(nn.Module):
                  for slot in range(len(encoder) + len(decoder))]
         skips: list[Tensor] = []
         for slot, i in enumerate(encoder):
-            x = self.blocks[i](x, x0, None, segments, hooks[slot])
+            x = self.blocks[i](x, x0, None, cu_seqlens, hooks[slot])
             skips.append(x)
         lanes: tuple[Tensor, Tensor] | None = None
         at_positions = False  # whether x (or the lanes) already hold only the rows at ``positions``
@@ -150,7 +151,7 @@ class GPT(nn.Module):
                 if skip is not None:
                     lane0 = self.add_skip(j, lane0, skip)
                 pos = positions if last else None
-                lanes = self.mix_lanes(i, lane0, lane1, *self.blocks[i].lanes(lane0, lane1, x0, pos, segments, hook),
+                lanes = self.mix_lanes(i, lane0, lane1, *self.blocks[i].lanes(lane0, lane1, x0, pos, cu_seqlens, hook),
                                        positions=pos)
             else:
                 if skip is not None:
@@ -158,7 +159,7 @@ class GPT(nn.Module):
                 # After the lanes start, a sequential layer (only odd schedules have one) feeds nothing: as
                 # in the scripts, the output is the lanes'.
                 pos = positions if last and lanes is None else None
-                x = self.blocks[i](x, x0, pos, segments, hook)
+                x = self.blocks[i](x, x0, pos, cu_seqlens, hook)
             at_positions = pos is not None
         if lanes is not None:
             x = self.final_lane(*lanes)

@@ -36,3 +36,15 @@ def sp8192_tokenizer() -> Path:
 @pytest.fixture
 def sp1024_tokenizer() -> Path:
     return shared_path("data", "tokenizers", "fineweb_1024_bpe.model")
+
+
+@pytest.fixture(scope="session")
+def pr1855_checkpoint(tmp_path_factory) -> Path:
+    """The 1.0611 record's compat artifact imported once per session as a model.bin (lrzip: minutes of CPU)."""
+    from pgttt.main import main
+
+    ptz = shared_path("compat", "pr1855", "r0427_s42.int6.ptz")
+    tokenizer = shared_path("data", "tokenizers", "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+    out = tmp_path_factory.mktemp("pr1855") / "model.bin"
+    assert main(["import", str(ptz), "--preset", "pr1855", "--tokenizer", str(tokenizer), "-o", str(out)]) == 0
+    return out

@@ -144,3 +144,21 @@ def test_serve_refuses_bad_settings_in_one_line(tmp_path, capsys, flags, needle)
     assert main(["serve", "--state-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pgttt serve: error:") and needle in err and "\n" not in err
+
+
+def test_caseops_datasets_list_their_sidecars_apart(tmp_path):
+    data = tmp_path / "data"
+    folder = dataset_folder(data / "caseops")
+    write_shard(folder / "fineweb_val_bytes_000000.bin", [0] + [2] * 298)
+    write_shard(folder / "fineweb_val_bytes_000001.bin", [0] + [2] * 98)
+    only_bytes = data / "only_bytes"  # sidecars without token shards: not a dataset
+    only_bytes.mkdir()
+    write_shard(only_bytes / "fineweb_val_bytes_000000.bin", [0, 1])
+    shutil.copy(TOKENIZER, only_bytes / "tok.model")
+
+    catalog = Catalog([], [data])
+    catalog.discover()
+    assert sorted(catalog.datasets) == ["caseops"] and catalog.problems == []
+    api = catalog.datasets["caseops"].to_api()
+    assert api["val_files"] == ["fineweb_val_000000.bin", "fineweb_val_000001.bin"] and api["val_tokens"] == 398
+    assert api["val_byte_files"] == ["fineweb_val_bytes_000000.bin", "fineweb_val_bytes_000001.bin"]

@@ -170,7 +170,7 @@ def drop_last_tensor(header, raw):
 
 def add_extra_tensor(header, raw):
     header["tensors"].append({"name": "extra.weight", "scheme": "float16", "shape": [2], "q": [len(raw), 4],
-                              "scale": None})
+                              "scale": None, "lqer": None})
     return raw + bytes(4)
 
 
@@ -206,7 +206,7 @@ def set_config(**changes):
 
 def future_version(data: bytes) -> bytes:
     body = bytearray(data[:-32])
-    body[8:12] = (2).to_bytes(4, "little")
+    body[8:12] = (fmt.FORMAT_VERSION + 1).to_bytes(4, "little")
     return reseal(bytes(body))
 
 
@@ -228,7 +228,7 @@ DAMAGE = [
     ("bit flip in a length field", flip(lambda d: 13), "the prefix announces"),
     ("wrong magic", lambda d: b"\x89PNG\r\n\x1a\n" + d[8:], "not a pgttt model.bin (wrong magic"),
     ("bit flip in the magic", flip(lambda d: 0), "wrong magic"),
-    ("future format version", future_version, "format version 2 is newer than this pgttt reads"),
+    ("future format version", future_version, "format version 3 is newer than this pgttt reads"),
     ("header is not a JSON object", bad_json_header, "header is not valid JSON"),
     ("header missing a tensor", lambda d: repack(d, drop_last_tensor), "missing keys: blocks.3.mlp.proj.weight"),
     ("header with an extra tensor", lambda d: repack(d, add_extra_tensor), "unexpected keys: extra.weight"),

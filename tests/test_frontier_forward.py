@@ -147,3 +147,11 @@ def test_adapter_slots_follow_the_looped_schedule():
     model(ids, adapters=only)
     assert len(seen) == 4  # layer 1 runs at slots 1 and 3, twice
     assert torch.equal(seen[0], seen[2]) and not torch.allclose(seen[1], seen[3])
+
+
+def test_cu_seqlens_must_cover_the_row():
+    model = seeded(tiny("pr1530"))
+    ids = random_ids(model.config, 1, 8)
+    for bad in ([0, 5], [1, 8], [0, 6, 4, 8]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            model(ids, cu_seqlens=torch.tensor(bad))

@@ -230,10 +230,10 @@ WRONG = [
      "blocks.2.attn.c_v.weight: int6 values exceed +-31"),
     ("passthrough not float16", lambda t: pack(with_dtype(t)), "tiny", [],
      "blocks.0.attn_scale: float16 passthrough holds torch.float32"),
-    ("random bytes", lambda t: bytes(range(7, 250)) * 10, "tiny", [], "not brotli, xz or lzma compressed"),
+    ("random bytes", lambda t: bytes(range(7, 250)) * 10, "tiny", [], "not PGRP, brotli, xz or lzma compressed"),
     ("corrupt xz", lambda t: b"\xfd7zXZ\x00" + bytes(100), "tiny", [], "xz data is corrupt"),
     ("truncated brotli artifact", lambda t: pack(challenge_layout(t))[:5000], "tiny", [],
-     "not brotli, xz or lzma compressed"),
+     "not PGRP, brotli, xz or lzma compressed"),
     ("BSHF with stride 0", lambda t: b"BSHF\x00" + bytes(10), "tiny", [], "without a valid stride byte"),
     ("compressed data that is not torch.save", lambda t: brotli.compress(b"hello, world" * 10), "tiny", [],
      "decompressed data is not a torch.save archive"),
@@ -252,7 +252,7 @@ def test_wrong_artifact_is_refused(tmp_path, tensors, make, preset, overrides, f
 
 
 def test_wrong_preset_message_says_why(artifact):
-    with pytest.raises(CheckpointError, match="wrong preset or overrides"):
+    with pytest.raises(CheckpointError, match="wrong preset, log or overrides"):
         read_ptz(artifact, PRESETS["tiny-flat"])
 
 

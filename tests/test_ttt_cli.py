@@ -57,7 +57,7 @@ def test_json_records_every_setting_given(files, capsys):
         "seq_len": 64, "stride": 32, "ttt_epochs": 2, "chunk_tokens": 384, "ttt_lr": 0.01, "ttt_momentum": 0.5,
         "batch_seqs": 4, "grad_clip": 1.0, "lr_schedule": "constant", "optimizer": "adamw",
         "adapt_include": ["blocks.*"], "adapt_exclude": ["*.mlp.*", "*scale"], "max_tokens": 1024,
-        "precision": "fp32", "seed": 3, "compile": False, "protocol": "chunked",
+        "precision": "fp32", "seed": 3, "compile": False, "protocol": "chunked", "val_batch_tokens": 524288,
     }
     assert result["tokens_scored"] == 1024
     assert [c["lr"] for c in result["chunks"]] == [0.01, 0.01, None]

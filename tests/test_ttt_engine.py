@@ -57,6 +57,7 @@ def test_result_records_what_ran(val_dir, sp1024_tokenizer):
     assert len(data["identity"]["tokenizer_sha256"]) == 64
     assert data["identity"]["engine_version"] == ENGINE_VERSION
     assert len(data["identity"]["val_files"]) == 2
+    assert data["identity"]["val_byte_files"] == [] and data["identity"]["bytes_from"] == "tokenizer"
     assert data["tokens_scored"] == 288 and data["bytes_scored"] > 0  # 300 tokens trimmed to 18 * 16 + 1
     assert math.isclose(data["val_loss"], data["loss_sum"] / 288)
     assert math.isclose(data["val_bpb"], data["val_loss"] / math.log(2) * 288 / data["bytes_scored"])
@@ -73,17 +74,20 @@ def test_result_records_what_ran(val_dir, sp1024_tokenizer):
     assert chunks[-1]["lr"] is None and chunks[0]["lr"] == 0.2
     assert "val_bpb" in result.summary() and "compliance ok" in result.summary()
     projection = data["projection"]
-    assert projection["seconds"] == pytest.approx(40_500_000 / (8 * data["tokens_per_second"]))
+    # The dataset's own target count, not a hard-coded FineWeb one.
+    assert projection["tokens"] == 288
+    assert projection["seconds"] == pytest.approx(288 / (8 * data["tokens_per_second"]))
     assert data["projected_8gpu_s"] == projection["seconds"]
     assert projection["fits_budget"] == (projection["seconds"] <= 600)
 
 
 def test_projection_scales_per_device_throughput_to_eight_devices():
     # 2 ranks at 135,000 tok/s together: 67,500 per device, 540,000 on 8, so 75 s for 40.5M tokens.
-    projection = project_full_eval(135_000.0, world_size=2)
+    projection = project_full_eval(135_000.0, world_size=2, targets=40_500_000)
     assert projection["seconds"] == pytest.approx(75.0)
     assert projection["fits_budget"] and projection["tokens_per_second_per_gpu"] == 67_500.0
-    assert not project_full_eval(8_000.0, world_size=1)["fits_budget"]  # 40.5M / 64,000 = 633 s
+    assert not project_full_eval(8_000.0, world_size=1, targets=40_500_000)["fits_budget"]  # 40.5M / 64,000 = 633 s
+    assert project_full_eval(8_000.0, world_size=1, targets=600_064)["seconds"] == pytest.approx(600_064 / 64_000)
 
 
 def test_two_evaluations_in_a_row_start_from_the_same_weights(val_dir, sp1024_tokenizer):

@@ -1,4 +1,5 @@
-"""``pgttt eval``: one evaluation (sliding window or score-first TTT) of a checkpoint, in this process."""
+"""``pgttt eval``: one evaluation (sliding window, score-first TTT, or the records' document-masked pass)
+of a checkpoint, in this process."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ SETTINGS: dict[str, tuple[str, type, str]] = {
     "--batch-seqs": ("batch_seqs", int, "windows per scoring batch and sequences per training batch (default 32)"),
     "--max-tokens": ("max_tokens", int, "score only the first N targets of the trimmed val stream"),
     "--seed": ("seed", int, "random seed; the phased protocol's SEED: LoRA A draws, val_doc_fraction (default 0)"),
+    "--val-batch-tokens": ("val_batch_tokens", int, "doc_masked: the records' VAL_BATCH_TOKENS (default 524288)"),
     "--emulate-ranks": ("emulate_ranks", int, "phased: the schedule and packing of this many reference ranks "
                                                "(default 8, as the records ran; 1: one GPU's)"),
     "--max-docs": ("max_docs", int, "phased: only the stream's first N documents"),
@@ -59,20 +61,24 @@ SETTINGS.update(_phased_settings())
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a checkpoint: sliding-window or score-first TTT val_bpb",
+        help="evaluate a checkpoint: sliding-window, score-first TTT or document-masked val_bpb",
         description="Score a model.bin or challenge .ptz on the val shards with the challenge's protocol: "
-        "sliding windows (--ttt-epochs 0) or score-first chunked test-time training.",
+        "sliding windows (--ttt-epochs 0), score-first chunked test-time training, or the frontier records' "
+        "document-masked diagnostic pass (--protocol doc_masked). CaseOps val sets (with "
+        "fineweb_val_bytes_*.bin sidecars) take bytes from the sidecar.",
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="a model.bin, or a .ptz artifact (with --preset)")
     add_architecture_args(p, required=False)  # --preset and --set, as pgttt inspect and import take them
     p.add_argument("--tokenizer", type=Path, required=True, help="the SentencePiece .model of the val shards")
     p.add_argument("--val", required=True, metavar="DIR_OR_GLOB",
-                   help="a directory of fineweb_val_*.bin, a glob, or one shard")
+                   help="a directory of fineweb_val_*.bin (and their fineweb_val_bytes_*.bin sidecars), a glob, "
+                        "or one shard")
     for flag, (_, kind, text) in SETTINGS.items():
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--protocol", choices=PROTOCOLS,
-                   help="chunked (sliding windows + whole-model SGD TTT, default) or phased (per-document LoRA TTT "
-                        "with global-SGD phases, the 04-10 ... 04-29 records)")
+                   help="chunked: sliding windows / score-first TTT (default); doc_masked: the frontier records' "
+                        "diagnostic eval_val (document-masked packed rows, no TTT; some targets never scored); "
+                        "phased: per-document LoRA TTT with global-SGD phases (the 04-10 ... 04-29 records)")
     p.add_argument("--record-defaults", choices=list(RECORD_TTT_DEFAULTS),
                    help="phased: take unset knobs from this record (default: the checkpoint's preset's record)")
     p.add_argument("--precision", choices=PRECISIONS, help="bf16 (default on CUDA) or fp32 (default elsewhere)")
@@ -92,8 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The EvalConfig fields the command line gave."""
     settings = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in SETTINGS.items()}
-    settings.update(precision=args.precision, optimizer=args.optimizer, lr_schedule=args.lr_schedule,
-                    protocol=args.protocol, record_defaults=args.record_defaults)
+    settings.update(protocol=args.protocol, precision=args.precision, optimizer=args.optimizer,
+                    lr_schedule=args.lr_schedule, record_defaults=args.record_defaults)
     settings.update(adapt_include=tuple(args.adapt_include), adapt_exclude=tuple(args.adapt_exclude))
     if args.no_compile:
         settings["compile"] = False

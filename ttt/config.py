@@ -23,13 +23,17 @@ from pgttt.checkpoints.model import PRECISIONS
 from .errors import EvalError
 from .record_defaults import RECORD_TTT_DEFAULTS, record_for
 
+# "chunked": sliding windows, with score-first chunked TTT unless ttt_epochs is 0 (spec sections 3-4).
+# "doc_masked": the frontier records' diagnostic eval_val, no TTT (frontier spec 2.12, ttt/doc_masked.py).
+# "phased": per-document LoRA TTT with global-SGD phases (frontier spec 2, ttt/phased.py); ``seq_len`` is
+# then the records' EVAL_SEQ_LEN (the stream's cut, the global-SGD rows).
+PROTOCOLS: tuple[str, ...] = ("chunked", "doc_masked", "phased")
 LR_SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 MAX_SEQ_LEN = 65_536
 MAX_EPOCHS = 100
 MAX_BATCH_SEQS = 4096
 MAX_LR = 10.0
-PROTOCOLS: tuple[str, ...] = ("chunked", "phased")
 LORA_OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")  # the records' TTT_OPTIMIZER: adam is AdamW
 MAX_EMULATED_RANKS = 1024
 # The phased protocol's knobs (frontier spec 1b, 2): None until resolved from the record's row.
@@ -47,6 +51,7 @@ PHASED_SETTINGS: tuple[str, ...] = ("protocol", "record_defaults", *PHASED_KNOBS
 
 @dataclass(frozen=True)
 class EvalConfig:
+    protocol: str = "chunked"  # one of PROTOCOLS
     seq_len: int | None = None  # None: the checkpoint's train_seq_len
     stride: int = 64
     ttt_epochs: int = 3  # 0: plain sliding-window evaluation
@@ -63,9 +68,9 @@ class EvalConfig:
     precision: str | None = None  # None: bf16 on CUDA, fp32 elsewhere
     seed: int = 0
     compile: bool | None = None  # None: on for CUDA
-    # "chunked": sliding windows + whole-model SGD TTT; "phased": per-document LoRA TTT with global-SGD
-    # phases (frontier spec 2; ``seq_len`` is then its EVAL_SEQ_LEN: the stream's cut, global-SGD rows).
-    protocol: str = "chunked"
+    # doc_masked only: the records' VAL_BATCH_TOKENS (their default), split over 8 = ranks x grad-accumulation
+    # steps, so a packed row holds val_batch_tokens // 8 // seq_len sequences (32 of 2048 tokens here).
+    val_batch_tokens: int = 524_288
     # ---- the phased protocol (frontier spec 2); None: the record's as-run value (record_defaults.py)
     record_defaults: str | None = None  # whose values fill unset knobs; None: the checkpoint's preset's record
     ttt_lora_rank: int | None = None
@@ -129,9 +134,10 @@ class EvalConfig:
             need(low <= value and (value < high if high_open else value <= high), key,
                  f"must be within {low}..{high}" + (" (exclusive)" if high_open else ""))
 
+        need(self.protocol in PROTOCOLS, "protocol", f"expected one of {', '.join(PROTOCOLS)}")
         integer("seq_len", 1, MAX_SEQ_LEN, optional=True)
         integer("stride", 1, MAX_SEQ_LEN)
-        if self.seq_len is not None:
+        if self.seq_len is not None and self.protocol == "chunked":  # the other protocols have no stride
             need(self.stride <= self.seq_len, "stride", f"must not exceed seq_len={self.seq_len}")
         integer("ttt_epochs", 0, MAX_EPOCHS)
         integer("chunk_tokens", 1, 2**40)
@@ -151,7 +157,7 @@ class EvalConfig:
              f"expected one of {', '.join(PRECISIONS)} (or none: bf16 on CUDA, fp32 elsewhere)")
         integer("seed", 0, 2**63 - 1)
         need(self.compile is None or isinstance(self.compile, bool), "compile", "must be true, false or none")
-        need(self.protocol in PROTOCOLS, "protocol", f"expected one of {', '.join(PROTOCOLS)}")
+        integer("val_batch_tokens", 1, 2**40)
         self._validate_phased(need, integer, number)
 
     def _validate_phased(self, need: Any, integer: Any, number: Any) -> None:
@@ -208,7 +214,7 @@ class EvalConfig:
         checkpoint's preset name, whose record's as-run values the phased protocol takes (spec 1b)."""
         cuda = torch.device(device).type == "cuda"
         seq_len = model_config.train_seq_len if self.seq_len is None else self.seq_len
-        if self.stride > seq_len:
+        if self.stride > seq_len and self.protocol == "chunked":
             raise EvalError(f"stride={self.stride}: must not exceed seq_len={seq_len} (the checkpoint's train_seq_len)")
         config = dataclasses.replace(
             self,

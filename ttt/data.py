@@ -4,6 +4,11 @@ A shard is 256 little-endian int32 (magic 20240520, version 1, token count N, ze
 ids; anything else is refused with the file and the fault named. Per-file work that reads every
 byte (the largest id, the sha256) is cached by (path, size, mtime), so a service that evaluates the
 same val set many times reads it once.
+
+CaseOps datasets (frontier spec 5.3) add a byte sidecar beside each val shard:
+``fineweb_val_bytes_NNNNNN.bin``, the same format, one entry per token of ``fineweb_val_NNNNNN.bin``:
+the bytes of the original text that token stands for (0 for BOS). Names containing ``_bytes_`` are
+never token shards (spec 2.2).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -24,6 +30,9 @@ SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 VAL_PATTERN = "fineweb_val_*.bin"
+SIDECAR_PATTERN = "fineweb_val_bytes_*.bin"
+SIDECAR_MARK = "_bytes_"  # the records' rule: a val file whose name contains it is a sidecar, not tokens
+BOS_ID = 1
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -113,17 +122,25 @@ def _file_sha256(key: FileKey) -> str:
     return digest.hexdigest()
 
 
+def is_sidecar(path: str | Path) -> bool:
+    return SIDECAR_MARK in Path(path).name
+
+
 def resolve_val_files(spec: str | Path) -> list[Path]:
-    """A directory (its ``fineweb_val_*.bin``), a glob, or one file; sorted by name as the challenge does."""
+    """A directory (its ``fineweb_val_*.bin``), a glob, or one file; sorted by name as the challenge does.
+    Byte sidecars (``*_bytes_*``) are never token shards: a directory's or a glob's are left out."""
     text = str(spec)
     path = Path(text)
     if path.is_dir():
-        matches = sorted(glob.glob(os.path.join(text, VAL_PATTERN)))
+        matches = sorted(m for m in glob.glob(os.path.join(text, VAL_PATTERN)) if not is_sidecar(m))
         where = f"{path}: no {VAL_PATTERN} files in this directory"
     elif _GLOB_CHARS & set(text):
-        matches = sorted(glob.glob(text))
-        where = f"{text}: no files match this pattern"
+        matches = sorted(m for m in glob.glob(text) if not is_sidecar(m))
+        where = f"{text}: no files match this pattern" + (" (byte sidecars are not token shards)"
+                                                          if glob.glob(text) else "")
     elif path.is_file():
+        if is_sidecar(path):
+            raise DataError(f"{text}: a byte sidecar, not a token shard: give its token shard or their directory")
         matches = [text]
         where = ""
     else:
@@ -131,6 +148,69 @@ def resolve_val_files(spec: str | Path) -> list[Path]:
     if not matches:
         raise DataError(where)
     return [Path(m) for m in matches]
+
+
+def sidecar_of(token_file: Path) -> Path | None:
+    """Where the byte sidecar of ``fineweb_val_X.bin`` would be: ``fineweb_val_bytes_X.bin`` beside it."""
+    prefix = "fineweb_val_"
+    if not token_file.name.startswith(prefix):
+        return None
+    return token_file.with_name(f"{prefix}bytes_{token_file.name[len(prefix):]}")
+
+
+def resolve_sidecar_files(spec: str | Path, token_files: list[Path]) -> list[Path]:
+    """The byte sidecars of ``token_files``, one per shard, or none at all (a dataset without CaseOps).
+    A shard without its sidecar while others have one, or (for a directory) a sidecar without its token
+    shard, is refused with both names."""
+    partners = [sidecar_of(f) for f in token_files]
+    present = [p for p in partners if p is not None and p.is_file()]
+    if Path(spec).is_dir():
+        wanted = {p.name for p in partners if p is not None}
+        orphans = sorted(name for name in (Path(m).name for m in glob.glob(os.path.join(spec, SIDECAR_PATTERN)))
+                         if name not in wanted)
+        if orphans:
+            token = orphans[0].replace(SIDECAR_MARK, "_", 1)
+            raise DataError(f"{Path(spec) / orphans[0]}: a byte sidecar without its token shard {token}")
+    if not present:
+        return []
+    for token_file, partner in zip(token_files, partners, strict=True):
+        if partner is None or not partner.is_file():
+            expected = partner.name if partner is not None else "a fineweb_val_bytes_*.bin"
+            raise DataError(
+                f"{token_file}: no byte sidecar {expected} beside it, while {present[0].name} is there: "
+                "a CaseOps val set needs the sidecar of every shard"
+            )
+    return present
+
+
+def open_sidecar(path: Path, token_file: Path, tokens: np.ndarray) -> np.ndarray:
+    """The sidecar of ``token_file`` (whose ids are ``tokens``) as a uint16 memmap, checked against it:
+    one entry per token, and 0 bytes at every BOS."""
+    n = read_header(path)
+    if n != len(tokens):
+        raise DataError(
+            f"{path}: {n} entries for the {len(tokens)} tokens of {token_file.name}: a byte sidecar has one "
+            "entry per token of its shard"
+        )
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16)
+    entries = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+    position = _first_bos_with_bytes(FileKey.of(path), FileKey.of(token_file))
+    if position >= 0:
+        raise DataError(
+            f"{path}: entry {int(entries[position])} at position {position}, where {token_file.name} has BOS "
+            f"(id {BOS_ID}, 0 bytes): the sidecar is misaligned with its token shard or belongs to another one"
+        )
+    return entries
+
+
+@functools.lru_cache(maxsize=1024)
+def _first_bos_with_bytes(sidecar: FileKey, tokens: FileKey) -> int:
+    """The first position where the token shard has BOS and the sidecar a non-zero entry, or -1."""
+    ids = np.memmap(tokens.path, dtype="<u2", mode="r", offset=HEADER_BYTES)
+    entries = np.memmap(sidecar.path, dtype="<u2", mode="r", offset=HEADER_BYTES)
+    bad = np.flatnonzero((ids == BOS_ID) & (entries != 0))
+    return int(bad[0]) if len(bad) else -1
 
 
 def fingerprint(files: list[Path]) -> str:
@@ -144,20 +224,42 @@ def fingerprint(files: list[Path]) -> str:
 
 @dataclass(frozen=True)
 class ValSet:
-    """The validation stream: all files' ids concatenated (a memmap view when there is one file)."""
+    """The validation stream: all files' ids concatenated (a memmap view when there is one file), and for
+    CaseOps data the byte sidecar, entry for entry (``sidecar[i]``: the bytes of token ``tokens[i]``)."""
 
     files: tuple[Path, ...]
     tokens: np.ndarray
-    fingerprint: str
+    fingerprint: str  # of the token shards and the sidecars
+    sidecar_files: tuple[Path, ...] = ()
+    sidecar: np.ndarray | None = None
 
     def trimmed(self, seq_len: int, max_tokens: int | None = None) -> np.ndarray:
         return trim_stream(self.tokens, seq_len, max_tokens, where=self.describe())
 
+    def target_count(self, seq_len: int) -> int:
+        """The targets of the whole trimmed stream: ``((N - 1) // seq_len) * seq_len``."""
+        return len(self.trimmed(seq_len)) - 1
+
+    def byte_source(self, tables: ByteSource) -> ByteSource:
+        """Where the bytes of targets come from: the sidecar when there is one (spec 5.4), else ``tables``."""
+        if self.sidecar is None:
+            return tables
+        return SidecarBytes(self.sidecar, self.describe_sidecar())
+
     @classmethod
-    def from_tokens(cls, tokens: np.ndarray) -> ValSet:
+    def from_tokens(cls, tokens: np.ndarray, sidecar: np.ndarray | None = None) -> ValSet:
         """A stream held in memory (tests, callers with their own data); fingerprinted by its bytes."""
         tokens = np.ascontiguousarray(tokens, dtype=np.uint16)
-        return cls((), tokens, hashlib.sha256(tokens.tobytes()).hexdigest())
+        digest = hashlib.sha256(tokens.tobytes())
+        if sidecar is not None:
+            sidecar = np.ascontiguousarray(sidecar, dtype=np.uint16)
+            if len(sidecar) != len(tokens):
+                raise DataError(f"in-memory val: {len(sidecar)} sidecar entries for {len(tokens)} tokens")
+            bad = np.flatnonzero((tokens == BOS_ID) & (sidecar != 0))
+            if len(bad):
+                raise DataError(f"in-memory val: sidecar entry {int(sidecar[bad[0]])} at BOS position {int(bad[0])}")
+            digest.update(b"sidecar\0" + sidecar.tobytes())
+        return cls((), tokens, digest.hexdigest(), (), sidecar)
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise DataError naming the file, position and id if any id is not below ``vocab_size``."""
@@ -167,17 +269,58 @@ class ValSet:
             _refuse_first_id(self.tokens, vocab_size, self.describe())
 
     def describe(self) -> str:
-        if not self.files:
-            return "in-memory val"
-        first = str(self.files[0])
-        return first if len(self.files) == 1 else f"{first} (+{len(self.files) - 1} more files)"
+        return _describe(self.files, "in-memory val")
+
+    def describe_sidecar(self) -> str:
+        return _describe(self.sidecar_files, "in-memory val sidecar")
+
+
+def _describe(files: tuple[Path, ...], default: str) -> str:
+    if not files:
+        return default
+    first = str(files[0])
+    return first if len(files) == 1 else f"{first} (+{len(files) - 1} more files)"
+
+
+class ByteSource(Protocol):
+    """Bytes for bits per byte: the tokenizer's tables (``ByteTables``) or a val set's sidecar."""
+
+    @property
+    def kind(self) -> str:
+        """``tokenizer`` (the SentencePiece tables of spec 2) or ``sidecar`` (frontier spec 5.4)."""
+        ...
+
+    def target_bytes(self, tokens: np.ndarray) -> np.ndarray:
+        """The bytes of every target ``tokens[i+1]``: int64 (len - 1,)."""
+        ...
+
+
+@dataclass(frozen=True)
+class SidecarBytes:
+    """A val set's sidecar as a byte source: target ``tokens[i+1]`` is ``entries[i+1]`` bytes, whatever
+    the previous token (spec 5.4). ``tokens`` must be a prefix of that val set's stream (a trimmed cut)."""
+
+    entries: np.ndarray
+    where: str
+    kind: ClassVar[str] = "sidecar"
+
+    def target_bytes(self, tokens: np.ndarray) -> np.ndarray:
+        n = len(tokens)
+        if n > len(self.entries):
+            raise DataError(f"{self.where}: {len(self.entries)} sidecar entries, fewer than the {n} tokens scored")
+        return np.asarray(self.entries[1:n], dtype=np.int64)
 
 
 def load_val(spec: str | Path, vocab_size: int | None = None) -> ValSet:
     files = resolve_val_files(spec)
     parts = [open_shard(f, vocab_size) for f in files]
     tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return ValSet(tuple(files), tokens, fingerprint(files))
+    sidecars = resolve_sidecar_files(spec, files)
+    if not sidecars:
+        return ValSet(tuple(files), tokens, fingerprint(files))
+    entries = [open_sidecar(s, f, part) for s, f, part in zip(sidecars, files, parts, strict=True)]
+    sidecar = entries[0] if len(entries) == 1 else np.concatenate(entries)
+    return ValSet(tuple(files), tokens, fingerprint(files + sidecars), tuple(sidecars), sidecar)
 
 
 def trim_stream(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None, *, where: str = "val") -> np.ndarray:

@@ -29,10 +29,10 @@ from pgttt import __version__
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.model import GPT, apply_precision, autocast
 
-from .bytes import ByteTables, load_byte_tables
+from .bytes import ByteTables, byte_source, load_byte_tables
 from .compliance import ComplianceLog, check_compliance
 from .config import EvalConfig
-from .data import ValSet, load_val
+from .data import ByteSource, ValSet, load_val
 from .distributed import World
 from .errors import EvalCancelled, EvalError
 from .phased import PhasedProgress, run_phased
@@ -40,19 +40,19 @@ from .plan import Plan, merged_spans, plan_windows, share
 
 ENGINE_VERSION = __version__
 
-# The challenge's eval budget: the full FineWeb val split (first 50,000 documents, about 40.5M tokens with
-# the 8192-token vocabulary) on 8 GPUs within 600 seconds.
-FULL_VAL_TOKENS = 40_500_000
+# The challenge's eval budget: the full val split (its first 50,000 documents: 40,540,160 targets with the
+# 8192-token vocabulary, 47,851,520 with CaseOps) on 8 GPUs within 600 seconds.
 BUDGET_GPUS = 8
 BUDGET_S = 600.0
 
 
-def project_full_eval(tokens_per_second: float, world_size: int) -> dict[str, Any]:
-    """This run's throughput scaled to the challenge's eval: the full val set on 8 GPUs (linear in GPUs)."""
+def project_full_eval(tokens_per_second: float, world_size: int, targets: int) -> dict[str, Any]:
+    """This run's throughput scaled to the challenge's eval: all ``targets`` of the dataset evaluated (its
+    whole trimmed stream, whatever ``max_tokens`` scored) on 8 GPUs (linear in GPUs)."""
     per_gpu = tokens_per_second / world_size
-    seconds = FULL_VAL_TOKENS / (per_gpu * BUDGET_GPUS) if per_gpu > 0 else math.inf
+    seconds = targets / (per_gpu * BUDGET_GPUS) if per_gpu > 0 else math.inf
     return {
-        "tokens": FULL_VAL_TOKENS, "gpus": BUDGET_GPUS, "seconds": seconds, "budget_s": BUDGET_S,
+        "tokens": targets, "gpus": BUDGET_GPUS, "seconds": seconds, "budget_s": BUDGET_S,
         "fits_budget": seconds <= BUDGET_S, "tokens_per_second_per_gpu": per_gpu,
         "assumes": "this run's tokens/s per device, on the same kind of device, scaling linearly to 8 "
                    "(optimistic for TTT: smaller per-device training batches run slower per token)",
@@ -334,7 +334,7 @@ def warm_up(model: GPT, steps: Steps, config: EvalConfig, world: World | None = 
 def run_protocol(
     model: GPT,
     tokens: np.ndarray,
-    tables: ByteTables,
+    tables: ByteSource,
     config: EvalConfig,
     *,
     steps: Steps | None = None,
@@ -343,7 +343,8 @@ def run_protocol(
     cancel: CancelEvent | None = None,
 ) -> ProtocolRun:
     """Spec sections 3-4 on ``model`` in place (its weights end adapted). ``tokens``: the trimmed val stream
-    (T + 1 ids); ``config``: resolved. Sliding-window evaluation is ``ttt_epochs=0``."""
+    (T + 1 ids); ``tables``: the bytes of its targets (tokenizer tables or the val set's sidecar);
+    ``config``: resolved. Sliding-window evaluation is ``ttt_epochs=0``."""
     length, precision = resolved_shape(config)
     world = world or World.current()
     steps = steps or Steps(model, compiled=False)
@@ -483,16 +484,23 @@ class EvalResult:
 
     def summary(self) -> str:
         cfg = self.config
-        mode = "sliding" if cfg["ttt_epochs"] == 0 else f"ttt {cfg['ttt_epochs']}ep/{cfg['chunk_tokens']}"
-        if self.protocol == "phased":
-            mode = (f"phased {cfg['phased_ttt_num_phases']}x{cfg['phased_ttt_prefix_docs']} docs, LoRA r"
-                    f"{cfg['ttt_lora_rank']} chunk {cfg['ttt_chunk_size']} ({cfg['record_defaults']} defaults)")
-        ok = self.compliance["scored_exactly_once"] and self.compliance["score_before_update"]
+        c = self.compliance
+        if cfg["protocol"] == "doc_masked":
+            mode = f"doc_masked seq_len {cfg['seq_len']} batches of {c['batch_seqs']}"
+            check = f"{c['unscored_targets']} of {c['targets']} targets never scored (the records' truncation)"
+        else:
+            mode = "sliding" if cfg["ttt_epochs"] == 0 else f"ttt {cfg['ttt_epochs']}ep/{cfg['chunk_tokens']}"
+            mode += f" seq_len {cfg['seq_len']} stride {cfg['stride']}"
+            if cfg["protocol"] == "phased":
+                mode = (f"phased {cfg['phased_ttt_num_phases']}x{cfg['phased_ttt_prefix_docs']} docs, LoRA r"
+                        f"{cfg['ttt_lora_rank']} chunk {cfg['ttt_chunk_size']} ({cfg['record_defaults']} defaults)")
+            ok = c["scored_exactly_once"] and c["score_before_update"]
+            check = f"compliance {'ok' if ok else 'VIOLATED'}"
         return (
-            f"val_loss {self.val_loss:.8f} val_bpb {self.val_bpb:.8f} | {mode} seq_len {cfg['seq_len']} "
-            f"stride {cfg['stride']} | {self.tokens_scored} tokens {self.bytes_scored} bytes | "
+            f"val_loss {self.val_loss:.8f} val_bpb {self.val_bpb:.8f} | {mode} | {self.tokens_scored} tokens "
+            f"{self.bytes_scored} bytes ({self.identity['bytes_from']}) | "
             f"{self.timings['eval_s']:.1f}s {self.tokens_per_second:.0f} tok/s | {self.device} x{self.world_size} "
-            f"{cfg['precision']} | compliance {'ok' if ok else 'VIOLATED'} | full val on 8 such devices "
+            f"{cfg['precision']} | {check} | full val on 8 such devices "
             f"~{self.projected_8gpu_s:.0f}s ({'fits' if self.projection['fits_budget'] else 'over'} the 600 s budget)"
         )
 
@@ -538,6 +546,7 @@ class EvalSession:
         *,
         checkpoint_sha256: str | None = None,
         tokenizer_sha256: str | None = None,
+        tokenizer_name: str | None = None,
         source: str | None = None,
         load_s: float = 0.0,
         cuda_graphs: bool = True,
@@ -547,6 +556,7 @@ class EvalSession:
         self.cuda_graphs = cuda_graphs
         self.checkpoint_sha256 = checkpoint_sha256
         self.tokenizer_sha256 = tokenizer_sha256  # what the checkpoint was trained with, when it says
+        self.tokenizer_name = tokenizer_name
         self.source = source
         self.load_s = load_s
         self.preset = preset  # the architecture preset it was made as, when known: its record's TTT defaults
@@ -559,9 +569,11 @@ class EvalSession:
         from pgttt.checkpoints.loading import build_model
 
         model = build_model(ckpt, precision="fp32", device="cpu")
-        tokenizer = ckpt.tokenizer.sha256 if ckpt.tokenizer is not None else None
-        return cls(model, checkpoint_sha256=ckpt.sha256, tokenizer_sha256=tokenizer, source=str(ckpt.path),
-                   load_s=load_s, cuda_graphs=cuda_graphs, preset=ckpt.provenance.get("preset"))
+        tokenizer = ckpt.tokenizer
+        return cls(model, checkpoint_sha256=ckpt.sha256, source=str(ckpt.path), load_s=load_s,
+                   tokenizer_sha256=None if tokenizer is None else tokenizer.sha256,
+                   tokenizer_name=None if tokenizer is None else tokenizer.name, cuda_graphs=cuda_graphs,
+                   preset=ckpt.provenance.get("preset"))
 
     @classmethod
     def load(cls, path: str | Path, *, preset: str | None = None, overrides: Any = None,
@@ -608,9 +620,22 @@ class EvalSession:
     def _warm(self, worker: _Worker, cfg: EvalConfig, *, static_training: bool = False,
               world: World | None = None) -> None:
         """Compile what ``cfg`` needs and was not compiled yet; in an evaluation (not ``warmup``), a new
-        training batch size takes the dynamic-batch graph instead of a compile of its own."""
-        if cfg.compile and cfg.protocol == "chunked":  # the phased protocol runs eager
+        training batch size takes the dynamic-batch graph instead of a compile of its own. The doc_masked pass
+        and the phased protocol run eager (graphs made for windows would not serve them)."""
+        if cfg.compile and cfg.protocol == "chunked":
             warm_up(worker.model, worker.steps_for(True), cfg, world, static_training=static_training)
+
+    @staticmethod
+    def _run(worker: _Worker, tokens: np.ndarray, source: ByteSource, cfg: EvalConfig, world: World,
+             progress: ProgressFn | None, cancel: CancelEvent | None) -> ProtocolRun:
+        """The protocol ``cfg.protocol`` on the worker's (reset) model: one function per protocol."""
+        if cfg.protocol == "doc_masked":
+            from .doc_masked import run_doc_masked  # it imports this module's result types
+
+            return run_doc_masked(worker.model, tokens, source, cfg, world=world, progress=progress, cancel=cancel)
+        steps = worker.steps_for(bool(cfg.compile))
+        return run_protocol(worker.model, tokens, source, cfg, steps=steps, world=world, progress=progress,
+                            cancel=cancel)
 
     def evaluate(
         self,
@@ -622,7 +647,8 @@ class EvalSession:
         progress: ProgressFn | None = None,
         cancel: CancelEvent | None = None,
     ) -> EvalResult:
-        """One evaluation. ``val``: a ``ValSet`` or what ``load_val`` takes (a directory, glob or file)."""
+        """One evaluation. ``val``: a ``ValSet`` or what ``load_val`` takes (a directory, glob or file); the
+        bytes of targets come from its sidecar when it has one (CaseOps), else from ``tokenizer``'s tables."""
         t_start = time.perf_counter()
         device = torch.device(device) if device is not None else default_device()
         cfg = (config or EvalConfig()).resolved(self.config, device, preset=self.preset)
@@ -630,13 +656,7 @@ class EvalSession:
         valset = val if isinstance(val, ValSet) else load_val(val, vocab)
         valset.check_vocab(vocab)
         tables = tokenizer if isinstance(tokenizer, ByteTables) else load_byte_tables(tokenizer, vocab)
-        if tables.vocab_size != vocab:
-            raise EvalError(f"byte tables cover {tables.vocab_size} ids, the model's vocab_size is {vocab}")
-        if self.tokenizer_sha256 is not None and tables.tokenizer_sha256 != self.tokenizer_sha256:
-            raise EvalError(
-                f"tokenizer sha256 {tables.tokenizer_sha256[:12]}… is not the one this checkpoint records "
-                f"({self.tokenizer_sha256[:12]}…): bits per byte would be counted with the wrong pieces"
-            )
+        source = byte_source(valset, tables, vocab, self.tokenizer_sha256, self.tokenizer_name)
         seq_len, precision = resolved_shape(cfg)
         tokens = valset.trimmed(seq_len, cfg.max_tokens)
         world = World.current()
@@ -652,20 +672,18 @@ class EvalSession:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
+            phased = None
             if cfg.protocol == "phased":
-                phased = run_phased(worker.model, tokens, tables.target_bytes(tokens), cfg, world=world,
+                phased = run_phased(worker.model, tokens, source.target_bytes(tokens), cfg, world=world,
                                     progress=None if progress is None else _phased_progress(progress), cancel=cancel)
                 run = ProtocolRun(phased.loss_sum, phased.tokens, phased.bytes, [], phased.compliance,
                                   phased.timings["scoring_s"], phased.timings["training_s"])
             else:
-                phased = None
-                steps = worker.steps_for(bool(cfg.compile))
-                run = run_protocol(worker.model, tokens, tables, cfg, steps=steps, world=world, progress=progress,
-                                   cancel=cancel)
+                run = self._run(worker, tokens, source, cfg, world, progress, cancel)
             eval_s = time.perf_counter() - t0
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         tokens_per_second = run.tokens / eval_s if eval_s > 0 else 0.0
-        projection = project_full_eval(tokens_per_second, world.size)
+        projection = project_full_eval(tokens_per_second, world.size, valset.target_count(seq_len))
         return EvalResult(
             val_loss=run.val_loss,
             val_bpb=run.val_bpb,
@@ -680,6 +698,8 @@ class EvalSession:
                 "tokenizer_sha256": tables.tokenizer_sha256,
                 "val_fingerprint": valset.fingerprint,
                 "val_files": [str(f) for f in valset.files],
+                "val_byte_files": [str(f) for f in valset.sidecar_files],
+                "bytes_from": source.kind,  # "sidecar" (CaseOps, frontier spec 5.4) or "tokenizer"
                 "engine_version": ENGINE_VERSION,
             },
             chunks=run.chunks,

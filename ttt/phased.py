@@ -135,6 +135,7 @@ def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndar
     nbytes = torch.from_numpy(np.asarray(target_bytes, dtype=np.int64)).to(device)
     cost = [sum(len(b.docs) * min((c + 1) * config.ttt_chunk_size, config.ttt_eval_seq_len)
                 for c in range(max(num_chunks(d, config.ttt_chunk_size) for d in b.docs))) for b in queue]
+    my_cost = sum(c for q, c in enumerate(cost) if virtual_rank(q, pauses, config.emulate_ranks) in lanes)
     model.eval().requires_grad_(False)
     log, traces, phases = ComplianceLog(), [], []
     done_cost = docs_done = scored = 0
@@ -149,7 +150,7 @@ def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndar
             raise EvalCancelled(f"cancelled after {docs_done} of {len(docs)} documents ({stage})")
         if progress is not None:
             elapsed = time.perf_counter() - t_start
-            eta = elapsed * (sum(cost) - done_cost) / done_cost if done_cost else None
+            eta = elapsed * (my_cost - done_cost) / done_cost if done_cost else None
             progress(PhasedProgress(stage, docs_done, len(docs), len(phases), len(pauses), scored,
                                     int(sum(d.targets for d in docs)), elapsed, eta))
 
@@ -271,7 +272,9 @@ def _finish(world: World, log: ComplianceLog, traces: list[BatchTrace], docs: li
     compliance = check_compliance(log, sum(d.targets for d in docs), expected)
     compliance["exempt"] = ("each document's own first token, its BOS, is read as context by its windows and "
                             "by global SGD without being one of its targets (a constant delimiter: spec 2.13 (a))")
-    counts = {"documents": len(docs), "batches": len(queue), "chunks": sum(t.chunks for t in traces),
+    counts = {"documents": len(docs), "batches": len(queue),
+              "chunks": sum(num_chunks(d, config.ttt_chunk_size) for d in docs),  # scored (document, chunk) pairs
+              "chunk_steps": sum(t.chunks for t in traces),  # batched forward passes that scored them
               "tokens": tokens, "bytes": nbytes}
     schedule = {
         "emulate_ranks": config.emulate_ranks, "boundaries": bounds, "pauses": pauses,
