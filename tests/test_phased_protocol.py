@@ -73,7 +73,7 @@ def random_case(seed: int) -> tuple[np.ndarray, np.ndarray, EvalConfig]:
         batch = rng.choice([1, 1, 1, 2])
         docs = rng.randint(9, 12) if batch == 1 else rng.randint(17, 18)
     else:
-        docs, batch = rng.randint(1, 6), rng.randint(1, 4)
+        docs, batch = rng.randint(1, 8), rng.choice([1, 2, 2, 2, 3, 4])
     tokens, target_bytes = stream(rng, docs, rng.choice([6, 14, 30]) if chunk > 2 and ranks == 1 else 9)
     rank = rng.randint(1, 4)
     seq_len = rng.randint(2, 6)
@@ -222,3 +222,30 @@ def test_engine_equals_plain_reference(seed):
         for (name, a), b in zip(engine_model.named_parameters(), reference_model.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=f"weights after the phases differ: {name}")
     assert run.compliance["scored_exactly_once"] and run.compliance["score_before_update"], run.compliance
+
+
+@pytest.mark.parametrize(("beta1", "phases"), [(0.0, 0), (0.9, 0), (0.9, 1)])
+def test_engine_equals_reference_when_kept_a_saw_zero_gradient_steps(beta1, phases):
+    """Warm-started A of a slot whose document ended before its batch's longest: AdamW went on decaying it (and,
+    with beta1 > 0, moving it) at every later step of that batch, and the slot's next document starts from it."""
+    rng = random.Random(7)
+    tokens: list[int] = []
+    for length in (10, 1, 16, 6, 20, 5, 11, 15):  # batches of 2 by length, every one with uneven chunk counts
+        tokens += [1] + [rng.randrange(2, TINY.vocab_size) for _ in range(length)]
+    target_bytes = np.array([rng.randint(0, 4) for _ in range(len(tokens) - 1)])
+    cfg = EvalConfig(
+        protocol="phased", seq_len=4, stride=4, ttt_lora_rank=2, ttt_lora_lr=0.05, ttt_lora_alpha=4.0,
+        ttt_warm_start_a=True, ttt_chunk_size=3, ttt_eval_seq_len=7, ttt_batch_size=2, ttt_grad_steps=1,
+        ttt_optimizer="adam", ttt_beta1=beta1, ttt_beta2=0.99, ttt_eps=1e-10, ttt_weight_decay=2.0,
+        ttt_k_lora=True, ttt_mlp_lora=True, ttt_o_lora=True, phased_ttt_prefix_docs=2 * phases,
+        phased_ttt_num_phases=max(phases, 1), global_ttt_lr=0.01, global_ttt_momentum=0.9, global_ttt_epochs=1,
+        global_ttt_chunk_tokens=5, global_ttt_batch_seqs=1, global_ttt_grad_clip=1.0,
+        global_ttt_warmup_start_lr=0.0, global_ttt_warmup_chunks=0, global_ttt_respect_doc_boundaries=True,
+        val_doc_fraction=1.0, emulate_ranks=1, seed=3,
+    ).resolved(TINY, "cpu")
+    tokens_np = np.array(tokens, dtype=np.uint16)
+    run = run_phased(copy.deepcopy(MODEL), tokens_np, target_bytes, cfg)
+    loss_sum, count, nbytes, schedule = reference_phased(copy.deepcopy(MODEL), tokens_np, target_bytes, cfg)
+    assert (run.tokens, run.bytes) == (count, nbytes)
+    assert math.isclose(run.loss_sum, loss_sum, rel_tol=LOSS_RTOL), (run.loss_sum, loss_sum)
+    assert run.schedule["pauses"] == [p["batches"] for p in schedule] and len(schedule) == phases
