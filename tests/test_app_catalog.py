@@ -109,6 +109,8 @@ def test_request_paths_stay_inside_the_folders(tmp_path):
 
 
 def test_settings_from_the_environment_and_flags(tmp_path, monkeypatch):
+    for name in ("x", "y", "c1", "c2"):  # pgttt serve refuses folders that do not exist
+        (tmp_path / name).mkdir()
     monkeypatch.setenv("PGTTT_DEVICES", "cpu,cpu")
     monkeypatch.setenv("PGTTT_CHECKPOINT_DIRS", f"{tmp_path}/x, {tmp_path}/y")
     monkeypatch.setenv("PGTTT_QUEUE_LIMIT", "7")
@@ -118,10 +120,10 @@ def test_settings_from_the_environment_and_flags(tmp_path, monkeypatch):
     assert s.checkpoint_dirs == [tmp_path / "x", tmp_path / "y"] and s.queue_limit == 7
     assert s.database_path == tmp_path / "state" / "jobs.sqlite" and s.data_dirs[0].name == "demo"
     args = build_parser("serve").parse_args(["serve", "--devices", "cpu", "--queue-limit", "3", "--no-warmup",
-                                             "--checkpoint-dir", "/c1", "--checkpoint-dir", "/c2"])
+                                             "--checkpoint-dir", f"{tmp_path}/c1", "--checkpoint-dir", f"{tmp_path}/c2"])
     s = settings_from_args(args)
     assert s.devices == ["cpu"] and s.queue_limit == 3 and s.warmup is False  # flags win over the environment
-    assert [str(d) for d in s.checkpoint_dirs] == ["/c1", "/c2"]
+    assert s.checkpoint_dirs == [tmp_path / "c1", tmp_path / "c2"]
     assert s.cuda_graphs is True  # on unless turned off
     monkeypatch.setenv("PGTTT_CUDA_GRAPHS", "0")
     assert Settings().cuda_graphs is False
