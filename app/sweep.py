@@ -19,6 +19,7 @@ import queue
 import random
 import sys
 import threading
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +30,30 @@ from tqdm import tqdm
 
 from pgttt.app.client import ApiError, Client, Job, RetryPolicy, ServerUnreachable
 from pgttt.app.report import read_results
+from pgttt.app.schemas import EvalRequest
 from pgttt.errors import PgtttError
 
-# The evaluation fields a point may set (the engine's names) and the JSON type each takes; the server checks
-# ranges and answers 422 naming the field, so only types are checked here, before anything is submitted.
-INT_FIELDS = ("ttt_epochs", "chunk_tokens", "seq_len", "stride", "batch_seqs", "max_tokens", "seed", "gpus")
-FLOAT_FIELDS = ("ttt_lr", "ttt_momentum", "grad_clip")
-STR_FIELDS = ("lr_schedule", "optimizer", "precision")
-LIST_FIELDS = ("adapt_include", "adapt_exclude")
-FIELDS = INT_FIELDS + FLOAT_FIELDS + STR_FIELDS + LIST_FIELDS
+# The evaluation fields a point may set and the JSON type each takes, read off the HTTP request model (so a knob
+# the server accepts is sweepable without an edit here); the server checks ranges and answers 422 naming the
+# field, so only types are checked here, before anything is submitted.
+_NOT_SETTINGS = ("checkpoint", "dataset", "force", "wait", "wait_timeout_s")
+
+
+def _fields_of(kind: type) -> tuple[str, ...]:
+    def base(annotation: Any) -> Any:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return typing.get_origin(args[0]) or args[0] if args else annotation
+
+    fields = EvalRequest.model_fields.items()
+    return tuple(n for n, f in fields if n not in _NOT_SETTINGS and base(f.annotation) is kind)
+
+
+INT_FIELDS = _fields_of(int)
+FLOAT_FIELDS = _fields_of(float)
+STR_FIELDS = _fields_of(str)
+BOOL_FIELDS = _fields_of(bool)
+LIST_FIELDS = _fields_of(list)
+FIELDS = INT_FIELDS + FLOAT_FIELDS + STR_FIELDS + BOOL_FIELDS + LIST_FIELDS
 SPEC_KEYS = ("checkpoint", "dataset", "fixed", "grid", "points", "random", "seeds", "force")
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
 
@@ -277,6 +293,10 @@ def _check_value(key: str, name: str, value: Any, fail: Callable[[str, str], Swe
     if name in STR_FIELDS:
         if not isinstance(value, str):
             raise fail(key, f"{name} must be a string, got {value!r}")
+        return value
+    if name in BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise fail(key, f"{name} must be true or false, got {value!r}")
         return value
     if isinstance(value, str):  # a list field: one pattern, or a list of them
         value = [value]

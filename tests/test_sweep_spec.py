@@ -26,6 +26,24 @@ def test_grid_is_the_cartesian_product_first_key_slowest():
     assert len({p.key for p in points}) == 6
 
 
+def test_every_setting_the_server_takes_is_sweepable_with_its_type():
+    # The phased protocol's knobs come from the HTTP request model: no list here to keep in step with it.
+    from pgttt.app import sweep
+    from pgttt.app.schemas import EvalRequest
+
+    settings = set(EvalRequest.model_fields) - {"checkpoint", "dataset", "force", "wait", "wait_timeout_s"}
+    assert set(sweep.FIELDS) == settings and len(sweep.FIELDS) == len(settings)
+    points = parse_spec(spec(fixed={"protocol": "phased", "ttt_warm_start_a": False},
+                             grid={"ttt_chunk_size": [32, 48], "ttt_lora_lr": [1e-4, 3]})).expand()
+    assert [(p.fields["ttt_chunk_size"], p.fields["ttt_lora_lr"]) for p in points] == [
+        (32, 1e-4), (32, 3.0), (48, 1e-4), (48, 3.0)]
+    assert all(p.fields["ttt_warm_start_a"] is False and p.fields["protocol"] == "phased" for p in points)
+    with pytest.raises(SweepError, match="ttt_k_lora must be true or false"):
+        parse_spec(spec(fixed={"ttt_k_lora": 1}))
+    with pytest.raises(SweepError, match="ttt_chunk_size must be an integer"):
+        parse_spec(spec(grid={"ttt_chunk_size": [4.5]}))
+
+
 def test_explicit_points_follow_the_grid_and_duplicates_are_dropped():
     points = parse_spec(spec(grid={"ttt_epochs": [0, 1]}, points=[{"ttt_epochs": 1}, {"ttt_epochs": 2, "ttt_lr": 0.01}])
                         ).expand()
