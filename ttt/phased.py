@@ -220,10 +220,14 @@ def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stre
         scored &= cols < torch.tensor(hi, device=device)[:, None]
         x = torch.where(valid, stream[index.clamp(max=len(stream) - 2)], 0)
         y = torch.where(valid, stream[index.clamp(max=len(stream) - 2) + 1], 0)
+        # Every row's scored and trained columns lie in the window's last `size` columns (a full chunk's, and a
+        # last chunk's within them): the output layer and the last block run there only, the same numbers.
+        at = torch.arange(offset, offset + size, device=device)
+        positions, y, scored, index = at.expand(bsz, size), y[:, at], scored[:, at], index[:, at]
         train = torch.tensor([c < n - 1 for n in chunks], device=device)
         trains = bool(train.any())
         with torch.set_grad_enabled(trains):
-            per_token = _per_token_loss(model, x, y, adapters, config.precision)
+            per_token = _per_token_loss(model, x, positions, y, adapters, config.precision)
         with torch.no_grad():
             mask = scored.double()
             sums += torch.stack(((per_token.double() * mask).sum(), mask.sum(),
@@ -234,8 +238,8 @@ def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stre
         if trains:
             for g in range(config.ttt_grad_steps):
                 if g > 0:
-                    per_token = _per_token_loss(model, x, y, adapters, config.precision)
-                per_doc = per_token[:, offset : offset + size].mean(dim=-1)
+                    per_token = _per_token_loss(model, x, positions, y, adapters, config.precision)
+                per_doc = per_token.mean(dim=-1)
                 optimizer.zero_grad(set_to_none=True)
                 (per_doc * train.float()).sum().backward()
                 optimizer.step()
@@ -249,9 +253,11 @@ def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stre
                       0, 0, loss_sum, int(tokens), int(nb), scoring_s=scoring_s, training_s=training_s)
 
 
-def _per_token_loss(model: torch.nn.Module, x: Tensor, y: Tensor, adapters: AdapterSet, precision: str) -> Tensor:
+def _per_token_loss(model: torch.nn.Module, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
+                    precision: str) -> Tensor:
+    """Cross-entropy (bsz, k) of the targets ``y`` at the window columns ``positions`` (bsz, k)."""
     with autocast(precision, x.device):
-        logits = model(x, adapters=adapters)
+        logits = model.logits_from_hidden(model.forward_hidden(x, positions, adapters=adapters), adapters)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
