@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from ttt_dist_worker import CASES, run_case
-from ttt_helpers import one_thread  # noqa: F401 (a fixture)
+from ttt_helpers import one_thread, run_two_ranks  # noqa: F401 (one_thread: a fixture)
 
 WORKER = Path(__file__).with_name("ttt_dist_worker.py")
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ranks")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
-    procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(out / "init"), str(out)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log
-    return out
+    return run_two_ranks(WORKER, tmp_path_factory.mktemp("ranks"), timeout=180)
 
 
 @pytest.mark.slow

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +54,21 @@ def random_tables(vocab: int, seed: int = 0) -> ByteTables:
     boundary = rng.random(vocab) < 0.2
     base = np.where(boundary, 0, rng.integers(1, 5, vocab))
     return ByteTables(base, (rng.random(vocab) < 0.5) & ~boundary, boundary, "synthetic", vocab)
+
+
+def run_two_ranks(worker: Path, out: Path, timeout: float) -> Path:
+    """Run ``worker RANK 2 INIT OUT`` as two gloo ranks at once and wait for both; ``out`` holds what they wrote."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parent), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen([sys.executable, str(worker), str(rank), "2", str(out / "init"), str(out)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log
+    return out
