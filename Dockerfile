@@ -23,7 +23,10 @@ COPY pyproject.toml README.md ./
 COPY cli ./cli
 COPY checkpoints ./checkpoints
 COPY ttt ./ttt
+COPY budget ./budget
+COPY api ./api
 COPY app ./app
+COPY client ./client
 COPY training ./training
 
 # A local path, not a registry package: there is no version to pin (DL3013 does not apply).

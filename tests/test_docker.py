@@ -73,3 +73,14 @@ def test_port_volumes_and_healthcheck_agree_with_settings():
         assert env[key].startswith(env["PGTTT_STATE_DIR"] + "/"), f"{key}={env[key]} is not on the state volume"
     (health,) = instruction("HEALTHCHECK")
     assert "/healthz" in health and "PGTTT_PORT" in health
+
+
+def test_the_image_copies_every_folder_the_package_is_built_from():
+    # pyproject maps each pgttt subpackage to a top-level folder; a folder the image does not copy makes
+    # `pip install .` in the image fail (pgttt.budget was missing once).
+    import tomllib
+
+    package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    top_level = {folder.split("/")[0] for folder in package_dirs.values()}
+    copied = {line.split()[0] for line in instruction("COPY")}
+    assert top_level - copied == set()
