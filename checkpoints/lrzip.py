@@ -62,17 +62,22 @@ def decode(data: bytes, expected_size: int, *, timeout_s: float | None = None,
         src, dst = Path(tmp, "in.lrz"), Path(tmp, "out.bin")
         src.write_bytes(data)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "TMPDIR": tmp, "LRZIP": "NOCONFIG"}
+        # Its own session, so that a timeout kills lrzip and anything it started, and no pipe stays open.
+        proc = subprocess.Popen(
+            _limited(expected_size + 1, memory_limit) + [program, "-q", "-d", "-f", "-o", str(dst), str(src)],
+            cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
-            proc = subprocess.run(
-                _limited(expected_size + 1, memory_limit) + [program, "-q", "-d", "-f", "-o", str(dst), str(src)],
-                cwd=tmp, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s,
-            )
+            stdout, stderr = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise LrzipError(f"lrzip took longer than {timeout_s:.0f} s") from None
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise LrzipError(f"lrzip took longer than {timeout_s:g} s") from None
         if proc.returncode == -signal.SIGXFSZ:
             raise LrzipError(f"lrzip output runs past the {expected_size} bytes the container declares")
         if proc.returncode != 0:
-            detail = " ".join((proc.stderr or proc.stdout).decode(errors="replace").split())[-200:]
+            detail = " ".join((stderr or stdout).decode(errors="replace").split())[-200:]
             raise LrzipError(f"lrzip failed (exit status {proc.returncode}): {detail or 'no message'}")
         size = dst.stat().st_size if dst.exists() else -1
         if size != expected_size:
