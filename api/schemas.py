@@ -1,12 +1,17 @@
-"""Pydantic models of every request and response body, with the examples ``/docs`` shows."""
+"""Pydantic models of every request and response body, with the examples ``/docs`` shows; the server
+answers with them and the client reads them (no torch, no FastAPI here)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# A job's states, the store's and the API's and the client's: queued -> running -> one final state.
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATES: tuple[str, ...] = get_args(JobState)
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = frozenset(JOB_STATES) - frozenset(ACTIVE_STATES)
 
 EVAL_EXAMPLE = {
     "checkpoint": "demo",

@@ -19,13 +19,13 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pgttt.api.schemas import RegisterCheckpoint
 from pgttt.errors import PgtttError
 
 from . import engine_bridge as bridge
 from .catalog import NAME_RE, SIDECAR_SUFFIX, Catalog, PathError, safe_path
 from .errors import ApiError, invalid_field
 from .isolate import INSPECT, run_isolated
-from .schemas import RegisterCheckpoint
 
 if TYPE_CHECKING:
     from .service import Service

@@ -21,12 +21,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from pgttt.api.schemas import EvalRequest
+
 from . import engine_bridge as bridge
 from .catalog import Catalog
 from .errors import ApiError, invalid_field, not_found
 from .metrics import Metrics
 from .registrar import Registrar
-from .schemas import EvalRequest
 from .settings import Settings
 from .store import JobRecord, JobStore, StorageError, lock_state_dir, new_job_id, utc_now
 from .workers import GANG_GRACE_S, RunOrder, Worker, WorkerPool

@@ -7,10 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-from pgttt.app.client import RetryPolicy
-from pgttt.app.report import Report, write_report
-from pgttt.app.sweep import SweepError, SweepRunner, load_spec
-from pgttt.app.sweep_budget import describe, screen
+from pgttt.client.client import RetryPolicy
+from pgttt.client.report import Report, write_report
+from pgttt.client.sweep import SweepError, SweepRunner, load_sweep
+from pgttt.client.sweep_budget import describe, screen
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     if args.retries < 1:
         raise SweepError(f"--retries {args.retries}: must be at least 1")
-    spec = load_spec(args.spec)
+    spec = load_sweep(args.spec)
     points = spec.expand()
     screened = screen(points, args.budget_s)
     over = [s for s in screened if s.over]
