@@ -7,6 +7,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .challenge import ARTIFACT_LIMIT_BYTES
+
 # A job's states, the store's and the API's and the client's: queued -> running -> one final state.
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = get_args(JobState)
@@ -205,7 +207,8 @@ class Checkpoint(BaseModel):
     parameters: int
     config: dict[str, Any]
     tokenizer: dict[str, Any] | None
-    fits_16mb: bool = Field(description="artifact bytes alone <= 16,000,000 (the challenge also counts code)")
+    fits_16mb: bool = Field(
+        description=f"artifact bytes alone <= {ARTIFACT_LIMIT_BYTES:,} (the challenge also counts code)")
     devices: list[str]
 
 

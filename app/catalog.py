@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgttt.api.challenge import ARTIFACT_LIMIT_BYTES
 from pgttt.errors import PgtttError
 
 from . import engine_bridge as bridge
@@ -35,7 +36,6 @@ log = logging.getLogger("pgttt.app.catalog")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: "$" would allow a final "\n"
 MAX_PATH_CHARS = 4096
 SIDECAR_SUFFIX = ".json"
-CHALLENGE_LIMIT_BYTES = 16_000_000
 
 
 class CatalogError(PgtttError):
@@ -66,7 +66,7 @@ class CheckpointEntry:
             "parameters": info.parameters,
             "config": info.config.to_dict(),
             "tokenizer": info.tokenizer,
-            "fits_16mb": info.size_bytes <= CHALLENGE_LIMIT_BYTES,
+            "fits_16mb": info.size_bytes <= ARTIFACT_LIMIT_BYTES,
             "devices": devices,
         }
 

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from pgttt.api.challenge import EVAL_BUDGET_S
 from pgttt.client.client import RetryPolicy
 from pgttt.client.report import Report, write_report
 from pgttt.client.sweep import SweepError, SweepRunner, load_sweep
@@ -35,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--poll-s", type=float, default=0.5, metavar="S", help="seconds between polls of a job")
     sweep.add_argument("--ready-timeout-s", type=float, default=600.0, metavar="S",
                        help="how long to wait for a server to load and warm up (default 600)")
-    sweep.add_argument("--budget-s", type=float, default=600.0, metavar="S",
+    sweep.add_argument("--budget-s", type=float, default=EVAL_BUDGET_S, metavar="S",
                        help="the time budget: points predicted over it (the reference on 8xH100) are marked")
     sweep.add_argument("--skip-over-budget", action="store_true",
                        help="do not run points the reference is predicted to take longer than --budget-s for")
@@ -50,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     report.add_argument("results", type=Path, metavar="RESULTS.jsonl")
     report.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: beside RESULTS.jsonl)")
-    report.add_argument("--budget-s", type=float, default=600.0, metavar="S",
-                        help="seconds for 'best within budget' (default 600, the challenge's)")
+    report.add_argument("--budget-s", type=float, default=EVAL_BUDGET_S, metavar="S",
+                        help="seconds for 'best within budget' (default %(default)g, the challenge's)")
     report.set_defaults(func=_report)
 
 
