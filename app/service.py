@@ -26,11 +26,22 @@ from pgttt.api.schemas import EvalRequest
 from . import engine_bridge as bridge
 from .catalog import Catalog
 from .errors import ApiError, invalid_field, not_found
+from .messages import (
+    JobCancelled,
+    JobDone,
+    JobFailed,
+    Loaded,
+    LoadFailed,
+    ProgressReport,
+    Report,
+    RunOrder,
+    StateReport,
+)
 from .metrics import Metrics
 from .registrar import Registrar
 from .settings import Settings
 from .store import JobRecord, JobStore, StorageError, lock_state_dir, new_job_id, utc_now
-from .workers import GANG_GRACE_S, RunOrder, Worker, WorkerPool
+from .workers import GANG_GRACE_S, Worker, WorkerPool
 
 log = logging.getLogger("pgttt.app")
 
@@ -327,22 +338,22 @@ class Service:
                 self.pool.run(worker, order)
             self._publish(job.id, "state")
 
-    def _on_report(self, worker: Worker, report: dict[str, Any]) -> None:
-        op = report["op"]
-        job_id = report.get("job_id")
-        if op == "state" and report["state"] == "idle":
-            self._dispatch()
-        elif op == "progress" and job_id in self.live:
-            self._progress(job_id, report["progress"])
-        elif op == "done" and report.get("rank", 0) == 0:
-            self._finish(job_id, "succeeded", result=report["result"])
-        elif op == "failed":
-            self._finish(job_id, "failed", error={"code": report["code"], "message": report["message"]})
-        elif op == "cancelled":
-            self._finish(job_id, "cancelled", error={"code": "cancelled", "message": "cancelled while running"})
-        elif op == "load_failed":
-            log.error("worker %d (%s) could not load %s: %s", worker.index, worker.device, report["name"],
-                      report["message"])
+    def _on_report(self, worker: Worker, report: Report) -> None:
+        match report:
+            case StateReport(state="idle"):
+                self._dispatch()
+            case ProgressReport(job_id, progress) if job_id in self.live:
+                self._progress(job_id, progress)
+            case JobDone(job_id, rank=0, result=result):
+                self._finish(job_id, "succeeded", result=result)
+            case JobFailed(job_id, code=code, message=message):
+                self._finish(job_id, "failed", error={"code": code, "message": message})
+            case JobCancelled(job_id):
+                self._finish(job_id, "cancelled", error={"code": "cancelled", "message": "cancelled while running"})
+            case Loaded(name):
+                log.info("worker %d (%s) loaded %s", worker.index, worker.device, name)
+            case LoadFailed(name, message):
+                log.error("worker %d (%s) could not load %s: %s", worker.index, worker.device, name, message)
 
     def _on_exit(self, worker: Worker, job_id: str | None, reason: str) -> None:
         if job_id is not None:
