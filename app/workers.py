@@ -2,10 +2,10 @@
 
 The server process talks to each worker over a pipe (the dataclasses of ``messages.py``): orders in (load a
 checkpoint, run a job, stop), reports out (state, progress, result, failure). Cancelling is a shared event
-the engine checks between batches. A pump thread per worker turns its reports into calls on the server's event loop; a worker
-that dies (crash, out of memory, killed) is seen as the pipe closing: its job fails with the reason and
-the worker is started again. Several workers can be ganged on one job: they then form a
-torch.distributed group (gloo on CPUs, NCCL on GPUs) for one data-parallel evaluation.
+the engine checks between batches. A pump thread per worker turns its reports into calls on the server's
+event loop; a worker that dies (crash, out of memory, killed) is seen as the pipe closing: its job fails
+with the reason and the worker is started again. Several workers can be ganged on one job: they then form
+a torch.distributed group (gloo on CPUs, NCCL on GPUs) for one data-parallel evaluation.
 """
 
 from __future__ import annotations
