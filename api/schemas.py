@@ -93,15 +93,27 @@ class EvalRequest(BaseModel):
     wait_timeout_s: float = Field(60.0, gt=0, le=600)
 
 
+# A report the engine sent for the demo checkpoint (ttt_epochs=1, chunk_tokens=4096, max_tokens=16384), rounded.
+PROGRESS_EXAMPLE = {
+    "phase": "training", "chunks_done": 1, "chunks_total": 4, "tokens_scored": 8192, "tokens_total": 16384,
+    "tokens_per_s": 444.4, "eta_s": 18.4, "running_bpb": 2.129,
+}
+
+
 class Progress(BaseModel):
-    phase: str
-    chunks_done: int
+    """A running job's progress, as the engine reports it (at most every 0.2 s); the server sends only the
+    phased protocol's fields for a phased job."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [PROGRESS_EXAMPLE]})
+
+    phase: str = Field(description="scoring, training (chunked), global_sgd (phased), done")
+    chunks_done: int = Field(description="finished chunks (phased: documents)")
     chunks_total: int
     tokens_scored: int
     tokens_total: int
     tokens_per_s: float | None = None
     eta_s: float | None = None
-    running_bpb: float | None = None
+    running_bpb: float | None = Field(None, description="val_bpb over the chunks finished so far")
     docs_done: int | None = None  # the phased protocol's documents and phases
     docs_total: int | None = None
     phases_done: int | None = None
@@ -125,16 +137,13 @@ class Job(BaseModel):
                     "cancel_requested": False,
                     "checkpoint": "demo",
                     "dataset": "demo",
-                    "request": {"ttt_epochs": 1, "max_tokens": 16384},
+                    "request": {"ttt_epochs": 1, "chunk_tokens": 4096, "max_tokens": 16384},
                     "config": {"ttt_epochs": 1, "seq_len": 128, "precision": "fp32"},
                     "gpus": 1,
                     "created_at": "2026-05-01T12:00:00.000Z",
                     "started_at": "2026-05-01T12:00:00.100Z",
                     "finished_at": None,
-                    "progress": {
-                        "phase": "ttt", "chunks_done": 2, "chunks_total": 4, "tokens_scored": 8192,
-                        "tokens_total": 16384, "tokens_per_s": 20000.0, "eta_s": 0.4, "running_bpb": 2.31,
-                    },
+                    "progress": PROGRESS_EXAMPLE,
                     "result": None,
                     "error": None,
                 }
