@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgttt.api.schemas import RegisterCheckpoint
+from pgttt.checkpoints.loading import architecture_problem
 from pgttt.errors import PgtttError
 
 from . import engine_bridge as bridge
@@ -113,10 +114,12 @@ class Registrar:
 
 
 def _check_architecture(model_bin: bool, preset: str | None, overrides: Any) -> None:
-    if model_bin and (preset is not None or overrides):
+    """The loader's rule (``architecture_problem``), checked before the file is read, worded for HTTP."""
+    problem = architecture_problem(model_bin, preset=preset, overrides=overrides)
+    if problem == "extra":
         raise InvalidField("preset", "preset: a model.bin carries its own architecture; give no preset or "
                             "overrides", preset)
-    if not model_bin and not preset:
+    if problem == "missing":
         raise InvalidField("preset", "preset: not a model.bin, so read as a challenge .ptz, which carries no "
                             "architecture: name a preset (e.g. pg-2026-04-09) and the overrides from its "
                             "training log", preset)
