@@ -26,16 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgttt.api.challenge import ARTIFACT_LIMIT_BYTES
 from pgttt.errors import PgtttError
 
 from . import engine_bridge as bridge
+from .service_errors import InvalidField, NameTaken
 
 log = logging.getLogger("pgttt.app.catalog")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: "$" would allow a final "\n"
 MAX_PATH_CHARS = 4096
 SIDECAR_SUFFIX = ".json"
-CHALLENGE_LIMIT_BYTES = 16_000_000
 
 
 class CatalogError(PgtttError):
@@ -66,7 +67,7 @@ class CheckpointEntry:
             "parameters": info.parameters,
             "config": info.config.to_dict(),
             "tokenizer": info.tokenizer,
-            "fits_16mb": info.size_bytes <= CHALLENGE_LIMIT_BYTES,
+            "fits_16mb": info.size_bytes <= ARTIFACT_LIMIT_BYTES,
             "devices": devices,
         }
 
@@ -100,10 +101,7 @@ class Catalog:
     def add_checkpoint(self, spec: bridge.CheckpointSpec, inspect: Any = None) -> CheckpointEntry:
         """Fully read and validate a checkpoint (``inspect``: how; default in this process), then serve it
         (CatalogError if it cannot be). A ``spec.sha256`` (recorded at registration) must still match."""
-        if not NAME_RE.fullmatch(spec.name):
-            raise CatalogError(f"checkpoint name {spec.name!r}: use letters, digits, '.', '_' and '-' only")
-        if spec.name in self.checkpoints:
-            raise CatalogError(f"checkpoint name {spec.name!r} is taken by {self.checkpoints[spec.name].spec.path}")
+        self.check_name(spec.name)
         info = (inspect or bridge.inspect_checkpoint)(spec)
         if spec.sha256 is not None and info.sha256 != spec.sha256:
             raise CatalogError(f"{spec.path}: changed since it was registered (sha256 {info.sha256[:12]}, recorded "
@@ -111,6 +109,14 @@ class Catalog:
         entry = CheckpointEntry(spec, info)
         self.checkpoints[spec.name] = entry
         return entry
+
+    def check_name(self, name: str) -> None:
+        """A new checkpoint's name, found at start or given in a request: well formed and not served yet."""
+        if not NAME_RE.fullmatch(name):
+            raise InvalidField("name", "name: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+                               "or digit", name)
+        if name in self.checkpoints:
+            raise NameTaken(name, self.checkpoints[name].spec.path)
 
     def specs(self) -> list[bridge.CheckpointSpec]:
         return [entry.spec for entry in self.checkpoints.values()]

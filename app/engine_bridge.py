@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pgttt import __version__
+from pgttt.api.schemas import Progress as ApiProgress
 from pgttt.app.store import CheckpointSpec
 from pgttt.checkpoints.config import ConfigError, ModelConfig
 from pgttt.checkpoints.format import MAGIC, tokenizer_identity
@@ -191,15 +192,18 @@ def progress_to_api(p: Progress) -> dict[str, Any]:
     """The engine's progress as the API's: rate and ETA from scored tokens over elapsed seconds."""
     rate = p.tokens_scored / p.elapsed_s if p.elapsed_s > 0 and p.tokens_scored else None
     eta = (p.tokens_total - p.tokens_scored) / rate if rate else None
-    api = {
-        "phase": p.phase, "chunks_done": p.chunks_done, "chunks_total": p.num_chunks,
-        "tokens_scored": p.tokens_scored, "tokens_total": p.tokens_total,
-        "tokens_per_s": rate, "eta_s": eta, "running_bpb": p.bpb,
-    }
+    phased = {}
     if p.docs_total is not None:  # the phased protocol: documents, phases, and its own estimate
-        api.update(docs_done=p.docs_done, docs_total=p.docs_total, phases_done=p.phases_done,
-                   num_phases=p.num_phases, eta_s=p.eta_s)
-    return api
+        phased = dict(docs_done=p.docs_done, docs_total=p.docs_total, phases_done=p.phases_done,
+                      num_phases=p.num_phases, eta_s=p.eta_s)
+    return _api_progress(phase=p.phase, chunks_done=p.chunks_done, chunks_total=p.num_chunks,
+                         tokens_scored=p.tokens_scored, tokens_total=p.tokens_total, tokens_per_s=rate,
+                         eta_s=eta, running_bpb=p.bpb, **phased)
+
+
+def _api_progress(**fields: Any) -> dict[str, Any]:
+    """The API's ``Progress`` object as sent: the fields given (a chunked job's carry no phased ones)."""
+    return ApiProgress(**fields).model_dump(exclude_unset=True)
 
 
 def warmed_world_sizes(devices: int) -> tuple[int, ...]:
@@ -245,11 +249,9 @@ class DeviceEngine:
             self._val[key], tables, EvalConfig.from_dict(order.config), device=self.device,
             progress=lambda p: progress(progress_to_api(p)), cancel=cancel,
         )
-        done = {
-            "phase": "done", "chunks_done": len(result.chunks), "chunks_total": len(result.chunks),
-            "tokens_scored": result.tokens_scored, "tokens_total": result.tokens_scored,
-            "tokens_per_s": result.tokens_per_second, "eta_s": 0.0, "running_bpb": result.val_bpb,
-        }
+        done = _api_progress(phase="done", chunks_done=len(result.chunks), chunks_total=len(result.chunks),
+                             tokens_scored=result.tokens_scored, tokens_total=result.tokens_scored,
+                             tokens_per_s=result.tokens_per_second, eta_s=0.0, running_bpb=result.val_bpb)
         progress(done, final=True)
         return result.to_dict()
 

@@ -17,9 +17,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pgttt.errors import PgtttError
 
+from .service_errors import (
+    InvalidField,
+    JobFinished,
+    NameTaken,
+    NotFound,
+    NotReady,
+    NoWorkers,
+    QueueFull,
+    ServiceError,
+)
 from .store import StorageError
 
 log = logging.getLogger("pgttt.app")
+RETRY_AFTER_S = 5  # what a 429 or a 503 not_ready asks a client to wait
 
 
 class SafeJSONResponse(JSONResponse):
@@ -52,6 +63,27 @@ def not_found(kind: str, name: str) -> ApiError:
     return ApiError(404, f"{kind}_not_found", f"unknown {kind} {name!r}", {"field": kind, "value": name})
 
 
+def api_error(exc: ServiceError) -> ApiError:
+    """The HTTP answer to each refusal of the service: its status and code are decided here, and only here."""
+    retry = {"Retry-After": str(RETRY_AFTER_S)}
+    match exc:
+        case InvalidField():
+            return invalid_field(exc.field, exc.message, exc.value)
+        case NotFound():
+            return not_found(exc.kind, exc.name)
+        case NameTaken():
+            return ApiError(409, "checkpoint_exists", exc.message, exc.detail)
+        case JobFinished():
+            return ApiError(409, "job_finished", exc.message, exc.detail)
+        case QueueFull():
+            return ApiError(429, "queue_full", exc.message, exc.detail, headers=retry)
+        case NotReady():
+            return ApiError(503, "not_ready", exc.message, exc.detail, headers=retry)
+        case NoWorkers():
+            return ApiError(503, "no_workers", exc.message, exc.detail)
+    return ApiError(422, "invalid_input", exc.message, exc.detail)
+
+
 def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "detail": detail}}
 
@@ -74,6 +106,10 @@ def _field_of(loc: tuple | list) -> str:
 
 async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
     return SafeJSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.status, headers=exc.headers)
+
+
+async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    return await _api_error(request, api_error(exc))
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -129,6 +165,7 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(StorageError, _storage_error)

@@ -33,7 +33,7 @@ class _Live(Collector):
         for state, count in service.store.counts().items():
             jobs.add_metric([state], count)
         yield jobs
-        yield GaugeMetricFamily("pgttt_queue_depth", "Jobs waiting for a worker", value=len(service.pending))
+        yield GaugeMetricFamily("pgttt_queue_depth", "Jobs waiting for a worker", value=len(service.scheduler.pending))
         states = GaugeMetricFamily("pgttt_worker_state", "1 for each worker's current state",
                                    labels=["worker", "device", "state"])
         memory = GaugeMetricFamily("pgttt_gpu_memory_bytes", "GPU memory of each worker's device",

@@ -19,13 +19,14 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pgttt.api.schemas import RegisterCheckpoint
+from pgttt.checkpoints.loading import architecture_problem
 from pgttt.errors import PgtttError
 
 from . import engine_bridge as bridge
-from .catalog import NAME_RE, SIDECAR_SUFFIX, Catalog, PathError, safe_path
-from .errors import ApiError, invalid_field
+from .catalog import SIDECAR_SUFFIX, Catalog, PathError, safe_path
 from .isolate import INSPECT, run_isolated
-from .schemas import RegisterCheckpoint
+from .service_errors import InvalidField
 
 if TYPE_CHECKING:
     from .service import Service
@@ -56,11 +57,11 @@ class Registrar:
                 tokenizer = None if req.tokenizer is None else str(
                     safe_path(req.tokenizer, [*catalog.data_dirs, *catalog.checkpoint_dirs], "tokenizer"))
             except PathError as exc:
-                raise invalid_field(exc.field, str(exc), getattr(req, exc.field)) from None
+                raise InvalidField(exc.field, str(exc), getattr(req, exc.field)) from None
             model_bin = bridge.is_model_bin(path)
             _check_architecture(model_bin, req.preset, req.overrides)
             if model_bin and req.tokenizer is not None:
-                raise invalid_field("tokenizer", "tokenizer: a model.bin records its own tokenizer", req.tokenizer)
+                raise InvalidField("tokenizer", "tokenizer: a model.bin records its own tokenizer", req.tokenizer)
             spec = bridge.CheckpointSpec(req.name, str(path), req.preset, req.overrides, tokenizer)
             info = await self._validate(spec, "path")
             spec = dataclasses.replace(spec, sha256=info.sha256)
@@ -99,7 +100,7 @@ class Registrar:
         except PgtttError as exc:
             name = Path(spec.path).name
             message = str(exc) if name in str(exc) else f"{name}: {exc}"
-            raise invalid_field(bridge.error_field(exc, field), message, spec.path) from None
+            raise InvalidField(bridge.error_field(exc, field), message, spec.path) from None
 
     def _serve(self, catalog: Catalog, spec: bridge.CheckpointSpec, info: bridge.CheckpointInfo) -> dict[str, Any]:
         entry = catalog.add_checkpoint(spec, inspect=lambda _spec: info)  # validated already, in the child
@@ -108,25 +109,22 @@ class Registrar:
 
     def _check_new_name(self, name: str) -> Catalog:
         catalog = self.service.require_catalog()
-        if not NAME_RE.fullmatch(name):
-            raise invalid_field("name", "name: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
-                                "or digit", name)
-        if name in catalog.checkpoints:
-            raise ApiError(409, "checkpoint_exists", f"name: a checkpoint called {name!r} is already served",
-                           {"field": "name", "value": name})
+        catalog.check_name(name)
         return catalog
 
 
 def _check_architecture(model_bin: bool, preset: str | None, overrides: Any) -> None:
-    if model_bin and (preset is not None or overrides):
-        raise invalid_field("preset", "preset: a model.bin carries its own architecture; give no preset or "
+    """The loader's rule (``architecture_problem``), checked before the file is read, worded for HTTP."""
+    problem = architecture_problem(model_bin, preset=preset, overrides=overrides)
+    if problem == "extra":
+        raise InvalidField("preset", "preset: a model.bin carries its own architecture; give no preset or "
                             "overrides", preset)
-    if not model_bin and not preset:
-        raise invalid_field("preset", "preset: not a model.bin, so read as a challenge .ptz, which carries no "
+    if problem == "missing":
+        raise InvalidField("preset", "preset: not a model.bin, so read as a challenge .ptz, which carries no "
                             "architecture: name a preset (e.g. pg-2026-04-09) and the overrides from its "
                             "training log", preset)
     if overrides is not None and not isinstance(overrides, dict):
-        raise invalid_field("overrides", "overrides: must be an object of architecture keys", overrides)
+        raise InvalidField("overrides", "overrides: must be an object of architecture keys", overrides)
 
 
 def _write(src: Any, path: Path) -> None:

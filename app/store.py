@@ -21,11 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pgttt.api.schemas import ACTIVE_STATES, FINAL_STATES, JOB_STATES
 from pgttt.errors import PgtttError
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-ACTIVE_STATES = ("queued", "running")
 STOPPED_REASON = "server stopped while the job was running"
 
 _SCHEMA = """
@@ -187,8 +185,8 @@ class JobStore:
 
     # ---- jobs -----------------------------------------------------------------------------
     def create(self, job: JobRecord) -> JobRecord:
-        if job.state not in STATES:
-            raise ValueError(f"state {job.state!r} is not one of {STATES}")
+        if job.state not in JOB_STATES:
+            raise ValueError(f"state {job.state!r} is not one of {JOB_STATES}")
         row = asdict(job)
         del row["stored"]
         for key in _JSON_COLUMNS:
@@ -230,7 +228,7 @@ class JobStore:
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        counts = dict.fromkeys(STATES, 0)
+        counts = dict.fromkeys(JOB_STATES, 0)
         counts.update({state: n for state, n in rows})
         return counts
 

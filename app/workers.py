@@ -1,16 +1,17 @@
 """Worker processes: one per device (spawn context), each loading every checkpoint once and running jobs.
 
-The server process talks to each worker over a pipe: orders in (load a checkpoint, run a job, stop),
-reports out (state, progress, result, failure). Cancelling is a shared event the engine checks between
-batches. A pump thread per worker turns its reports into calls on the server's event loop; a worker
-that dies (crash, out of memory, killed) is seen as the pipe closing: its job fails with the reason and
-the worker is started again. Several workers can be ganged on one job: they then form a
-torch.distributed group (gloo on CPUs, NCCL on GPUs) for one data-parallel evaluation.
+The server process talks to each worker over a pipe (the dataclasses of ``messages.py``): orders in (load a
+checkpoint, run a job, stop), reports out (state, progress, result, failure). Cancelling is a shared event
+the engine checks between batches. A pump thread per worker turns its reports into calls on the server's
+event loop; a worker that dies (crash, out of memory, killed) is seen as the pipe closing: its job fails
+with the reason and the worker is started again. Several workers can be ganged on one job: they then form
+a torch.distributed group (gloo on CPUs, NCCL on GPUs) for one data-parallel evaluation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -21,7 +22,24 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
+
+from .messages import (
+    JobCancelled,
+    JobDone,
+    JobFailed,
+    Loaded,
+    LoadFailed,
+    LoadOrder,
+    Order,
+    ProgressReport,
+    Report,
+    RunOrder,
+    StartFailed,
+    StateReport,
+    StopOrder,
+)
 
 log = logging.getLogger("pgttt.app.workers")
 SPAWN = multiprocessing.get_context("spawn")
@@ -32,19 +50,7 @@ WORKER_STATES = ("starting", "loading", "warming", "idle", "busy", "restarting",
 RESTART_DELAYS_S = (0.0, 1.0, 3.0, 7.0, 15.0)
 PROGRESS_INTERVAL_S = 0.2
 GANG_GRACE_S = 10.0
-
-
-@dataclass
-class RunOrder:
-    """One worker's share of a job: ``rank`` of ``world_size``; ``init_method`` set when ganged."""
-
-    job_id: str
-    checkpoint: str
-    dataset: Any  # the engine bridge's DatasetSpec
-    config: dict[str, Any]
-    rank: int = 0
-    world_size: int = 1
-    init_method: str | None = None
+GANG_TIMEOUT = timedelta(minutes=10)  # a collective waiting longer for a peer fails the job
 
 
 # ---- inside the worker process ------------------------------------------------------------------
@@ -56,14 +62,14 @@ class _Reporter:
     def __init__(self, conn: multiprocessing.connection.Connection) -> None:
         self.conn, self._last, self._job = conn, 0.0, ""
 
-    def send(self, op: str, **payload: Any) -> None:
-        self.conn.send({"op": op, **payload})
+    def send(self, report: Report) -> None:
+        self.conn.send(report)
 
     def progress(self, job_id: str, progress: dict[str, Any], *, final: bool = False) -> None:
         now = time.monotonic()
         if final or job_id != self._job or now - self._last >= PROGRESS_INTERVAL_S:
             self._last, self._job = now, job_id  # a job's first report always goes
-            self.send("progress", job_id=job_id, progress=progress)
+            self.send(ProgressReport(job_id, progress))
 
 
 def _exit_with_parent() -> None:
@@ -107,89 +113,68 @@ def worker_main(
         torch.cuda.set_device(device)
     report = _Reporter(conn)
     try:
-        report.send("state", state="loading")
+        report.send(StateReport("loading"))
         engine = engine_factory(device)
         for spec in checkpoints:
             engine.load(spec)
         if warmup:
-            report.send("state", state="warming")
+            report.send(StateReport("warming"))
             engine.warmup()
     except Exception as exc:  # noqa: BLE001 - reported to the server, which decides to retry
-        report.send("fatal", message=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
+        report.send(StartFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
-    report.send("state", state="idle", memory=_memory(device))
+    report.send(StateReport("idle", _memory(device)))
     while True:
         try:
-            order = conn.recv()
+            order: Order = conn.recv()
         except (EOFError, OSError):
             return
-        kind = order[0]
-        if kind == "stop":
-            return
-        if kind == "load":
-            try:
-                engine.load(order[1])
-                report.send("loaded", name=order[1].name)
-            except Exception as exc:  # noqa: BLE001
-                report.send("load_failed", name=order[1].name, message=f"{type(exc).__name__}: {exc}")
-        elif kind == "run":
-            _run(engine, order[1], report, cancel, device)
+        match order:
+            case StopOrder():
+                return
+            case LoadOrder(spec):
+                try:
+                    engine.load(spec)
+                    report.send(Loaded(spec.name))
+                except Exception as exc:  # noqa: BLE001
+                    report.send(LoadFailed(spec.name, f"{type(exc).__name__}: {exc}"))
+            case RunOrder():
+                _run(engine, order, report, cancel, device)
 
 
 def _run(engine: Any, order: RunOrder, report: _Reporter, cancel: Any, device: str) -> None:
+    import torch
+
     from pgttt.errors import PgtttError
+    from pgttt.ttt.distributed import process_group
     from pgttt.ttt.errors import EvalCancelled
 
-    group, group_s = False, 0.0
+    def progress(p: dict[str, Any], final: bool = False) -> None:
+        if order.rank == 0:
+            report.progress(order.job_id, p, final=final)
+
     try:
-        if order.world_size > 1:
-            import datetime
-
-            import torch
-            import torch.distributed as dist
-
-            t0 = time.perf_counter()
-            cuda = device.startswith("cuda")
-            # On GPUs, device_id makes NCCL set up its communicator here (0.56 s for two H200s, bench/RESULTS.md
-            # run 8), not in the evaluation's first all-reduce, where it would count as scoring time.
-            dist.init_process_group(
-                "nccl" if cuda else "gloo",
-                init_method=order.init_method,
-                rank=order.rank,
-                world_size=order.world_size,
-                timeout=datetime.timedelta(minutes=10),
-                device_id=torch.device(device) if cuda else None,
-            )
-            group = True
-            group_s = time.perf_counter() - t0
-
-        def progress(p: dict[str, Any], final: bool = False) -> None:
-            if order.rank == 0:
-                report.progress(order.job_id, p, final=final)
-
-        result = engine.evaluate(order, progress, cancel)
-        if group:
-            result["timings"]["group_s"] = group_s
-        report.send("done", job_id=order.job_id, rank=order.rank, result=result if order.rank == 0 else None)
+        with contextlib.ExitStack() as group:
+            group_s = None
+            if order.world_size > 1:
+                group_s = group.enter_context(process_group(
+                    torch.device(device), init_method=order.init_method, rank=order.rank,
+                    world_size=order.world_size, timeout=GANG_TIMEOUT))
+            result = engine.evaluate(order, progress, cancel)
+            if group_s is not None:
+                result["timings"]["group_s"] = group_s
+            report.send(JobDone(order.job_id, order.rank, result if order.rank == 0 else None))
     except EvalCancelled:
-        report.send("cancelled", job_id=order.job_id, rank=order.rank)
+        report.send(JobCancelled(order.job_id, order.rank))
     except PgtttError as exc:
-        report.send("failed", job_id=order.job_id, rank=order.rank, code="invalid_input", message=str(exc))
+        report.send(JobFailed(order.job_id, order.rank, "invalid_input", str(exc)))
     except Exception as exc:  # noqa: BLE001 - a job's failure must not take the worker down
         log.error("job %s failed on %s:\n%s", order.job_id, device, traceback.format_exc())
-        report.send(
-            "failed", job_id=order.job_id, rank=order.rank, code="engine_error", message=f"{type(exc).__name__}: {exc}"
-        )
+        report.send(JobFailed(order.job_id, order.rank, "engine_error", f"{type(exc).__name__}: {exc}"))
     finally:
-        if group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
         if device.startswith("cuda"):
-            import torch
-
             torch.cuda.empty_cache()
-    report.send("state", state="idle", memory=_memory(device))
+    report.send(StateReport("idle", _memory(device)))
 
 
 # ---- in the server process ----------------------------------------------------------------------
@@ -226,7 +211,7 @@ class WorkerPool:
         engine_factory: Callable[[str], Any],
         *,
         checkpoints: Callable[[], list[Any]],
-        on_report: Callable[[Worker, dict[str, Any]], None],
+        on_report: Callable[[Worker, Report], None],
         on_exit: Callable[[Worker, str | None, str], None],
         warmup: bool = True,
     ) -> None:
@@ -283,21 +268,20 @@ class WorkerPool:
         except RuntimeError:
             return False
 
-    def _handle(self, worker: Worker, generation: int, report: dict[str, Any]) -> None:
+    def _handle(self, worker: Worker, generation: int, report: Report) -> None:
         # While stopping, reports are dropped: a job cut short by the stop is marked failed at the next start.
         if generation != worker.generation or self._stopping:
             return
-        op = report["op"]
-        if op == "state":
-            worker.state = report["state"]
-            if worker.state == "idle":  # started, or done with its job
-                worker.start_failures, worker.job_id = 0, None
-            if report.get("memory") is not None:
-                worker.memory = report["memory"]
-        elif op == "fatal":
-            worker.last_error = report["message"]
-            log.error("worker %d (%s) failed to start: %s\n%s", worker.index, worker.device, report["message"],
-                      report.get("trace", ""))
+        match report:
+            case StateReport(state, memory):
+                worker.state = state
+                if state == "idle":  # started, or done with its job
+                    worker.start_failures, worker.job_id = 0, None
+                if memory is not None:
+                    worker.memory = memory
+            case StartFailed(message, trace):
+                worker.last_error = message
+                log.error("worker %d (%s) failed to start: %s\n%s", worker.index, worker.device, message, trace)
         self._on_report(worker, report)
 
     def _exited(self, worker: Worker, generation: int) -> None:
@@ -333,7 +317,7 @@ class WorkerPool:
         worker.cancel.clear()  # the worker is idle: nothing can race with this
         worker.state, worker.job_id = "busy", order.job_id
         try:
-            worker.conn.send(("run", order))
+            worker.conn.send(order)
         except OSError:
             pass  # it just died: its exit report fails the job
 
@@ -342,7 +326,7 @@ class WorkerPool:
         for worker in self.workers:
             if worker.state not in ("failed", "restarting") and worker.process is not None:
                 try:
-                    worker.conn.send(("load", spec))
+                    worker.conn.send(LoadOrder(spec))
                 except OSError:
                     pass  # it is dying; it loads everything when it starts again
 
@@ -363,7 +347,7 @@ class WorkerPool:
             if worker.process is not None and worker.process.is_alive():
                 worker.cancel.set()
                 try:
-                    worker.conn.send(("stop",))
+                    worker.conn.send(StopOrder())
                 except OSError:
                     pass
         deadline = time.monotonic() + timeout

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgttt.app.client import Client
+from pgttt.client.client import Client
 from pgttt.ttt.data import open_shard, write_shard
 
 

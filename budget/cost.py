@@ -18,11 +18,12 @@ from statistics import NormalDist
 
 import numpy as np
 
+from pgttt.api.challenge import REFERENCE_GPUS
+
 from .settings import ChunkedSettings, ModelShape, PhasedSettings, ValFamily
 
 CHUNKED_FEATURES = ("score_tflop", "score_step", "train_tflop", "train_step", "compile", "sdpa_attention_tflop")
 PHASED_FEATURES = ("score_tflop", "train_tflop", "step", "adam_gparam")
-REFERENCE_GPUS = 8
 LORA_PARAMS_PER_RANK = 87_040  # adapter parameters per document per unit of rank (frontier spec 2.6)
 STEP_SCALE_APPLICATIONS = 17  # step features count kernels relative to 17 layer applications
 # Document lengths: log(length) = mu + S*z + K*z^2 over the normal scores z of 50,000 evenly spaced quantiles,

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from pgttt.api.challenge import EVAL_BUDGET_S
+
 from .cost import CHUNKED_FEATURES, PHASED_FEATURES, REFERENCE_GPUS, chunked_features, phased_work, simulate_phased
 from .settings import (
     FAMILIES,
@@ -32,7 +34,7 @@ from .settings import (
     make_settings,
 )
 
-BUDGET_S = 600.0
+BUDGET_S = EVAL_BUDGET_S
 BAND_Z = 1.645  # a 90 % interval
 FIT_ROUNDS = 5
 COUNTED = {

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from pgttt import __version__
+from pgttt.api.challenge import ARTIFACT_LIMIT_BYTES
 
 from .config import PRESETS, known_keys
 from .format import CheckpointError, parameter_count, quantization_summary, save_model_bin
 from .loading import LoadedCheckpoint, load_checkpoint
 from .ptz import category
 
-SIZE_LIMIT_BYTES = 16_000_000  # the challenge's limit on artifact + code bytes (decimal)
+SIZE_LIMIT_BYTES = ARTIFACT_LIMIT_BYTES  # the challenge's limit on artifact + code bytes (decimal)
 # Code bytes a record logged for its virtual code wrapper (spec 4.3), used when neither --code-bytes
 # nor a training log gives one: #1855 (1.0611): pyminify, brotli q11, base85, a two-line exec wrapper.
 RECORD_CODE_BYTES: dict[str, int] = {"pr1855": 31_999}

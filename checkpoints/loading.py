@@ -62,8 +62,9 @@ def load_checkpoint(
     path = Path(path)
     data = read_file_bytes(path)
     given = None if tokenizer is None else tokenizer_identity(tokenizer)
+    problem = architecture_problem(data.startswith(MAGIC), preset=preset, overrides=overrides, log=log)
     if data.startswith(MAGIC):
-        if preset is not None or overrides or log is not None:
+        if problem == "extra":
             raise CheckpointError(
                 f"{path}: a model.bin carries its own architecture in its header; "
                 "a preset, log or overrides are not allowed (drop --preset/--log/--set)"
@@ -73,7 +74,7 @@ def load_checkpoint(
         kind: Kind = "model.bin"
         sha256 = mb.sha256
     else:
-        if preset is None and log is None:
+        if problem == "missing":
             raise CheckpointError(
                 f"{path}: not a model.bin, so read as a challenge .ptz artifact, which carries no hyperparameters: "
                 "give its training log (--log train_seed42.log) or a preset (and overrides), e.g. --preset pr1855"
@@ -111,6 +112,17 @@ def load_checkpoint(
             f"vocab_size={config.vocab_size}"
         )
     return LoadedCheckpoint(path, kind, config, tensors, sha256, len(data), identity, provenance)
+
+
+def architecture_problem(
+    model_bin: bool, *, preset: str | None, overrides: Any, log: Any = None
+) -> Literal["extra", "missing"] | None:
+    """The rule for where a checkpoint's architecture comes from: a model.bin's header, alone; a .ptz's
+    training log or preset (and overrides). "extra" when a model.bin is given one, "missing" when a .ptz has
+    none, else None; each edge words it (flags on the command line, fields over HTTP)."""
+    if model_bin:
+        return "extra" if preset is not None or overrides or log is not None else None
+    return "missing" if not preset and log is None else None
 
 
 def _log_provenance(log: TrainingLog, preset: str | None, config: ModelConfig) -> dict[str, Any]:

@@ -19,7 +19,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "pgttt.ttt.cli": ("eval",),
     "pgttt.budget.cli": ("estimate",),
     "pgttt.app.cli": ("serve",),
-    "pgttt.app.sweep_cli": ("sweep", "report"),
+    "pgttt.client.sweep_cli": ("sweep", "report"),
     "pgttt.training.cli": ("train",),
 }
 
@@ -31,13 +31,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for module_name, commands in COMMAND_MODULES.items():
         if only is not None and only not in commands:
             continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("pgttt"):
-                continue  # capability not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(module_name).register(sub)
     return parser
 
 

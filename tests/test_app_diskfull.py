@@ -31,9 +31,9 @@ class FullDisk:
 
 
 def test_a_result_is_never_dropped_when_the_disk_is_full(tmp_path, monkeypatch):
-    import pgttt.app.service as service_module
+    import pgttt.app.scheduler as scheduler_module
 
-    monkeypatch.setattr(service_module, "STORE_RETRY_S", 0.2)
+    monkeypatch.setattr(scheduler_module, "STORE_RETRY_S", 0.2)
     settings = Settings(checkpoint_dirs=[DEMO], data_dirs=[DEMO], state_dir=tmp_path, devices=["cpu"], warmup=False)
     app = create_app(settings)
     service = app.state.service

@@ -177,3 +177,20 @@ def test_train_shows_its_warm_up_on_a_terminal(tmp_path, capsys, monkeypatch):
     assert main(argv) == 0
     assert "warm-up" in terminal.getvalue() and "6/6" in terminal.getvalue()  # 3 steps, recurrence off then on
     assert "warm-up: 3 steps run and undone" in capsys.readouterr().out
+
+
+def test_a_subcommand_whose_module_fails_to_import_fails_loudly(monkeypatch):
+    import pgttt.main as cli_main
+
+    monkeypatch.setitem(cli_main.COMMAND_MODULES, "pgttt.no_such_cli", ("nothing",))
+    with pytest.raises(ModuleNotFoundError, match="pgttt.no_such_cli"):
+        cli_main.build_parser()
+    with pytest.raises(ModuleNotFoundError, match="pgttt.no_such_cli"):
+        cli_main.main(["nothing"])
+
+
+def test_a_subcommand_imports_only_its_own_module():
+    code = ("import sys; from pgttt.main import build_parser; build_parser('inspect'); "
+            "print(sorted(m for m in sys.modules if m.startswith(('pgttt.app', 'pgttt.client', 'fastapi'))))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr

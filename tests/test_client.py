@@ -12,7 +12,7 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
-from pgttt.app.client import ApiError, Client, RetryPolicy, ServerUnreachable, iter_sse, parse_retry_after
+from pgttt.client.client import Client, RequestError, RetryPolicy, ServerUnreachable, iter_sse, parse_retry_after
 
 URL = "http://pod.test:8000"
 
@@ -118,7 +118,7 @@ def test_gives_up_after_n_attempts_naming_the_url():
 def test_503_forever_gives_up_with_the_server_error():
     script = Script(error(503, "not_ready", "still warming up"))
     api, sleeps = client(script, attempts=3)
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(RequestError) as info:
         api.submit("demo", "demo")
     assert info.value.status == 503 and info.value.code == "not_ready" and "still warming up" in str(info.value)
     assert len(script.requests) == 3
@@ -127,7 +127,7 @@ def test_503_forever_gives_up_with_the_server_error():
 def test_422_is_not_retried_and_names_the_field():
     script = Script(error(422, "invalid_field", "ttt_lr=-1: must be within 0..10", field="ttt_lr"))
     api, sleeps = client(script)
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(RequestError) as info:
         api.submit("demo", "demo", ttt_lr=-1.0)
     exc = info.value
     assert (exc.status, exc.code, exc.field) == (422, "invalid_field", "ttt_lr")
@@ -137,7 +137,7 @@ def test_422_is_not_retried_and_names_the_field():
 
 def test_error_without_the_json_shape_still_reads():
     api, _ = client(Script(httpx.Response(502, text="<html>Bad gateway</html>")))
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(RequestError) as info:
         api.checkpoints()
     assert info.value.status == 502 and info.value.code == "http_502" and "Bad gateway" in info.value.message
 
@@ -163,7 +163,7 @@ def test_api_key_is_sent_as_bearer():
 
 def test_401_is_an_api_error():
     api, _ = client(Script(error(401, "unauthorized", "missing or wrong API key")))
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(RequestError) as info:
         api.datasets()
     assert info.value.status == 401 and info.value.code == "unauthorized"
 
@@ -180,7 +180,7 @@ def test_jobs_list_sends_only_the_filters_given():
 def test_cancel_of_a_finished_job_is_409():
     script = Script(error(409, "conflict", "job j1 already succeeded"))
     api, _ = client(script)
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(RequestError) as info:
         api.cancel("j1")
     assert info.value.status == 409 and script.requests[0].method == "DELETE"
 
@@ -207,7 +207,7 @@ def test_wait_polls_until_finished_and_reports_each_poll():
 
 def test_wait_times_out_with_an_api_error():
     api, _ = client(Script(httpx.Response(200, json=job_json(state="running"))))
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(RequestError) as info:
         api.wait("j1", timeout_s=0.0)
     assert info.value.code == "timeout" and "still running" in str(info.value)
 
@@ -235,7 +235,7 @@ def test_events_streams_until_end():
 
 def test_events_of_an_unknown_job_raise():
     api, _ = client(Script(error(404, "not_found", "no job nope")))
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(RequestError) as info:
         list(api.events("nope"))
     assert info.value.status == 404
 
@@ -245,9 +245,12 @@ def test_parse_retry_after(value, expected):
     assert parse_retry_after(value) == expected
 
 
-def test_client_modules_do_not_import_torch():
-    code = ("import sys; import pgttt.app.client, pgttt.app.sweep, pgttt.app.report, pgttt.app.sweep_cli; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith(('pgttt.ttt', "
-            "'pgttt.checkpoints'))); print(bad); sys.exit(1 if bad else 0)")
+def test_client_modules_import_neither_torch_nor_the_server():
+    code = ("import pkgutil, sys, importlib, pgttt.client as c; "
+            "names = [m.name for m in pkgutil.iter_modules(c.__path__, 'pgttt.client.')]; "
+            "[importlib.import_module(n) for n in names]; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fastapi', 'starlette', 'uvicorn') "
+            "or m.startswith(('pgttt.app', 'pgttt.ttt', 'pgttt.checkpoints', 'pgttt.training'))); "
+            "print(len(names), bad); sys.exit(1 if bad or len(names) < 5 else 0)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr

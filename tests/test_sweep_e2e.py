@@ -17,8 +17,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from pgttt.app.client import ApiError, Client, RetryPolicy
-from pgttt.app.report import build_rows, read_results
+from pgttt.client.client import Client, RequestError, RetryPolicy
+from pgttt.client.report import build_rows, read_results
 from pgttt.main import main
 
 pytestmark = pytest.mark.slow
@@ -269,15 +269,15 @@ def test_the_client_against_the_real_server(server, names, tmp_path):
         assert job.cached and job.state == "succeeded" and job.result["val_bpb"] == first.result["val_bpb"]
         events = list(api.events(job.id))
         assert events[-1].event == "end" and any(e.data.get("state") == "succeeded" for e in events[:-1])
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(RequestError) as info:
             api.submit(names["checkpoint"], names["dataset"], **{**fields, "ttt_lr": -1.0})
         assert info.value.status == 422 and info.value.field == "ttt_lr"
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(RequestError) as info:
             api.job("no-such-job")
         assert info.value.status == 404
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(RequestError) as info:
             api.cancel(job.id)
         assert info.value.status == 409
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(RequestError) as info:
             api.checkpoint("no-such-checkpoint")
         assert info.value.status == 404

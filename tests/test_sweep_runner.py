@@ -12,8 +12,8 @@ import threading
 import httpx
 import pytest
 
-from pgttt.app.client import Client, RetryPolicy
-from pgttt.app.sweep import SweepError, SweepRunner, parse_spec
+from pgttt.client.client import Client, RetryPolicy
+from pgttt.client.sweep import SweepError, SweepRunner, parse_spec
 
 SPEC = {"checkpoint": "demo", "dataset": "demo", "fixed": {"max_tokens": 4096},
         "grid": {"ttt_epochs": [0, 1, 2], "chunk_tokens": [1024, 2048]}}

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgttt.app.sweep import Point, SweepError, load_spec, parse_spec, request_key
+from pgttt.client.sweep import Point, SweepError, load_sweep, parse_spec, request_key
 
 
 def spec(**extra) -> dict:
@@ -28,8 +28,8 @@ def test_grid_is_the_cartesian_product_first_key_slowest():
 
 def test_every_setting_the_server_takes_is_sweepable_with_its_type():
     # The phased protocol's knobs come from the HTTP request model: no list here to keep in step with it.
-    from pgttt.app import sweep
-    from pgttt.app.schemas import EvalRequest
+    from pgttt.api.schemas import EvalRequest
+    from pgttt.client import sweep
 
     settings = set(EvalRequest.model_fields) - {"checkpoint", "dataset", "force", "wait", "wait_timeout_s"}
     assert set(sweep.FIELDS) == settings and len(sweep.FIELDS) == len(settings)
@@ -182,14 +182,14 @@ def test_bad_specs_name_the_key(data, message):
 def test_load_spec_reads_yaml_and_names_the_file(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text("checkpoint: demo\ndataset: demo\ngrid:\n  ttt_epochs: [0, 1]\n  ttt_lr: [1e-3, 0.005]\n")
-    points = load_spec(path).expand()
+    points = load_sweep(path).expand()
     assert len(points) == 4 and points[0].fields == {"ttt_epochs": 0, "ttt_lr": 0.001}
     assert not any(isinstance(p.fields["ttt_lr"], str) for p in points)  # YAML 1.1 reads "1e-3" as a string
     path.write_text("checkpoint: [demo\n")
     with pytest.raises(SweepError, match="sweep.yaml: not valid YAML"):
-        load_spec(path)
+        load_sweep(path)
     with pytest.raises(SweepError, match="missing.yaml: cannot read the sweep spec"):
-        load_spec(tmp_path / "missing.yaml")
+        load_sweep(tmp_path / "missing.yaml")
 
 
 def test_loguniform_int_samples_cover_the_range():

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
+from pgttt.api.challenge import TRAIN_BUDGET_S
 from pgttt.checkpoints.config import (
     ConfigError,
     ModelConfig,
@@ -34,7 +35,7 @@ class TrainConfig:
     seed: int = 1337
     iterations: int = 20000
     # Progress (learning-rate schedule, looping) follows wall-clock time when capped, steps otherwise (0).
-    max_wallclock_seconds: float = 600.0
+    max_wallclock_seconds: float = TRAIN_BUDGET_S
     train_batch_tokens: int = 786432
     # A step's batch is cut into this many micro-batches, spread over the ranks (8 GPUs: one each).
     grad_accum_micro_batches: int = 8

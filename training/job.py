@@ -7,11 +7,12 @@ with the recipe and the run's outcome.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from pgttt.checkpoints.format import save_model_bin, tokenizer_identity
 from pgttt.ttt.bytes import load_byte_tables
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import ValSet, load_val, open_shard
-from pgttt.ttt.distributed import World
+from pgttt.ttt.distributed import World, process_group
 from pgttt.ttt.engine import EvalResult, EvalSession, default_device
 
 from .config import TrainConfig, describe
@@ -71,22 +72,22 @@ class TrainOutcome:
     provenance: dict
 
 
-def _join(requested: str | None) -> tuple[torch.device, bool]:
-    """The device, after joining ``torchrun``'s process group when there is one (rank r: GPU r); and
-    whether this call created the group (then the run destroys it at the end)."""
+@contextlib.contextmanager
+def _joined(requested: str | None) -> Iterator[torch.device]:
+    """The device, inside ``torchrun``'s process group when there is one (rank r: GPU r); a group joined
+    here is left when the block ends."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         device = torch.device(requested) if requested else default_device()
         if dist.is_initialized() and device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        return device, False
+        yield device
+        return
+    device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return device, True
+    with process_group(device):
+        yield device
 
 
 def _barrier(world: World) -> None:
@@ -138,12 +139,8 @@ def run_training(
     warmup_progress: Callable[[int, int], None] | None = None,
 ) -> TrainOutcome:
     """``warmup_progress(done, total)``: after each warm-up step (on CPU they take seconds each)."""
-    device, created_group = _join(job.device)
-    try:
+    with _joined(job.device) as device:
         return _run(model_config, config, job, device, log, warmup_progress)
-    finally:
-        if created_group:
-            dist.destroy_process_group()
 
 
 def _run(

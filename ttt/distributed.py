@@ -1,4 +1,5 @@
-"""The engine's only contact with torch.distributed: rank, world size, and the few collectives it needs.
+"""pgttt's only contact with torch.distributed: joining and leaving a process group (the server's ganged
+workers and training both), rank, world size, and the few collectives the engine needs.
 
 Without an initialised process group (or with one rank) every helper is the identity, so a single
 device runs the same code as many.
@@ -6,7 +7,11 @@ device runs the same code as many.
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -15,6 +20,26 @@ from torch import Tensor
 
 # Gradients travel in float32 buckets of at most this many elements (one or two for the 2026-04-09 model).
 BUCKET_ELEMENTS = 1 << 25
+
+
+@contextlib.contextmanager
+def process_group(
+    device: torch.device, *, init_method: str | None = None, rank: int = -1, world_size: int = -1,
+    timeout: timedelta | None = None,
+) -> Iterator[float]:
+    """Join a process group for the block (NCCL on a CUDA device, gloo otherwise) and destroy it after;
+    yields the seconds joining took. Without ``init_method``, rank and size come from torchrun's environment;
+    ``timeout`` (of a collective) defaults to torch's."""
+    started = time.perf_counter()
+    cuda = device.type == "cuda"
+    # On GPUs, device_id makes NCCL set up its communicator here (0.56 s for two H200s, bench/RESULTS.md run 8),
+    # not in the first all-reduce, where an evaluation would count it as scoring time.
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timeout, device_id=device if cuda else None)
+    try:
+        yield time.perf_counter() - started
+    finally:
+        dist.destroy_process_group()
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pgttt import __version__
-from pgttt.budget import FAMILIES, BudgetError, ModelShape, estimate, family_for, settings_from_dict
+from pgttt.api import challenge
+from pgttt.budget import BudgetError, ModelShape, estimate, family_for, settings_from_dict
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.model import GPT, apply_precision, autocast
 
@@ -43,9 +44,8 @@ ENGINE_VERSION = __version__
 
 # The challenge's eval budget: the full val split (its first 50,000 documents) on 8 GPUs within 600 seconds.
 # Its size is per tokenizer family (pgttt.budget.FAMILIES: 40,540,160 SP8192 targets, 47,851,520 CaseOps).
-FULL_VAL_TOKENS = FAMILIES["sp8192"].targets
-BUDGET_GPUS = 8
-BUDGET_S = 600.0
+BUDGET_GPUS = challenge.REFERENCE_GPUS
+BUDGET_S = challenge.EVAL_BUDGET_S
 
 
 def dataset_family_hint(valset: ValSet) -> str:

@@ -9,8 +9,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from pgttt.api.schemas import Checkpoint, CheckpointList, RegisterCheckpoint, error_responses
+
 from ..errors import ApiError, invalid_field
-from ..schemas import Checkpoint, CheckpointList, RegisterCheckpoint, error_responses
 from .deps import ServiceDep, require_key
 
 router = APIRouter(tags=["checkpoints"], dependencies=[Depends(require_key)])

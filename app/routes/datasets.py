@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from ..schemas import DatasetList, error_responses
+from pgttt.api.schemas import DatasetList, error_responses
+
 from .deps import ServiceDep, require_key
 
 router = APIRouter(tags=["datasets"], dependencies=[Depends(require_key)])

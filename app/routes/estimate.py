@@ -7,11 +7,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
+from pgttt.api.schemas import error_responses
 from pgttt.budget import BUDGET_S, BudgetError, estimate, make_settings
 from pgttt.budget.settings import ChunkedSettings, PhasedSettings
 
 from ..errors import invalid_field
-from ..schemas import error_responses
 from .deps import require_key
 
 router = APIRouter(tags=["estimate"])

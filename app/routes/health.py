@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
+from pgttt.api.schemas import Health, Readiness, error_responses
+
 from ..metrics import CONTENT_TYPE
-from ..schemas import Health, Readiness, error_responses
 from .deps import ServiceDep, require_key
 
 router = APIRouter(tags=["health"])

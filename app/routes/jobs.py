@@ -9,7 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import StreamingResponse
 
-from ..schemas import EvalRequest, Job, JobList, JobState, error_responses
+from pgttt.api.schemas import EvalRequest, Job, JobList, JobState, error_responses
+
 from ..service import job_to_api
 from .deps import ServiceDep, require_key
 

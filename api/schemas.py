@@ -1,12 +1,19 @@
-"""Pydantic models of every request and response body, with the examples ``/docs`` shows."""
+"""Pydantic models of every request and response body, with the examples ``/docs`` shows; the server
+answers with them and the client reads them (no torch, no FastAPI here)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .challenge import ARTIFACT_LIMIT_BYTES
+
+# A job's states, the store's and the API's and the client's: queued -> running -> one final state.
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATES: tuple[str, ...] = get_args(JobState)
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = frozenset(JOB_STATES) - frozenset(ACTIVE_STATES)
 
 EVAL_EXAMPLE = {
     "checkpoint": "demo",
@@ -86,15 +93,27 @@ class EvalRequest(BaseModel):
     wait_timeout_s: float = Field(60.0, gt=0, le=600)
 
 
+# A report the engine sent for the demo checkpoint (ttt_epochs=1, chunk_tokens=4096, max_tokens=16384), rounded.
+PROGRESS_EXAMPLE = {
+    "phase": "training", "chunks_done": 1, "chunks_total": 4, "tokens_scored": 8192, "tokens_total": 16384,
+    "tokens_per_s": 444.4, "eta_s": 18.4, "running_bpb": 2.129,
+}
+
+
 class Progress(BaseModel):
-    phase: str
-    chunks_done: int
+    """A running job's progress, as the engine reports it (at most every 0.2 s); the server sends only the
+    phased protocol's fields for a phased job."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [PROGRESS_EXAMPLE]})
+
+    phase: str = Field(description="scoring, training (chunked), global_sgd (phased), done")
+    chunks_done: int = Field(description="finished chunks (phased: documents)")
     chunks_total: int
     tokens_scored: int
     tokens_total: int
     tokens_per_s: float | None = None
     eta_s: float | None = None
-    running_bpb: float | None = None
+    running_bpb: float | None = Field(None, description="val_bpb over the chunks finished so far")
     docs_done: int | None = None  # the phased protocol's documents and phases
     docs_total: int | None = None
     phases_done: int | None = None
@@ -118,16 +137,13 @@ class Job(BaseModel):
                     "cancel_requested": False,
                     "checkpoint": "demo",
                     "dataset": "demo",
-                    "request": {"ttt_epochs": 1, "max_tokens": 16384},
+                    "request": {"ttt_epochs": 1, "chunk_tokens": 4096, "max_tokens": 16384},
                     "config": {"ttt_epochs": 1, "seq_len": 128, "precision": "fp32"},
                     "gpus": 1,
                     "created_at": "2026-05-01T12:00:00.000Z",
                     "started_at": "2026-05-01T12:00:00.100Z",
                     "finished_at": None,
-                    "progress": {
-                        "phase": "ttt", "chunks_done": 2, "chunks_total": 4, "tokens_scored": 8192,
-                        "tokens_total": 16384, "tokens_per_s": 20000.0, "eta_s": 0.4, "running_bpb": 2.31,
-                    },
+                    "progress": PROGRESS_EXAMPLE,
                     "result": None,
                     "error": None,
                 }
@@ -200,7 +216,8 @@ class Checkpoint(BaseModel):
     parameters: int
     config: dict[str, Any]
     tokenizer: dict[str, Any] | None
-    fits_16mb: bool = Field(description="artifact bytes alone <= 16,000,000 (the challenge also counts code)")
+    fits_16mb: bool = Field(
+        description=f"artifact bytes alone <= {ARTIFACT_LIMIT_BYTES:,} (the challenge also counts code)")
     devices: list[str]
 
 

@@ -2,9 +2,9 @@
 
 It speaks only HTTP (httpx), so it runs from a laptop or a notebook against a GPU pod; it never imports the
 engine or torch. Connection errors and 503/429 answers are retried with exponential backoff and jitter
-(``Retry-After`` honoured), a bounded number of times; every other error is raised as :class:`ApiError`.
+(``Retry-After`` honoured), a bounded number of times; every other error is raised as :class:`RequestError`.
 
->>> from pgttt.app.client import Client
+>>> from pgttt.client.client import Client
 >>> with Client("http://127.0.0.1:8000") as api:                      # doctest: +SKIP
 ...     job = api.submit("demo", "demo", ttt_epochs=1, max_tokens=65536)
 ...     job = api.wait(job.id)
@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from pgttt.app.store import FINAL_STATES  # the job store's states (stdlib only: no torch, no server)
+from pgttt.api.schemas import FINAL_STATES
 from pgttt.errors import PgtttError
 
 # Answers that mean "not now, ask again": not ready yet, or the queue is full.
@@ -35,7 +35,7 @@ RETRY_STATUSES = frozenset({429, 503})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE"})
 
 
-class ApiError(PgtttError):
+class RequestError(PgtttError):
     """An error answer from the server (or no answer at all), as fields a notebook can branch on.
 
     ``status`` is the HTTP status (None when the server could not be reached), ``code``/``message`` come from
@@ -43,7 +43,7 @@ class ApiError(PgtttError):
 
     >>> try:                                                            # doctest: +SKIP
     ...     api.submit("demo", "demo", ttt_lr=-1)
-    ... except ApiError as exc:
+    ... except RequestError as exc:
     ...     print(exc.status, exc.field)
     422 ttt_lr
     """
@@ -69,7 +69,7 @@ class ApiError(PgtttError):
         super().__init__(f"{url}: {answer}: {message}{where}")
 
 
-class ServerUnreachable(ApiError):
+class ServerUnreachable(RequestError):
     """The server did not answer (refused, timed out, dropped the connection) after every retry."""
 
 
@@ -100,7 +100,7 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class Job:
+class RemoteJob:
     """One evaluation job as the server describes it (see the API's job object); ``raw`` is the whole JSON."""
 
     id: str
@@ -116,7 +116,7 @@ class Job:
     raw: dict[str, Any] = dataclasses.field(repr=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Job:
+    def from_dict(cls, data: dict[str, Any]) -> RemoteJob:
         return cls(
             id=str(data["id"]),
             state=str(data["state"]),
@@ -239,14 +239,14 @@ class Client:
         return response.json()
 
     def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 1.0) -> dict[str, Any]:
-        """Poll ``/readyz`` until the server says ready; ApiError (code ``not_ready``) after ``timeout_s``."""
+        """Poll ``/readyz`` until the server says ready; RequestError (code ``not_ready``) after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
             body = self.ready()
             if body.get("ready"):
                 return body
             if time.monotonic() >= deadline:
-                raise ApiError(
+                raise RequestError(
                     f"not ready after {timeout_s:g} s; workers: {body.get('workers')}",
                     status=503,
                     code="not_ready",
@@ -264,7 +264,7 @@ class Client:
         wait: bool = False,
         wait_timeout_s: float | None = None,
         **config: Any,
-    ) -> Job:
+    ) -> RemoteJob:
         """``POST /eval``: a new job (queued), a cached one (succeeded, ``cached=True``) or, with ``wait``, the
         finished job when it finished within ``wait_timeout_s``. ``config`` holds engine fields by name.
 
@@ -276,11 +276,11 @@ class Client:
             body["wait"] = True
             if wait_timeout_s is not None:
                 body["wait_timeout_s"] = wait_timeout_s
-        return Job.from_dict(self._json("POST", "/eval", json=body, ok=(200, 201, 202)))
+        return RemoteJob.from_dict(self._json("POST", "/eval", json=body, ok=(200, 201, 202)))
 
-    def job(self, job_id: str) -> Job:
+    def job(self, job_id: str) -> RemoteJob:
         """``GET /jobs/{id}``."""
-        return Job.from_dict(self._json("GET", f"/jobs/{job_id}"))
+        return RemoteJob.from_dict(self._json("GET", f"/jobs/{job_id}"))
 
     def jobs(
         self,
@@ -290,15 +290,15 @@ class Client:
         dataset: str | None = None,
         limit: int = 50,
         offset: int = 0,
-    ) -> tuple[list[Job], int]:
+    ) -> tuple[list[RemoteJob], int]:
         """``GET /jobs``: one page of jobs, newest first, and the total count matching the filters."""
         params = {"state": state, "checkpoint": checkpoint, "dataset": dataset, "limit": limit, "offset": offset}
         body = self._json("GET", "/jobs", params={k: v for k, v in params.items() if v is not None})
-        return [Job.from_dict(j) for j in body["jobs"]], int(body["total"])
+        return [RemoteJob.from_dict(j) for j in body["jobs"]], int(body["total"])
 
-    def cancel(self, job_id: str) -> Job:
-        """``DELETE /jobs/{id}``; ApiError with status 409 if the job had already finished."""
-        return Job.from_dict(self._json("DELETE", f"/jobs/{job_id}"))
+    def cancel(self, job_id: str) -> RemoteJob:
+        """``DELETE /jobs/{id}``; RequestError with status 409 if the job had already finished."""
+        return RemoteJob.from_dict(self._json("DELETE", f"/jobs/{job_id}"))
 
     def events(self, job_id: str) -> Iterator[Event]:
         """``GET /jobs/{id}/events``: progress and state events until (and including) ``end``.
@@ -323,10 +323,10 @@ class Client:
         *,
         timeout_s: float | None = None,
         poll_s: float = 1.0,
-        on_update: Callable[[Job], None] | None = None,
-    ) -> Job:
+        on_update: Callable[[RemoteJob], None] | None = None,
+    ) -> RemoteJob:
         """Poll a job until it is finished and return it (in any final state). ``on_update`` sees every poll.
-        ApiError (code ``timeout``) when ``timeout_s`` passes first; the job keeps running."""
+        RequestError (code ``timeout``) when ``timeout_s`` passes first; the job keeps running."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             job = self.job(job_id)
@@ -335,7 +335,7 @@ class Client:
             if job.finished:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
-                raise ApiError(
+                raise RequestError(
                     f"job {job_id} still {job.state} after {timeout_s:g} s", code="timeout", url=self.base_url
                 )
             self._sleep(poll_s)
@@ -358,7 +358,7 @@ class Client:
         try:
             return response.json()
         except ValueError as exc:
-            raise ApiError(
+            raise RequestError(
                 f"answer is not JSON: {response.text[:200]!r}",
                 status=response.status_code,
                 code="bad_response",
@@ -412,7 +412,7 @@ def _describe(exc: BaseException | None) -> str:
     return f"cannot connect: {text}" if isinstance(exc, httpx.ConnectError) else text
 
 
-def _api_error(response: httpx.Response) -> ApiError:
+def _api_error(response: httpx.Response) -> RequestError:
     """The error the server sent, from the contract's ``{"error": {"code", "message", "detail"}}`` body."""
     status = response.status_code
     try:
@@ -421,4 +421,5 @@ def _api_error(response: httpx.Response) -> ApiError:
     except (ValueError, KeyError, TypeError):
         code, message, detail = f"http_{status}", response.text[:200] or response.reason_phrase, None
     field_name = detail.get("field") if isinstance(detail, dict) else None
-    return ApiError(message, status=status, code=code, field=field_name, detail=detail, url=str(response.request.url))
+    return RequestError(message, status=status, code=code, field=field_name, detail=detail,
+                        url=str(response.request.url))

@@ -7,10 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from pgttt.app.client import RetryPolicy
-from pgttt.app.report import Report, write_report
-from pgttt.app.sweep import SweepError, SweepRunner, load_spec
-from pgttt.app.sweep_budget import describe, screen
+from pgttt.api.challenge import EVAL_BUDGET_S
+from pgttt.client.client import RetryPolicy
+from pgttt.client.report import Report, write_report
+from pgttt.client.sweep import SweepError, SweepRunner, load_sweep
+from pgttt.client.sweep_budget import describe, screen
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--poll-s", type=float, default=0.5, metavar="S", help="seconds between polls of a job")
     sweep.add_argument("--ready-timeout-s", type=float, default=600.0, metavar="S",
                        help="how long to wait for a server to load and warm up (default 600)")
-    sweep.add_argument("--budget-s", type=float, default=600.0, metavar="S",
+    sweep.add_argument("--budget-s", type=float, default=EVAL_BUDGET_S, metavar="S",
                        help="the time budget: points predicted over it (the reference on 8xH100) are marked")
     sweep.add_argument("--skip-over-budget", action="store_true",
                        help="do not run points the reference is predicted to take longer than --budget-s for")
@@ -50,15 +51,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     report.add_argument("results", type=Path, metavar="RESULTS.jsonl")
     report.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: beside RESULTS.jsonl)")
-    report.add_argument("--budget-s", type=float, default=600.0, metavar="S",
-                        help="seconds for 'best within budget' (default 600, the challenge's)")
+    report.add_argument("--budget-s", type=float, default=EVAL_BUDGET_S, metavar="S",
+                        help="seconds for 'best within budget' (default %(default)g, the challenge's)")
     report.set_defaults(func=_report)
 
 
 def _sweep(args: argparse.Namespace) -> int:
     if args.retries < 1:
         raise SweepError(f"--retries {args.retries}: must be at least 1")
-    spec = load_spec(args.spec)
+    spec = load_sweep(args.spec)
     points = spec.expand()
     screened = screen(points, args.budget_s)
     over = [s for s in screened if s.over]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pgttt.api.challenge import EVAL_BUDGET_S
 from pgttt.errors import PgtttError
 
 # Fields that change the no-TTT (sliding-window) number; every other evaluation field only matters to TTT.
@@ -189,7 +190,7 @@ class Report:
     summary: str
 
 
-def write_report(results: str | Path, out_dir: str | Path | None = None, *, budget_s: float = 600.0) -> Report:
+def write_report(results: str | Path, out_dir: str | Path | None = None, *, budget_s: float = EVAL_BUDGET_S) -> Report:
     """Write ``results.csv``, ``pareto.png`` and ``report.md`` for a results file (default: beside it)."""
     results = Path(results)
     out = Path(out_dir) if out_dir is not None else results.parent

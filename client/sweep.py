@@ -4,7 +4,7 @@ A spec names checkpoint(s) and dataset(s) and the values to try for any evaluati
 product), explicit points and random samples, each repeated per seed. The runner spreads the points over one or
 more servers with bounded concurrency each, appends every finished result to ``OUT/results.jsonl`` keyed by a
 hash of its request (so a rerun submits only what is missing), survives server restarts by retrying and
-resubmitting, and cancels its jobs on Ctrl-C. It speaks only HTTP (:mod:`pgttt.app.client`): no torch here.
+resubmitting, and cancels its jobs on Ctrl-C. It speaks only HTTP (:mod:`pgttt.client.client`): no torch here.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from pgttt.app.client import ApiError, Client, Job, RetryPolicy, ServerUnreachable
-from pgttt.app.report import read_results
-from pgttt.app.schemas import EvalRequest
+from pgttt.api.schemas import EvalRequest
+from pgttt.client.client import Client, RemoteJob, RequestError, RetryPolicy, ServerUnreachable
+from pgttt.client.report import read_results
 from pgttt.errors import PgtttError
 
 # The evaluation fields a point may set and the JSON type each takes, read off the HTTP request model (so a knob
@@ -120,7 +120,7 @@ class SweepSpec:
         return list(out.values())
 
 
-def load_spec(path: str | Path) -> SweepSpec:
+def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec (YAML); every error names the file and the key."""
     path = Path(path)
     try:
@@ -133,7 +133,7 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 
 def parse_spec(data: Any, *, where: str = "spec") -> SweepSpec:
-    """Validate a spec already parsed from YAML/JSON (see :func:`load_spec`)."""
+    """Validate a spec already parsed from YAML/JSON (see :func:`load_sweep`)."""
 
     def fail(key: str, problem: str) -> SweepError:
         return SweepError(f"{where}: {key}: {problem}")
@@ -358,7 +358,7 @@ class ResultsFile:
             os.fsync(f.fileno())
 
 
-def make_record(point: Point, server: str, job: Job) -> dict[str, Any]:
+def make_record(point: Point, server: str, job: RemoteJob) -> dict[str, Any]:
     return {
         "key": point.key,
         "checkpoint": point.checkpoint,
@@ -495,7 +495,7 @@ class SweepRunner:
                     self._outcome.dead[server] = str(exc)
                     self._say(f"server {server} is unreachable and will not be used: {exc}")
                     continue
-                except ApiError as exc:
+                except RequestError as exc:
                     raise SweepError(f"server {server}: {exc}") from exc
             for name, ident in found.items():
                 first = identities.setdefault(name, (server, ident))
@@ -517,7 +517,7 @@ class SweepRunner:
         for name in checkpoints:
             try:
                 found[f"checkpoint {name!r}"] = f"sha256 {api.checkpoint(name).get('sha256')}"
-            except ApiError as exc:
+            except RequestError as exc:
                 if exc.status != 404:
                     raise
                 known = ", ".join(c["name"] for c in api.checkpoints()) or "none"
@@ -560,7 +560,7 @@ class SweepRunner:
                 self._lose_server(server, str(exc))
                 self._queue.put(item)
             return
-        except ApiError as exc:
+        except RequestError as exc:
             self._api_failure(api, server, item, exc, submitted=job is not None)
             return
         finally:
@@ -577,7 +577,7 @@ class SweepRunner:
         else:
             self._retry(item, reason)  # stopped by a restart, a dead worker, an engine error: try again
 
-    def _api_failure(self, api: Client, server: str, item: _Item, exc: ApiError, *, submitted: bool) -> None:
+    def _api_failure(self, api: Client, server: str, item: _Item, exc: RequestError, *, submitted: bool) -> None:
         if exc.status in (401, 403):
             self._lose_server(server, f"the API key was refused: {exc}")
             self._queue.put(item)
@@ -587,7 +587,7 @@ class SweepRunner:
             self._queue.put(item)  # not ready (restarting?): wait for it, or lose it
             try:
                 api.wait_ready(self.ready_timeout_s, poll_s=1.0)
-            except ApiError as again:
+            except RequestError as again:
                 self._lose_server(server, str(again))
         else:  # the job vanished (404), the queue stayed full (429), a server error: another job may do
             self._retry(item, f"{server}: {exc}")
@@ -617,7 +617,7 @@ class SweepRunner:
                 self._bar.set_postfix_str(f"best bpb {best}, failed {len(self._outcome.failed)}")
                 self._bar.update(1)
 
-    def _track(self, api: Client, job: Job) -> bool:
+    def _track(self, api: Client, job: RemoteJob) -> bool:
         """Register a submitted job as in flight; if Ctrl-C came meanwhile, cancel it here instead."""
         with self._lock:
             if not self._stop.is_set():
@@ -654,7 +654,7 @@ class SweepRunner:
     def _cancel(api: Client, job_id: str) -> bool:
         try:
             api.cancel(job_id)
-        except ApiError:
+        except RequestError:
             return False  # finished meanwhile (409) or the server is gone: nothing left to stop
         return True
 

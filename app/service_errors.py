@@ -1,0 +1,62 @@
+"""What the service refuses, as data (the field, the value, the state): no HTTP here. ``errors.api_error``
+gives each its status and code, once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pgttt.errors import PgtttError
+
+
+class ServiceError(PgtttError):
+    """A request the service refuses; ``detail`` is what a client may read besides the message."""
+
+    def __init__(self, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.message, self.detail = message, detail
+
+
+class InvalidField(ServiceError):
+    """A request field whose value cannot be served."""
+
+    def __init__(self, field: str, message: str, value: Any = None) -> None:
+        super().__init__(message)
+        self.field, self.value = field, value
+
+
+class NotFound(ServiceError):
+    """No ``kind`` (job, checkpoint, dataset) called ``name``."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(f"unknown {kind} {name!r}")
+        self.kind, self.name = kind, name
+
+
+class NameTaken(ServiceError):
+    """A checkpoint of that name is already served, from ``path``."""
+
+    def __init__(self, name: str, path: str) -> None:
+        super().__init__(f"name: {name!r} is taken by {path}, a checkpoint already served",
+                         {"field": "name", "value": name})
+
+
+class JobFinished(ServiceError):
+    """The job is already final: nothing to cancel."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(f"job {job_id} has already {state}; nothing to cancel", {"state": state})
+
+
+class NotReady(ServiceError):
+    """Checkpoints are still loading (or discovery failed); ``detail`` is the readiness."""
+
+
+class NoWorkers(ServiceError):
+    """Every worker failed to start; ``detail`` is the readiness."""
+
+
+class QueueFull(ServiceError):
+    """The queue holds ``queue_limit`` jobs already."""
+
+    def __init__(self, queued: int) -> None:
+        super().__init__(f"the queue is full ({queued} jobs waiting); retry later", {"queued": queued})
