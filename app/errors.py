@@ -119,7 +119,8 @@ async def _storage_error(_request: Request, exc: StorageError) -> JSONResponse:
 
 async def _user_error(_request: Request, exc: PgtttError) -> JSONResponse:
     # Another layer's input error that reached HTTP untranslated: still the client's input, so 422.
-    return SafeJSONResponse(error_body("invalid_input", str(exc), None), status_code=422)
+    detail = None if exc.field is None else {"field": exc.field, "value": _jsonable(exc.value)}
+    return SafeJSONResponse(error_body("invalid_input", str(exc), detail), status_code=422)
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -183,7 +183,7 @@ class Service:
         try:
             config = bridge.resolve_eval_config(fields, ckpt.info, dataset.info, self.devices[0])
         except bridge.FieldError as exc:
-            raise invalid_field(exc.field, str(exc), fields.get(exc.field)) from None
+            raise invalid_field(exc.field or "config", str(exc), exc.value) from None
         key = bridge.cache_key(ckpt.info, dataset.info, config)
         now = utc_now()
         job = JobRecord(id=new_job_id(), state="queued", checkpoint=req.checkpoint, dataset=req.dataset,
