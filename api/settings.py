@@ -66,6 +66,14 @@ class Knob:
             return f"default: {self.unset}" if self.unset else ""
         return f"default {self.default}"
 
+    def range_text(self) -> str:
+        """The declared range in interval notation ("in [0, 100]", "in (0.0, inf)"), or ""."""
+        low, high = (self.ge if self.ge is not None else self.gt), (self.le if self.le is not None else self.lt)
+        if low is None and high is None:
+            return ""
+        opening, closing = "(" if self.ge is None else "[", ")" if self.le is None else "]"
+        return f"in {opening}{'-inf' if low is None else low}, {'inf' if high is None else high}{closing}"
+
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not a valid setting of this knob, or None."""
         if value is None and self.optional:

@@ -38,7 +38,7 @@ def eval_parser(settings: type = EvalSettings) -> argparse.ArgumentParser:
 def eval_help(settings: type, capsys) -> str:
     with pytest.raises(SystemExit):
         eval_parser(settings).parse_args(["eval", "--help"])
-    return capsys.readouterr().out
+    return " ".join(capsys.readouterr().out.split())  # as one line, whatever the terminal's width
 
 
 def outside(k) -> list:
@@ -93,7 +93,7 @@ def test_every_view_lists_the_same_fields_with_the_same_bounds(tmp_path, capsys)
         assert action.dest == k.name and f"{cli.flag_of(k)} " in text
         assert action.choices == k.choices
         assert action.default in (None, [])  # only given flags reach the config: no retyped default
-        assert k.default_text() in action.help
+        assert k.default_text() in action.help and k.range_text() in action.help
     # The HTTP request model, as the real app's /openapi.json shows it.
     app = create_app(Settings(checkpoint_dirs=[demo_dir()], data_dirs=[demo_dir()], state_dir=tmp_path,
                               devices=["cpu"]))
@@ -129,7 +129,7 @@ def test_a_made_up_knob_appears_in_every_view(capsys, monkeypatch):
     assert (err.value.field, err.value.value) == ("ttt_made_up", 2.5)
     # pgttt eval --help, and the flag reaches the config.
     text = eval_help(WithMadeUp, capsys)
-    assert "--ttt-made-up TTT_MADE_UP" in text and "a made-up knob; default 0.25" in text
+    assert "--ttt-made-up TTT_MADE_UP" in text and "a made-up knob; in [0.0, 2.0]; default 0.25" in text
     args = eval_parser(WithMadeUp).parse_args(["eval", "--checkpoint", "m.bin", "--tokenizer", "t.model", "--val",
                                                "v", "--ttt-made-up", "1.5"])
     assert cli.eval_settings(args, WithMadeUp) == {"ttt_made_up": 1.5}
@@ -174,3 +174,19 @@ def test_errors_carry_their_field_and_value():
     with pytest.raises(EvalError) as err:
         EvalConfig(protocol="chunked", ttt_lora_rank=8)
     assert (err.value.field, err.value.value) == ("ttt_lora_rank", 8)
+
+
+def test_an_untranslated_error_reaches_http_with_its_field_and_value():
+    from pgttt.errors import PgtttError
+
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/refuse")
+    def refuse() -> dict:
+        raise PgtttError("ttt_lr=11.0: must be within 0.0..10.0", field="ttt_lr", value=11.0)
+
+    answer = TestClient(app).get("/refuse")
+    assert answer.status_code == 422
+    assert answer.json() == {"error": {"code": "invalid_input", "message": "ttt_lr=11.0: must be within 0.0..10.0",
+                                       "detail": {"field": "ttt_lr", "value": 11.0}}}

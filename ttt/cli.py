@@ -34,7 +34,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings: type = EvalSett
     groups = {name: parser.add_argument_group(f"settings: {title}") for name, title in GROUPS.items()}
     for knob in knobs(settings):
         group = groups[knob.group]
-        text = "; ".join(t for t in (knob.help, knob.default_text()) if t)
+        text = "; ".join(t for t in (knob.help, knob.range_text(), knob.default_text()) if t)
         if knob.kind is tuple:
             group.add_argument(flag_of(knob), dest=knob.name, action="append", default=[], metavar="PATTERN",
                                help=f"{text} (repeatable)")
