@@ -43,9 +43,8 @@ class ApiError(PgtttError):
 
 
 def invalid_field(field: str, message: str, value: Any = None) -> ApiError:
-    """A 422 that names the field (``detail.field``) in its message."""
-    text = message if message.startswith(field) else f"{field}: {message}"
-    return ApiError(422, "invalid_field", text, {"field": field, "value": _jsonable(value)})
+    """A 422 about one field: ``detail.field`` and ``detail.value`` carry it; the message names it too."""
+    return ApiError(422, "invalid_field", message, {"field": field, "value": _jsonable(value)})
 
 
 def not_found(kind: str, name: str) -> ApiError:

@@ -177,7 +177,7 @@ class Service:
             raise ApiError(503, "no_workers", "no worker is alive: every one failed to start (see the server log)",
                            self.readiness())
         if req.gpus > alive:
-            raise invalid_field("gpus", f"asks for {req.gpus} workers; this server has {alive} ({self.devices})",
+            raise invalid_field("gpus", f"gpus: asks for {req.gpus} workers; this server has {alive} ({self.devices})",
                                 req.gpus)
         fields = {k: v for k in bridge.EVAL_FIELDS if (v := getattr(req, k)) is not None}
         try:
