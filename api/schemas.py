@@ -3,9 +3,11 @@ answers with them and the client reads them (no torch, no FastAPI here)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from pgttt.api.settings import EvalSettings, Knob, request_knobs
 
 from .challenge import ARTIFACT_LIMIT_BYTES
 
@@ -25,7 +27,7 @@ EVAL_EXAMPLE = {
 }
 
 
-class EvalRequest(BaseModel):
+class EvalRequestBase(BaseModel):
     """``POST /eval``: what to evaluate; engine settings omitted (or null) take the engine's defaults."""
 
     model_config = ConfigDict(
@@ -36,57 +38,6 @@ class EvalRequest(BaseModel):
 
     checkpoint: str = Field(min_length=1, description="a name from GET /checkpoints")
     dataset: str = Field(min_length=1, description="a name from GET /datasets")
-    ttt_epochs: int | None = Field(None, description="TTT passes over each chunk; 0: sliding-window score only")
-    chunk_tokens: int | None = Field(None, description="tokens per score-then-train chunk")
-    ttt_lr: float | None = Field(None, description="peak learning rate of the TTT optimizer")
-    ttt_momentum: float | None = None
-    seq_len: int | None = Field(None, description="window length; default the checkpoint's train_seq_len")
-    stride: int | None = Field(None, description="sliding-window stride")
-    batch_seqs: int | None = None
-    max_tokens: int | None = Field(None, description="score only the first max_tokens targets")
-    grad_clip: float | None = None
-    lr_schedule: str | None = Field(None, description="cosine or constant")
-    optimizer: str | None = Field(None, description="sgd or adamw")
-    adapt_include: list[str] | None = Field(None, description="fnmatch patterns of parameters TTT updates")
-    adapt_exclude: list[str] | None = None
-    precision: str | None = Field(None, description="bf16 or fp32; default bf16 on CUDA, fp32 on CPU")
-    seed: int | None = None
-    # The phased protocol (per-document LoRA TTT with global-SGD phases; frontier spec 2). Knobs are the
-    # records' environment variables in lower case; unset ones take the checkpoint's record's as-run values.
-    protocol: str | None = Field(None, description="chunked (default), doc_masked or phased")
-    record_defaults: str | None = Field(None, description="phased: the record (e.g. pr1855) whose values fill "
-                                                          "unset knobs; default the checkpoint's preset's")
-    ttt_lora_rank: int | None = None
-    ttt_lora_lr: float | None = None
-    ttt_lora_alpha: float | None = Field(None, description="adapters scale by alpha / rank")
-    ttt_warm_start_a: bool | None = None
-    ttt_chunk_size: int | None = Field(None, description="target tokens per LoRA chunk")
-    ttt_eval_seq_len: int | None = None
-    ttt_batch_size: int | None = Field(None, description="documents per LoRA batch")
-    ttt_grad_steps: int | None = None
-    ttt_optimizer: str | None = Field(None, description="adam (AdamW) or sgd")
-    ttt_beta1: float | None = None
-    ttt_beta2: float | None = None
-    ttt_eps: float | None = None
-    ttt_weight_decay: float | None = None
-    ttt_k_lora: bool | None = None
-    ttt_mlp_lora: bool | None = None
-    ttt_o_lora: bool | None = None
-    phased_ttt_prefix_docs: int | None = Field(None, description="documents the global phases train on (0: none)")
-    phased_ttt_num_phases: int | None = None
-    global_ttt_lr: float | None = None
-    global_ttt_momentum: float | None = None
-    global_ttt_epochs: int | None = None
-    global_ttt_chunk_tokens: int | None = None
-    global_ttt_batch_seqs: int | None = None
-    global_ttt_grad_clip: float | None = None
-    global_ttt_warmup_start_lr: float | None = None
-    global_ttt_warmup_chunks: int | None = None
-    global_ttt_respect_doc_boundaries: bool | None = None
-    val_doc_fraction: float | None = Field(None, description="the record's seeded random share of the documents")
-    max_docs: int | None = Field(None, description="phased: only the stream's first max_docs documents")
-    emulate_ranks: int | None = Field(None, description="phased: the schedule of this many reference ranks "
-                                                        "(default 8, as the records ran; 1: one GPU's)")
     gpus: int = Field(1, ge=1, description="workers ganged for one data-parallel evaluation")
     force: bool = Field(False, description="run even when the result cache has the answer")
     wait: bool = Field(False, description="answer when the job has finished (or wait_timeout_s passed)")
@@ -98,6 +49,32 @@ PROGRESS_EXAMPLE = {
     "phase": "training", "chunks_done": 1, "chunks_total": 4, "tokens_scored": 8192, "tokens_total": 16384,
     "tokens_per_s": 444.4, "eta_s": 18.4, "running_bpb": 2.129,
 }
+
+
+def knob_field(knob: Knob) -> tuple[Any, Any]:
+    """A request field for a declared knob: its type (choices as an enum), bounds and help; null, or left out,
+    takes the engine's default."""
+    kind: Any = {int: int, float: float, bool: bool, str: str, tuple: list[Annotated[str, Field(min_length=1)]]}[
+        knob.kind]
+    if knob.choices is not None:
+        kind = Literal[knob.choices]
+    bounds = {k: v for k in ("ge", "gt", "le", "lt") if (v := getattr(knob, k)) is not None}
+    if knob.kind is float:
+        bounds["allow_inf_nan"] = False
+    description = "; ".join(t for t in (knob.help, knob.default_text()) if t)
+    return kind | None, Field(None, description=description, **bounds)
+
+
+def eval_request_model(settings: type = EvalSettings) -> type[EvalRequestBase]:
+    """The ``POST /eval`` body: what to evaluate, and a field per declared knob that a request may set."""
+    fields = {k.name: knob_field(k) for k in request_knobs(settings)}
+    return create_model("EvalRequest", __base__=EvalRequestBase, __doc__=EvalRequestBase.__doc__, **fields)
+
+
+if TYPE_CHECKING:  # the knobs are fields made from the declaration, which a type checker does not run
+    EvalRequest = EvalRequestBase
+else:
+    EvalRequest = eval_request_model()
 
 
 class Progress(BaseModel):

@@ -47,8 +47,8 @@ class PathError(CatalogError):
     """A path in a request that is malformed or leaves the configured folders; ``field`` names the field."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
+        super().__init__(f"{field}: {message}", field=field)
+        self.field: str = field
 
 
 @dataclass

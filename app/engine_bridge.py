@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,13 +19,14 @@ import torch
 
 from pgttt import __version__
 from pgttt.api.schemas import Progress as ApiProgress
+from pgttt.api.settings import request_knobs
 from pgttt.app.store import CheckpointSpec
 from pgttt.checkpoints.config import ConfigError, ModelConfig
 from pgttt.checkpoints.format import MAGIC, tokenizer_identity
 from pgttt.checkpoints.loading import LoadedCheckpoint, load_checkpoint
 from pgttt.errors import PgtttError
 from pgttt.ttt.bytes import load_byte_tables
-from pgttt.ttt.config import PHASED_SETTINGS, EvalConfig
+from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import (
     VAL_PATTERN,
     ValSet,
@@ -43,19 +43,11 @@ from pgttt.ttt.errors import EvalError
 __all__ = ["MAGIC", "VAL_PATTERN", "is_sidecar"]
 
 # The request fields that are the engine's settings, under the engine's own names.
-EVAL_FIELDS: tuple[str, ...] = (
-    "ttt_epochs", "chunk_tokens", "ttt_lr", "ttt_momentum", "seq_len", "stride", "batch_seqs", "max_tokens",
-    "grad_clip", "lr_schedule", "optimizer", "adapt_include", "adapt_exclude", "precision", "seed",
-    *PHASED_SETTINGS,
-)
+EVAL_FIELDS: tuple[str, ...] = tuple(k.name for k in request_knobs())
 
 
 class FieldError(PgtttError):
-    """A request's evaluation setting the engine refuses; ``field`` names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+    """A request's evaluation setting the engine refuses; ``field`` names it, ``value`` gives it."""
 
 
 def load_spec(spec: CheckpointSpec) -> LoadedCheckpoint:
@@ -137,26 +129,23 @@ def resolve_eval_config(
     recorded = checkpoint.tokenizer
     if recorded is not None and recorded["sha256"] != dataset.tokenizer_sha256:
         raise FieldError(
-            "dataset",
             f"dataset: its tokenizer (sha256 {dataset.tokenizer_sha256[:12]}) is not the one the checkpoint was "
             f"trained with ({recorded['name']}, sha256 {recorded['sha256'][:12]})",
+            field="dataset",
         )
     if dataset.tokenizer_vocab_size != checkpoint.config.vocab_size:
         # A model scored on another vocabulary's tokens gives a number, and a meaningless one.
         raise FieldError(
-            "dataset",
             f"dataset: its tokenizer has {dataset.tokenizer_vocab_size} tokens; the checkpoint's vocab_size is "
             f"{checkpoint.config.vocab_size}: they are not the same vocabulary",
+            field="dataset",
         )
     try:
         config = EvalConfig.from_dict(dict(fields), where="request").resolved(
             checkpoint.config, device, preset=checkpoint.preset)
         config.adapted(list(checkpoint.parameter_names))
     except EvalError as exc:
-        message = str(exc)
-        match = re.match(r"^(\w+)\s*[=:]", message)
-        field = match.group(1) if match and match.group(1) in EVAL_FIELDS else "config"
-        raise FieldError(field, message) from None
+        raise FieldError(str(exc), field=exc.field or "config", value=exc.value) from None
     _check_stream(config.seq_len, config.stride, config.max_tokens, dataset.val_tokens)
     return config.to_dict()
 
@@ -167,13 +156,14 @@ def _check_stream(seq_len: int, stride: int, max_tokens: int | None, val_tokens:
     than ``seq_len - stride``)."""
     usable = ((val_tokens - 1) // seq_len) * seq_len if val_tokens else 0
     if usable <= 0:
-        raise FieldError("seq_len", f"seq_len={seq_len}: the dataset's {val_tokens} tokens are too few "
-                                    f"(at least {seq_len + 1} needed)")
+        raise FieldError(f"seq_len={seq_len}: the dataset's {val_tokens} tokens are too few "
+                         f"(at least {seq_len + 1} needed)", field="seq_len", value=seq_len)
     targets = usable if max_tokens is None else min(usable, max_tokens)
     if targets <= seq_len - stride:
-        field = "max_tokens" if max_tokens is not None and max_tokens < usable else "seq_len"
-        raise FieldError(field, f"{field}={max_tokens if field == 'max_tokens' else seq_len}: {targets} targets "
-                                f"leave no window; more than seq_len - stride = {seq_len - stride} are needed")
+        field, value = ("max_tokens", max_tokens) if max_tokens is not None and max_tokens < usable else \
+            ("seq_len", seq_len)
+        raise FieldError(f"{field}={value}: {targets} targets leave no window; more than seq_len - stride = "
+                         f"{seq_len - stride} are needed", field=field, value=value)
 
 
 def cache_key(checkpoint: CheckpointInfo, dataset: DatasetInfo, config: dict[str, Any]) -> str:
@@ -257,7 +247,8 @@ class DeviceEngine:
 
 
 def error_field(exc: Exception, default: str) -> str:
-    """The request field a checkpoint's load error is about: its architecture, or the file itself."""
+    """The request field a checkpoint's load error is about: its preset, another architecture key (the
+    overrides), or the file itself."""
     if isinstance(exc, ConfigError):
-        return "preset" if str(exc).startswith("unknown preset") else "overrides"
+        return "preset" if exc.field == "preset" else "overrides"
     return default

@@ -54,9 +54,8 @@ class ApiError(PgtttError):
 
 
 def invalid_field(field: str, message: str, value: Any = None) -> ApiError:
-    """A 422 that names the field (``detail.field``) in its message."""
-    text = message if message.startswith(field) else f"{field}: {message}"
-    return ApiError(422, "invalid_field", text, {"field": field, "value": _jsonable(value)})
+    """A 422 about one field: ``detail.field`` and ``detail.value`` carry it; the message names it too."""
+    return ApiError(422, "invalid_field", message, {"field": field, "value": _jsonable(value)})
 
 
 def not_found(kind: str, name: str) -> ApiError:
@@ -155,7 +154,8 @@ async def _storage_error(_request: Request, exc: StorageError) -> JSONResponse:
 
 async def _user_error(_request: Request, exc: PgtttError) -> JSONResponse:
     # Another layer's input error that reached HTTP untranslated: still the client's input, so 422.
-    return SafeJSONResponse(error_body("invalid_input", str(exc), None), status_code=422)
+    detail = None if exc.field is None else {"field": exc.field, "value": _jsonable(exc.value)}
+    return SafeJSONResponse(error_body("invalid_input", str(exc), detail), status_code=422)
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

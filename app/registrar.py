@@ -100,7 +100,8 @@ class Registrar:
         except PgtttError as exc:
             name = Path(spec.path).name
             message = str(exc) if name in str(exc) else f"{name}: {exc}"
-            raise InvalidField(bridge.error_field(exc, field), message, spec.path) from None
+            where = bridge.error_field(exc, field)
+            raise InvalidField(where, f"{where}: {message}", spec.path) from None
 
     def _serve(self, catalog: Catalog, spec: bridge.CheckpointSpec, info: bridge.CheckpointInfo) -> dict[str, Any]:
         entry = catalog.add_checkpoint(spec, inspect=lambda _spec: info)  # validated already, in the child

@@ -135,13 +135,13 @@ class Service:
         if alive == 0:
             raise NoWorkers("no worker is alive: every one failed to start (see the server log)", self.readiness())
         if req.gpus > alive:
-            raise InvalidField("gpus", f"asks for {req.gpus} workers; this server has {alive} ({self.devices})",
+            raise InvalidField("gpus", f"gpus: asks for {req.gpus} workers; this server has {alive} ({self.devices})",
                                req.gpus)
         fields = {k: v for k in bridge.EVAL_FIELDS if (v := getattr(req, k)) is not None}
         try:
             config = bridge.resolve_eval_config(fields, ckpt.info, dataset.info, self.devices[0])
         except bridge.FieldError as exc:
-            raise InvalidField(exc.field, str(exc), fields.get(exc.field)) from None
+            raise InvalidField(exc.field or "config", str(exc), exc.value) from None
         key = bridge.cache_key(ckpt.info, dataset.info, config)
         now = utc_now()
         job = JobRecord(id=new_job_id(), state="queued", checkpoint=req.checkpoint, dataset=req.dataset,

@@ -21,7 +21,8 @@ class InvalidField(ServiceError):
 
     def __init__(self, field: str, message: str, value: Any = None) -> None:
         super().__init__(message)
-        self.field, self.value = field, value
+        self.field: str = field  # always set for this error
+        self.value = value
 
 
 class NotFound(ServiceError):

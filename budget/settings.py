@@ -11,15 +11,12 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pgttt.api.settings import KNOBS, EvalSettings
 from pgttt.errors import PgtttError
 
 
 class BudgetError(PgtttError):
     """Settings the oracle cannot price: an unknown family or knob, a value out of range."""
-
-    def __init__(self, message: str, field_name: str | None = None, value: Any = None) -> None:
-        super().__init__(message)
-        self.field, self.value = field_name, value
 
 
 @dataclass(frozen=True)
@@ -92,12 +89,13 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class ChunkedSettings:
-    """Sliding windows + score-first whole-model SGD TTT (parameter-golf spec 3-4); ttt_epochs 0: sliding only."""
+    """Sliding windows + score-first whole-model SGD TTT (parameter-golf spec 3-4); ttt_epochs 0: sliding only.
+    Defaults: the engine's (``pgttt.api.settings``); seq_len: every record's train_seq_len."""
 
-    ttt_epochs: int = 3
-    chunk_tokens: int = 32_768
-    batch_seqs: int = 32
-    stride: int = 64
+    ttt_epochs: int = EvalSettings.ttt_epochs
+    chunk_tokens: int = EvalSettings.chunk_tokens
+    batch_seqs: int = EvalSettings.batch_seqs
+    stride: int = EvalSettings.stride
     seq_len: int = 2048
     protocol: str = field(default="chunked", init=False)
 
@@ -121,32 +119,36 @@ class PhasedSettings:
 
 
 Settings = ChunkedSettings | PhasedSettings
-_LIMITS = {"ttt_epochs": (0, 100), "phased_ttt_prefix_docs": (0, 50_000), "global_ttt_epochs": (0, 100)}
+# Within the engine's declared bounds, and no more documents than a val set has.
+MAX_PREFIX_DOCS = ValFamily.documents
 
 
 def make_settings(protocol: str, values: dict[str, Any]) -> Settings:
     """Settings of ``protocol`` from ``values`` (unknown keys are an error; None keeps the default)."""
     classes = {"chunked": ChunkedSettings, "phased": PhasedSettings}
     if protocol not in classes:
-        raise BudgetError(f"protocol={protocol!r}: expected one of {', '.join(classes)}", "protocol", protocol)
+        raise BudgetError(f"protocol={protocol!r}: expected one of {', '.join(classes)}", field="protocol",
+                          value=protocol)
     cls = classes[protocol]
     known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(values) - known)
     if unknown:
         raise BudgetError(f"{', '.join(unknown)}: not a knob of the {protocol} protocol "
-                          f"(knobs: {', '.join(sorted(known))})", unknown[0], values[unknown[0]])
+                          f"(knobs: {', '.join(sorted(known))})", field=unknown[0], value=values[unknown[0]])
     given = {k: v for k, v in values.items() if v is not None}
     for key, value in given.items():
-        low, high = _LIMITS.get(key, (1, 2**40))
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise BudgetError(f"{key}={value!r}: must be an integer within {low}..{high}", key, value)
+        why = KNOBS[key].problem(value)
+        if why is None and key == "phased_ttt_prefix_docs" and value > MAX_PREFIX_DOCS:
+            why = f"must be within 0..{MAX_PREFIX_DOCS} (the documents of a val set)"
+        if why is not None:
+            raise BudgetError(f"{key}={value!r}: {why}", field=key, value=value)
     settings = cls(**given)
     if isinstance(settings, PhasedSettings) and settings.ttt_chunk_size > settings.ttt_eval_seq_len:
         raise BudgetError(f"ttt_chunk_size={settings.ttt_chunk_size}: must not exceed ttt_eval_seq_len="
-                          f"{settings.ttt_eval_seq_len}", "ttt_chunk_size", settings.ttt_chunk_size)
+                          f"{settings.ttt_eval_seq_len}", field="ttt_chunk_size", value=settings.ttt_chunk_size)
     if isinstance(settings, ChunkedSettings) and settings.stride > settings.seq_len:
-        raise BudgetError(f"stride={settings.stride}: must not exceed seq_len={settings.seq_len}", "stride",
-                          settings.stride)
+        raise BudgetError(f"stride={settings.stride}: must not exceed seq_len={settings.seq_len}", field="stride",
+                          value=settings.stride)
     return settings
 
 

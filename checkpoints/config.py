@@ -158,7 +158,7 @@ class ModelConfig:
     def validate(self) -> None:
         def need(ok: bool, key: str, why: str) -> None:
             if not ok:
-                raise ConfigError(f"{key}={getattr(self, key)!r}: {why}")
+                raise ConfigError(f"{key}={getattr(self, key)!r}: {why}", field=key, value=getattr(self, key))
 
         for f in fields(self):
             value = getattr(self, f.name)
@@ -340,7 +340,8 @@ def preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}", field="preset",
+                          value=name) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgttt.api.settings import PRECISIONS
+
 from .config import ModelConfig
 from .layers import (
     MLP,
@@ -33,7 +35,6 @@ from .layers import (
 __all__ = ["GPT", "Block", "Adapters", "CastedLinear", "PRECISIONS", "apply_precision", "autocast", "init_weights"]
 
 Precision = Literal["bf16", "fp32"]
-PRECISIONS: tuple[str, ...] = ("bf16", "fp32")
 
 
 

@@ -61,12 +61,11 @@ class RequestError(PgtttError):
         self.status = status
         self.code = code
         self.message = message
-        self.field = field
         self.detail = detail
         self.url = url
         where = f" (field {field!r})" if field else ""
         answer = code if status is None else f"{status} {code}"
-        super().__init__(f"{url}: {answer}: {message}{where}")
+        super().__init__(f"{url}: {answer}: {message}{where}", field=field)
 
 
 class ServerUnreachable(RequestError):

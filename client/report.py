@@ -19,15 +19,20 @@ from pathlib import Path
 from typing import Any
 
 from pgttt.api.challenge import EVAL_BUDGET_S
+from pgttt.api.settings import EvalSettings, request_knobs
 from pgttt.errors import PgtttError
 
 # Fields that change the no-TTT (sliding-window) number; every other evaluation field only matters to TTT.
 BASELINE_FIELDS = ("seq_len", "stride", "max_tokens", "precision")
-# Column order for the fields of the evaluation, as the API lists them; others follow in name order.
-FIELD_ORDER = (
-    "ttt_epochs", "chunk_tokens", "ttt_lr", "ttt_momentum", "seq_len", "stride", "batch_seqs", "max_tokens",
-    "grad_clip", "lr_schedule", "optimizer", "adapt_include", "adapt_exclude", "precision", "seed", "gpus",
-)
+
+
+def field_order(settings: type = EvalSettings) -> tuple[str, ...]:
+    """Column order for the fields of the evaluation: the knobs as declared, then gpus; others follow in
+    name order."""
+    return (*(k.name for k in request_knobs(settings)), "gpus")
+
+
+FIELD_ORDER = field_order()
 METRICS = ("val_bpb", "val_loss", "reference_s", "eval_s", "tokens_per_s", "projected_8gpu_s", "baseline_bpb",
            "gain_bpb")
 # The times that can decide the budget, best first: the record's own script on 8xH100 as pgttt.budget predicts

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from pgttt.api.schemas import EvalRequest
@@ -39,21 +40,17 @@ from pgttt.errors import PgtttError
 _NOT_SETTINGS = ("checkpoint", "dataset", "force", "wait", "wait_timeout_s")
 
 
-def _fields_of(kind: type) -> tuple[str, ...]:
+def field_kinds(model: type[BaseModel] = EvalRequest) -> dict[str, type]:
+    """Each evaluation field of a request model and its JSON type: int, float, str (choices too), bool or list."""
     def base(annotation: Any) -> Any:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return typing.get_origin(args[0]) or args[0] if args else annotation
+        kind = typing.get_origin(args[0]) or args[0] if args else annotation
+        return str if kind is typing.Literal else kind
 
-    fields = EvalRequest.model_fields.items()
-    return tuple(n for n, f in fields if n not in _NOT_SETTINGS and base(f.annotation) is kind)
+    return {n: base(f.annotation) for n, f in model.model_fields.items() if n not in _NOT_SETTINGS}
 
 
-INT_FIELDS = _fields_of(int)
-FLOAT_FIELDS = _fields_of(float)
-STR_FIELDS = _fields_of(str)
-BOOL_FIELDS = _fields_of(bool)
-LIST_FIELDS = _fields_of(list)
-FIELDS = INT_FIELDS + FLOAT_FIELDS + STR_FIELDS + BOOL_FIELDS + LIST_FIELDS
+KINDS: dict[str, type] = field_kinds()
 SPEC_KEYS = ("checkpoint", "dataset", "fixed", "grid", "points", "random", "seeds", "force")
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
 
@@ -246,7 +243,7 @@ def _distribution(
             raise fail(f"{key}.choice", f"expected a non-empty list of values, got {args!r}")
         values = [_check_value(f"{key}.choice[{i}]", name, v, fail) for i, v in enumerate(args)]
         return lambda rng: rng.choice(values)
-    if name not in INT_FIELDS + FLOAT_FIELDS:
+    if KINDS[name] not in (int, float):
         raise fail(f"{key}.{kind}", f"{name} is not numeric: use choice")
     if not (isinstance(args, list) and len(args) == 2 and all(a is not None for a in args)):
         raise fail(f"{key}.{kind}", f"expected [low, high], got {args!r}")
@@ -255,7 +252,7 @@ def _distribution(
         raise fail(f"{key}.{kind}", f"expected [low, high] with low <= high, got {args!r}")
     if kind == "loguniform" and low <= 0:
         raise fail(f"{key}.loguniform", f"low={low!r}: must be positive")
-    integer = name in INT_FIELDS
+    integer = KINDS[name] is int
 
     def draw(rng: random.Random) -> Any:
         if kind == "uniform":
@@ -268,8 +265,8 @@ def _distribution(
 
 
 def _check_name(key: str, name: Any, fail: Callable[[str, str], SweepError]) -> None:
-    if name not in FIELDS:
-        raise fail(key, f"unknown evaluation field{_suggest(name, FIELDS)}; known: {', '.join(FIELDS)}")
+    if name not in KINDS:
+        raise fail(key, f"unknown evaluation field{_suggest(name, KINDS)}; known: {', '.join(KINDS)}")
 
 
 def _check_value(key: str, name: str, value: Any, fail: Callable[[str, str], SweepError]) -> Any:
@@ -277,11 +274,12 @@ def _check_value(key: str, name: str, value: Any, fail: Callable[[str, str], Swe
     _check_name(key, name, fail)
     if value is None:
         return None  # sent as null: the engine's own default ("what the checkpoint or device implies")
-    if name in INT_FIELDS:
+    kind = KINDS[name]
+    if kind is int:
         if not _is_int(value):
             raise fail(key, f"{name} must be an integer, got {value!r}")
         return value
-    if name in FLOAT_FIELDS:
+    if kind is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
             try:
                 value = float(value)
@@ -290,11 +288,11 @@ def _check_value(key: str, name: str, value: Any, fail: Callable[[str, str], Swe
         if not _is_number(value) or not math.isfinite(value):
             raise fail(key, f"{name} must be a finite number, got {value!r}")
         return float(value)
-    if name in STR_FIELDS:
+    if kind is str:
         if not isinstance(value, str):
             raise fail(key, f"{name} must be a string, got {value!r}")
         return value
-    if name in BOOL_FIELDS:
+    if kind is bool:
         if not isinstance(value, bool):
             raise fail(key, f"{name} must be true or false, got {value!r}")
         return value

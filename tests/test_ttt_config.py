@@ -41,7 +41,7 @@ def test_defaults_are_the_challenge_settings():
         ("max_tokens", 0, "within 1.."),
         ("precision", "fp16", "expected one of bf16, fp32"),
         ("seed", -1, "within 0.."),
-        ("compile", "yes", "true, false or none"),
+        ("compile", "yes", "true or false (or none"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):

@@ -4,35 +4,14 @@ of a checkpoint, in this process."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from pgttt.api.settings import GROUPS, EvalSettings, Knob, knobs
 from pgttt.checkpoints.cli import add_architecture_args
-from pgttt.checkpoints.model import PRECISIONS
 from pgttt.runtime import add_runtime_args, parse_device, set_threads, show_progress
-
-from .config import LR_SCHEDULES, OPTIMIZERS, PHASED_KNOBS, PROTOCOLS, EvalConfig
-from .record_defaults import RECORD_TTT_DEFAULTS
-
-# flag -> EvalConfig field, for the settings passed through only when given (the config keeps its defaults).
-SETTINGS: dict[str, tuple[str, type, str]] = {
-    "--ttt-epochs": ("ttt_epochs", int, "TTT epochs per chunk; 0: sliding-window evaluation (default 3)"),
-    "--chunk-tokens": ("chunk_tokens", int, "tokens per TTT chunk (default 32768)"),
-    "--ttt-lr": ("ttt_lr", float, "TTT learning rate, cosine-decayed over chunks (default 0.005)"),
-    "--ttt-momentum": ("ttt_momentum", float, "SGD momentum, or AdamW's beta1 (default 0.9)"),
-    "--seq-len": ("seq_len", int, "window length (default: the checkpoint's train_seq_len)"),
-    "--stride": ("stride", int, "sliding-window stride (default 64)"),
-    "--batch-seqs": ("batch_seqs", int, "windows per scoring batch and sequences per training batch (default 32)"),
-    "--max-tokens": ("max_tokens", int, "score only the first N targets of the trimmed val stream"),
-    "--seed": ("seed", int, "random seed; the phased protocol's SEED: LoRA A draws, val_doc_fraction (default 0)"),
-    "--val-batch-tokens": ("val_batch_tokens", int, "doc_masked: the records' VAL_BATCH_TOKENS (default 524288)"),
-    "--emulate-ranks": ("emulate_ranks", int, "phased: the schedule and packing of this many reference ranks "
-                                               "(default 8, as the records ran; 1: one GPU's)"),
-    "--max-docs": ("max_docs", int, "phased: only the stream's first N documents"),
-}
 
 
 def parse_flag(text: str) -> bool:
@@ -44,22 +23,31 @@ def parse_flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (use 1/0 or true/false)")
 
 
-def _phased_settings() -> dict[str, tuple[str, Any, str]]:
-    """A flag per phased knob, named after the record's environment variable (ttt_lora_rank -> --ttt-lora-rank)."""
-    kinds = {f.name: str(f.type) for f in dataclasses.fields(EvalConfig)}
-    settings = {}
-    for knob in PHASED_KNOBS:
-        kind = kinds[knob]
-        parse = parse_flag if "bool" in kind else int if "int" in kind else float if "float" in kind else str
-        settings["--" + knob.replace("_", "-")] = (
-            knob, parse, f"phased: {knob.upper()} (default: the checkpoint's record's value)")
-    return settings
+def flag_of(knob: Knob) -> str:
+    """The knob's flag: ttt_lora_rank -> --ttt-lora-rank."""
+    return "--" + knob.name.replace("_", "-")
 
 
-SETTINGS.update(_phased_settings())
+def add_setting_flags(parser: argparse.ArgumentParser, settings: type = EvalSettings) -> None:
+    """A flag per declared knob, grouped as declared, its help and default from the declaration. Every flag
+    defaults to None (a list to []): only what is given reaches the config, which keeps its own defaults."""
+    groups = {name: parser.add_argument_group(f"settings: {title}") for name, title in GROUPS.items()}
+    for knob in knobs(settings):
+        group = groups[knob.group]
+        text = "; ".join(t for t in (knob.help, knob.range_text(), knob.default_text()) if t)
+        if knob.kind is tuple:
+            group.add_argument(flag_of(knob), dest=knob.name, action="append", default=[], metavar="PATTERN",
+                               help=f"{text} (repeatable)")
+            continue
+        kind = {bool: parse_flag, int: int, float: float, str: str}[knob.kind]
+        group.add_argument(flag_of(knob), dest=knob.name, type=kind, choices=knob.choices, help=text,
+                           metavar="{true,false}" if knob.kind is bool else None)
+    if any(k.name == "compile" for k in knobs(settings)):
+        groups["common"].add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                                      help="the same as --compile false")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, settings: type = EvalSettings) -> None:
     p = subparsers.add_parser(
         "eval",
         help="evaluate a checkpoint: sliding-window, score-first TTT or document-masked val_bpb",
@@ -74,38 +62,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val", required=True, metavar="DIR_OR_GLOB",
                    help="a directory of fineweb_val_*.bin (and their fineweb_val_bytes_*.bin sidecars), a glob, "
                         "or one shard")
-    for flag, (_, kind, text) in SETTINGS.items():
-        p.add_argument(flag, type=kind, help=text)
-    p.add_argument("--protocol", choices=PROTOCOLS,
-                   help="chunked: sliding windows / score-first TTT (default); doc_masked: the frontier records' "
-                        "diagnostic eval_val (document-masked packed rows, no TTT; some targets never scored); "
-                        "phased: per-document LoRA TTT with global-SGD phases (the 04-10 ... 04-29 records)")
-    p.add_argument("--record-defaults", choices=list(RECORD_TTT_DEFAULTS),
-                   help="phased: take unset knobs from this record (default: the checkpoint's preset's record)")
-    p.add_argument("--precision", choices=PRECISIONS, help="bf16 (default on CUDA) or fp32 (default elsewhere)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help="TTT optimizer (default sgd)")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="learning rate over chunks (default cosine)")
-    p.add_argument("--adapt-include", action="append", default=[], metavar="PATTERN",
-                   help="adapt only parameters matching this fnmatch pattern (repeatable; default: all)")
-    p.add_argument("--adapt-exclude", action="append", default=[], metavar="PATTERN",
-                   help="freeze parameters matching this fnmatch pattern (repeatable)")
+    add_setting_flags(p, settings)
     add_runtime_args(p)  # --device, --threads
-    p.add_argument("--no-compile", action="store_true", help="do not torch.compile (compiling is on for CUDA)")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON instead of one line")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar on stderr (there is none either when stderr is not a terminal)")
     p.set_defaults(func=run)
 
 
-def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+def eval_settings(args: argparse.Namespace, settings: type = EvalSettings) -> dict[str, Any]:
     """The EvalConfig fields the command line gave."""
-    settings = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in SETTINGS.items()}
-    settings.update(protocol=args.protocol, precision=args.precision, optimizer=args.optimizer,
-                    lr_schedule=args.lr_schedule, record_defaults=args.record_defaults)
-    settings.update(adapt_include=tuple(args.adapt_include), adapt_exclude=tuple(args.adapt_exclude))
-    if args.no_compile:
-        settings["compile"] = False
-    return {k: v for k, v in settings.items() if v is not None and v != ()}
+    given = {k.name: getattr(args, k.name) for k in knobs(settings)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None and v != []}
 
 
 def run(args: argparse.Namespace) -> int:
