@@ -28,7 +28,9 @@ def run_case(name: str) -> dict:
     return {"loss_sum": run.loss_sum, "tokens": run.tokens, "bytes": run.bytes, "val_bpb": run.val_bpb,
             "counts": run.counts, "pauses": run.schedule["pauses"], "compliance": run.compliance,
             "trained": [p["trained"] for p in run.schedule["phases"]],
-            "batches": [(b.queue_index, b.emulated_rank, b.loss_sum) for b in run.batches]}
+            "batches": [(b.queue_index, b.emulated_rank, b.loss_sum) for b in run.batches],
+            "units": {"kind": run.units.kind, **{name: getattr(run.units, name).tolist()
+                                                 for name in ("first_token", "tokens", "bytes", "loss_sum")}}}
 
 
 def main() -> None:

@@ -237,6 +237,7 @@ def run_document(model, tokens: list[int], target_bytes: list[int], start: int, 
     """
     predictions = length - 1
     chunks = -(-predictions // cfg.ttt_chunk_size)
+    before = (totals["tokens"], totals["bytes"], totals["loss"])
     params = lora.parameters()
     opt = lora_optimizer(params, cfg)
     for c in range(max(chunks, batch_steps)):
@@ -261,6 +262,7 @@ def run_document(model, tokens: list[int], target_bytes: list[int], start: int, 
             for p, grad in zip(params, grads, strict=True):
                 p.grad = grad
             opt.step()
+    totals["units"][start + 1] = (totals["tokens"] - before[0], totals["bytes"] - before[1], totals["loss"] - before[2])
 
 
 # ---- 2.8 global SGD on the selected documents --------------------------------------------------------------
@@ -349,8 +351,9 @@ def global_sgd(model, stream: list[int], cfg, ranks: int) -> list[float]:
 
 
 # ---- the whole protocol ------------------------------------------------------------------------------------
-def reference_phased(model, tokens, target_bytes, cfg) -> tuple[float, int, int, list[dict]]:
-    """(loss_sum, tokens_scored, bytes_scored, schedule); the model ends with the last phase's weights.
+def reference_phased(model, tokens, target_bytes, cfg, units: dict | None = None) -> tuple[float, int, int, list[dict]]:
+    """(loss_sum, tokens_scored, bytes_scored, schedule); the model ends with the last phase's weights. ``units``,
+    when given, gets each document's (tokens, bytes, loss_sum) under its first target's stream position.
 
     ``target_bytes[j]`` is the byte count of the target ``tokens[j + 1]``. Batches run in queue order in one
     process. The ``emulate_ranks`` W ranks shape the pauses and the global SGD, and own the adapters (spec 2.11
@@ -383,7 +386,7 @@ def reference_phased(model, tokens, target_bytes, cfg) -> tuple[float, int, int,
 
     draws = [Draws(cfg.seed, sites, layer_applications(model), dim, rank) for _ in range(ranks)]
     kept = [d.draw(full) for d in draws]  # each rank's reusable set: A per slot
-    totals = {"loss": 0.0, "tokens": 0, "bytes": 0, "scored": []}
+    totals = {"loss": 0.0, "tokens": 0, "bytes": 0, "scored": [], "units": {} if units is None else units}
     pauses = {entry["batches"]: entry for entry in schedule}
     segment_start = 0
     for claimed, g in enumerate(queue):

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 from phased_dist_worker import CASES, run_case
-from ttt_helpers import one_thread, run_two_ranks  # noqa: F401 (one_thread: a fixture)
+from ttt_helpers import assert_units_add_up, one_thread, run_two_ranks  # noqa: F401 (one_thread: a fixture)
+
+from pgttt.api.units import UnitSums
 
 WORKER = Path(__file__).with_name("phased_dist_worker.py")
 
@@ -31,3 +33,9 @@ def test_two_ranks_equal_one(two_ranks, name):
     assert [b[:2] for b in double["batches"]] == [list(b[:2]) for b in single["batches"]]
     assert double["val_bpb"] == pytest.approx(single["val_bpb"], rel=0, abs=1e-6)
     assert double["compliance"]["scored_exactly_once"] and double["compliance"]["score_before_update"]
+    units = UnitSums(**double["units"])  # every rank's documents, gathered in stream order
+    assert_units_add_up(units, double["loss_sum"], double["tokens"], double["bytes"])
+    assert len(units) == double["counts"]["documents"]
+    for key in ("kind", "first_token", "tokens", "bytes"):
+        assert double["units"][key] == single["units"][key], key
+    assert double["units"]["loss_sum"] == pytest.approx(single["units"]["loss_sum"], rel=1e-6)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from phased_helpers import phased, stream, tiny_model
-from ttt_helpers import one_thread  # noqa: F401 (a fixture)
+from ttt_helpers import assert_units_add_up, one_thread  # noqa: F401 (a fixture)
 
 from pgttt.ttt.documents import chunk_window, find_documents
 from pgttt.ttt.phased import run_phased
@@ -65,6 +65,10 @@ def test_adaptation_moves_the_number_and_the_ledger_holds(model):
     phases = both.schedule["phases"]
     assert [p["docs_selected"] for p in phases] == [4, 8] and all(p["chunks"] for p in phases)
     assert both.batches[-1].running_bpb == pytest.approx(both.val_bpb)
+    for r in (plain, lora_only, both):  # one unit per document, the same documents whatever was learnt
+        assert_units_add_up(r.units, r.loss_sum, r.tokens, r.bytes)
+        assert r.units.identity() == both.units.identity() and len(r.units) == 14
+    assert both.units.first_token.tolist() == [d.start + 1 for d in find_documents(ids)]
     assert [b.phases_done for b in both.batches] == sorted(b.phases_done for b in both.batches)
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from phased_reference import chunk_window, find_documents, phase_schedule, reference_phased, select_documents
-from ttt_helpers import micro_model, one_thread  # noqa: F401 (a fixture)
+from ttt_helpers import assert_units_add_up, micro_model, one_thread  # noqa: F401 (a fixture)
 
 from pgttt.checkpoints.config import preset
 from pgttt.ttt.config import EvalConfig
@@ -202,15 +202,27 @@ def run_both(seed: int):
     tokens, target_bytes, cfg = random_case(seed)
     engine_model, reference_model = copy.deepcopy(MODEL), copy.deepcopy(MODEL)
     run = run_phased(engine_model, tokens, target_bytes, cfg)
-    reference = reference_phased(reference_model, tokens, target_bytes, cfg)
-    return cfg, run, reference, engine_model, reference_model
+    units: dict = {}
+    reference = reference_phased(reference_model, tokens, target_bytes, cfg, units)
+    return cfg, run, reference, units, engine_model, reference_model
+
+
+def assert_same_units(run, units: dict) -> None:
+    """One unit per document, in stream order, each the reference's."""
+    assert_units_add_up(run.units, run.loss_sum, run.tokens, run.bytes)
+    assert run.units.kind == "document" and run.units.first_token.tolist() == sorted(units)
+    assert run.units.tokens.tolist() == [units[k][0] for k in sorted(units)]
+    assert run.units.bytes.tolist() == [units[k][1] for k in sorted(units)]
+    for mine, key in zip(run.units.loss_sum.tolist(), sorted(units), strict=True):
+        assert math.isclose(mine, units[key][2], rel_tol=LOSS_RTOL, abs_tol=1e-9), key
 
 
 @pytest.mark.parametrize("seed", range(NUM_CASES))
 def test_engine_equals_plain_reference(seed):
-    cfg, run, (loss_sum, count, nbytes, schedule), engine_model, reference_model = run_both(seed)
+    cfg, run, (loss_sum, count, nbytes, schedule), units, engine_model, reference_model = run_both(seed)
     assert (run.tokens, run.bytes) == (count, nbytes)
     assert math.isclose(run.loss_sum, loss_sum, rel_tol=LOSS_RTOL), (run.loss_sum, loss_sum)
+    assert_same_units(run, units)
     assert run.schedule["pauses"] == [p["batches"] for p in schedule]
     assert run.schedule["docs_completed"] == [p["docs_completed"] for p in schedule]
     for phase, mine in zip(run.schedule["phases"], schedule, strict=True):
@@ -245,7 +257,9 @@ def test_engine_equals_reference_when_kept_a_saw_zero_gradient_steps(beta1, phas
     ).resolved(TINY, "cpu")
     tokens_np = np.array(tokens, dtype=np.uint16)
     run = run_phased(copy.deepcopy(MODEL), tokens_np, target_bytes, cfg)
-    loss_sum, count, nbytes, schedule = reference_phased(copy.deepcopy(MODEL), tokens_np, target_bytes, cfg)
+    units: dict = {}
+    loss_sum, count, nbytes, schedule = reference_phased(copy.deepcopy(MODEL), tokens_np, target_bytes, cfg, units)
     assert (run.tokens, run.bytes) == (count, nbytes)
+    assert_same_units(run, units)
     assert math.isclose(run.loss_sum, loss_sum, rel_tol=LOSS_RTOL), (run.loss_sum, loss_sum)
     assert run.schedule["pauses"] == [p["batches"] for p in schedule] and len(schedule) == phases

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import shared_path
 from frontier_helpers import seeded, tiny
-from ttt_helpers import one_thread, random_tables  # noqa: F401 (a fixture)
+from ttt_helpers import assert_units_add_up, one_thread, random_tables  # noqa: F401 (a fixture)
 
 from pgttt.checkpoints.config import PRESETS
 from pgttt.checkpoints.format import save_model_bin, tokenizer_identity
@@ -71,9 +71,11 @@ def segments(row: np.ndarray, seq_len: int) -> list[tuple[int, int]]:
     return pieces
 
 
-def twin(model, tokens: np.ndarray, entries: np.ndarray, seq_len: int, batch_seqs: int) -> tuple[float, int, int]:
+def twin(model, tokens: np.ndarray, entries: np.ndarray, seq_len: int, batch_seqs: int,
+         units: dict) -> tuple[float, int, int]:
     """Every segment of every packed row scored as a row of its own (RoPE is relative and SmearGate is
-    reset at BOS, so only the attention mask can differ; piece cuts only matter without SmearGate)."""
+    reset at BOS, so only the attention mask can differ; piece cuts only matter without SmearGate). ``units``
+    gets each document's [first scored position, tokens, bytes, loss] under the position of its BOS."""
     total = len(tokens) - 1
     seqs = total // seq_len // batch_seqs * batch_seqs  # one rank
     loss, count, nbytes = 0.0, 0, 0
@@ -84,9 +86,12 @@ def twin(model, tokens: np.ndarray, entries: np.ndarray, seq_len: int, batch_seq
             x = torch.tensor(row[s:e], dtype=torch.long)[None]
             y = torch.tensor(row[s + 1 : e + 1], dtype=torch.long)
             with torch.no_grad():
-                loss += float(F.cross_entropy(model(x)[0].float(), y, reduction="sum"))
-            count += e - s
-            nbytes += int(entries[a + s + 1 : a + e + 1].sum())
+                piece = float(F.cross_entropy(model(x)[0].float(), y, reduction="sum"))
+            piece_bytes = int(entries[a + s + 1 : a + e + 1].sum())
+            loss, count, nbytes = loss + piece, count + e - s, nbytes + piece_bytes
+            bos = max([i for i in range(a + s + 1) if tokens[i] == 1], default=-1)
+            unit = units.setdefault(bos, [a + s + 1, 0, 0, 0.0])
+            unit[1:] = [unit[1] + e - s, unit[2] + piece_bytes, unit[3] + piece]
     return loss, count, nbytes
 
 
@@ -109,9 +114,17 @@ def test_scores_equal_each_segment_alone(preset, longest):
     config = EvalConfig(protocol="doc_masked", seq_len=16, val_batch_tokens=8 * 16 * 2).resolved(model.config, "cpu")
     val = ValSet.from_tokens(tokens, entries)
     run = run_doc_masked(model, val.trimmed(16), val.byte_source(random_tables(64)), config)
-    loss, count, nbytes = twin(model, tokens, entries, 16, 2)
+    units: dict = {}
+    loss, count, nbytes = twin(model, tokens, entries, 16, 2, units)
     assert (run.tokens, run.bytes) == (count, nbytes) == (64, int(entries[1:65].sum()))
     assert run.loss_sum == pytest.approx(loss, rel=1e-6)  # (a dense row, or no piece cuts: 1e-2 apart)
+    assert_units_add_up(run.units, run.loss_sum, run.tokens, run.bytes)
+    expected = [units[bos] for bos in sorted(units)]
+    assert run.units.kind == "document" and len(run.units) == len(expected) > 2
+    assert run.units.first_token.tolist() == [u[0] for u in expected]
+    assert run.units.tokens.tolist() == [u[1] for u in expected]
+    assert run.units.bytes.tolist() == [u[2] for u in expected]
+    assert run.units.loss_sum.tolist() == pytest.approx([u[3] for u in expected], rel=1e-6)
     assert [c.scored_tokens for c in run.chunks] == [32, 32] and [c.windows for c in run.chunks] == [2, 2]
     assert run.compliance["unscored_spans"] == [[65, 81]]  # sequence 4, cut by the truncation to whole batches
     assert run.compliance["unscored_targets"] == 16 and not run.compliance["scored_exactly_once"]
@@ -130,6 +143,10 @@ def test_through_the_session_with_sidecar_and_lut_bytes():
     assert side.bytes_scored == int(entries[1:].sum())
     assert lut.bytes_scored == int(tables.target_bytes(tokens).sum())
     assert side.compliance["scored_exactly_once"] and side.compliance["unscored_targets"] == 0
+    assert_units_add_up(side.units, side.loss_sum, side.tokens_scored, side.bytes_scored)
+    assert side.units.identity() != lut.units.identity()  # the same documents, other byte counts
+    assert (side.units.first_token == lut.units.first_token).all() and side.units.kind == "document"
+    assert side.to_dict()["units"] == {"kind": "document", "count": len(side.units), "identity": side.units.identity()}
     assert side.config["protocol"] == "doc_masked" and side.identity["bytes_from"] == "sidecar"
     assert "doc_masked" in side.summary() and "0 of 64 targets never scored" in side.summary()
     # The session's model is untouched: the next evaluation from the same weights gives the same number.

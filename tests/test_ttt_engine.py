@@ -11,6 +11,7 @@ import pytest
 import torch
 from ttt_helpers import (
     MICRO,
+    assert_units_add_up,
     micro_model,
     one_thread,  # noqa: F401 (a fixture)
     random_tables,
@@ -72,6 +73,13 @@ def test_result_records_what_ran(val_dir, sp1024_tokenizer):
     assert chunks[-1]["running_bpb"] == pytest.approx(data["val_bpb"], rel=1e-12)
     assert [len(c["train_loss"]) for c in chunks] == [2, 2, 2, 2, 2, 0]  # no training after the last chunk
     assert chunks[-1]["lr"] is None and chunks[0]["lr"] == 0.2
+    # One unit per chunk, its sums those of the chunk's trace; the JSON names them, the arrays stay apart.
+    units = result.units
+    assert_units_add_up(units, result.loss_sum, result.tokens_scored, result.bytes_scored)
+    assert units.kind == "chunk" and units.tokens.tolist() == [c["scored_tokens"] for c in chunks]
+    assert units.bytes.tolist() == [c["scored_bytes"] for c in chunks]
+    assert units.first_token[0] == 1 and units.first_token[1] == 48 + 1  # the stream position of target 48
+    assert data["units"] == {"kind": "chunk", "count": 6, "identity": units.identity()}
     assert "val_bpb" in result.summary() and "compliance ok" in result.summary()
     projection = data["projection"]
     pgttt, reference = projection["pgttt"], projection["reference"]
@@ -108,6 +116,10 @@ def test_two_evaluations_in_a_row_start_from_the_same_weights(val_dir, sp1024_to
     after = session.evaluate(val_dir, sp1024_tokenizer, sliding, device="cpu")
     fresh = EvalSession(model).evaluate(val_dir, sp1024_tokenizer, sliding, device="cpu")
     assert comparable(after) == comparable(fresh)
+    # The same chunks scored: the same units, whatever the weights did to their losses.
+    assert first.units.identity() == after.units.identity()
+    assert (first.units.loss_sum == second.units.loss_sum).all()
+    assert (first.units.loss_sum != after.units.loss_sum).any()
     assert first.val_bpb != after.val_bpb
 
 

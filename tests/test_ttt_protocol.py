@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ttt_helpers import (
     MICRO,
+    assert_units_add_up,
     micro_model,
     one_thread,  # noqa: F401 (a fixture)
     random_tables,
@@ -58,6 +59,12 @@ def assert_same(run, ref, engine_model, reference_model):
     for (name, a), b in zip(engine_model.named_parameters(), reference_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"TTT weights differ: {name}")
     assert run.compliance["scored_exactly_once"] and run.compliance["score_before_update"], run.compliance
+    assert_units_add_up(run.units, run.loss_sum, run.tokens, run.bytes)
+    assert run.units.kind == "chunk" and len(run.units) == len(run.chunks) == len(ref["units"])
+    for name in ("first_token", "tokens", "bytes"):
+        assert getattr(run.units, name).tolist() == [u[name] for u in ref["units"]], name
+    for mine, theirs in zip(run.units.loss_sum.tolist(), ref["units"], strict=True):
+        assert math.isclose(mine, theirs["loss_sum"], rel_tol=LOSS_RTOL, abs_tol=1e-9)
 
 
 @st.composite

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from frontier_helpers import seeded, tiny
 from ttt_helpers import MICRO, micro_model, random_tables
 
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import trim_stream
+from pgttt.ttt.doc_masked import run_doc_masked
 from pgttt.ttt.engine import run_protocol
 
 CASES = {
@@ -39,8 +41,30 @@ def run_case(name: str) -> tuple[dict, torch.nn.Module]:
     model = copy.deepcopy(micro_model(seed=5))
     run = run_protocol(model, trim_stream(stream(), cfg.seq_len), random_tables(MICRO.vocab_size, seed=6), cfg)
     summary = {"loss_sum": run.loss_sum, "tokens": run.tokens, "bytes": run.bytes, "val_bpb": run.val_bpb,
-               "compliance": run.compliance, "chunks": len(run.chunks)}
+               "compliance": run.compliance, "chunks": len(run.chunks), "units": units_dict(run.units)}
     return summary, model
+
+
+def units_dict(units) -> dict:
+    return {"kind": units.kind, **{name: getattr(units, name).tolist()
+                                   for name in ("first_token", "tokens", "bytes", "loss_sum")}}
+
+
+def doc_masked_stream() -> np.ndarray:
+    """Documents of 1..29 tokens after their BOS: some cross a sequence, a batch and the ranks' shares."""
+    rng = np.random.default_rng(12)
+    ids: list[int] = []
+    while len(ids) < 16 * 9 + 1:
+        ids += [1, *rng.integers(2, 64, int(rng.integers(1, 30))).tolist()]
+    return np.array(ids[: 16 * 9 + 1])
+
+
+def run_doc_masked_case() -> dict:
+    """The doc_masked pass with batches of one sequence: 9 sequences, rank 0 scores 0-3, rank 1 scores 4-8."""
+    model = seeded(tiny("pr1855"))
+    cfg = EvalConfig(protocol="doc_masked", seq_len=16, val_batch_tokens=8 * 16).resolved(model.config, "cpu")
+    run = run_doc_masked(model, doc_masked_stream(), random_tables(64, seed=6), cfg)
+    return {"loss_sum": run.loss_sum, "tokens": run.tokens, "bytes": run.bytes, "units": units_dict(run.units)}
 
 
 def main() -> None:
@@ -52,6 +76,7 @@ def main() -> None:
             summary, model = run_case(name)
             (out / f"{name}.{rank}.json").write_text(json.dumps(summary))
             torch.save(model.state_dict(), out / f"{name}.{rank}.pt")
+        (out / f"doc_masked.{rank}.json").write_text(json.dumps(run_doc_masked_case()))
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -54,6 +55,15 @@ def random_tables(vocab: int, seed: int = 0) -> ByteTables:
     boundary = rng.random(vocab) < 0.2
     base = np.where(boundary, 0, rng.integers(1, 5, vocab))
     return ByteTables(base, (rng.random(vocab) < 0.5) & ~boundary, boundary, "synthetic", vocab)
+
+
+def assert_units_add_up(units, loss_sum: float, tokens: int, nbytes: int) -> None:
+    """The units' totals are the result's: tokens and bytes exactly, the loss within float64 summation noise; in
+    stream order, one unit per offset."""
+    total_loss, total_tokens, total_bytes = units.total
+    assert (total_tokens, total_bytes) == (tokens, nbytes)
+    assert math.isclose(total_loss, loss_sum, rel_tol=1e-9), (total_loss, loss_sum)
+    assert len(units) > 0 and (np.diff(units.first_token) > 0).all() and (units.tokens > 0).all()
 
 
 def run_two_ranks(worker: Path, out: Path, timeout: float) -> Path:

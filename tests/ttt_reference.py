@@ -40,7 +40,8 @@ def reference_eval(
     adapt_include: tuple[str, ...] = (),
     adapt_exclude: tuple[str, ...] = (),
 ) -> dict:
-    """Returns loss_sum, tokens, bytes, val_loss and val_bpb; the model ends with the TTT-adapted weights."""
+    """Returns loss_sum, tokens, bytes, val_loss and val_bpb, and per chunk with windows its first scored stream
+    position, tokens, bytes and loss sum (``units``); the model ends with the TTT-adapted weights."""
     vocab = model.config.vocab_size
     T = len(val) - 1
     context = seq_len - stride
@@ -64,10 +65,12 @@ def reference_eval(
         opt = torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
 
     loss_sum, tokens, nbytes = 0.0, 0, 0
+    units = []
     for c in range(num_chunks):
         windows = chunk_windows[c]
         if not windows:
             continue
+        before = (loss_sum, tokens, nbytes)
         with torch.no_grad():
             for i in range(0, len(windows), batch_seqs):
                 batch = windows[i : i + batch_seqs]
@@ -90,6 +93,9 @@ def reference_eval(
                         nbytes += base_bytes[target]
                         if has_leading_space[target] and not is_boundary[prev]:
                             nbytes += 1
+        first = windows[0] if windows[0] == 0 else windows[0] + context
+        units.append({"first_token": first + 1, "tokens": tokens - before[1], "bytes": nbytes - before[2],
+                      "loss_sum": loss_sum - before[0]})
 
         if c == num_chunks - 1 or epochs == 0:
             continue
@@ -122,4 +128,5 @@ def reference_eval(
         "bytes": nbytes,
         "val_loss": val_loss,
         "val_bpb": val_loss / math.log(2) * tokens / nbytes if nbytes else None,
+        "units": units,
     }

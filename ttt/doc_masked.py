@@ -32,7 +32,8 @@ from .data import ByteSource
 from .distributed import World
 from .engine import CancelEvent, ChunkTrace, Progress, ProgressFn, ProtocolRun, bits_per_byte, resolved_shape
 from .errors import EvalCancelled, EvalError
-from .packing import row_cu_seqlens
+from .packing import BOS_ID, row_cu_seqlens
+from .units import UnitLog
 
 GRAD_ACCUM_RANKS = 8  # the records' grad_accum_steps = 8 // world_size
 LOGIT_ROWS = 8192  # positions per output-layer slice: bounds the float32 logits of a long packed row
@@ -93,15 +94,19 @@ def plan_doc_masked(total_targets: int, seq_len: int, val_batch_tokens: int, wor
     return DocMaskedPlan(total_targets, seq_len, batch_seqs, world_size, total_seqs, tuple(shares))
 
 
-def score_packed_row(model: GPT, x: torch.Tensor, y: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy (float64) of one packed row ``x`` (n,) against its targets ``y`` (n,)."""
+def score_packed_row(model: GPT, x: torch.Tensor, y: torch.Tensor,
+                     cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy (float64) of one packed row ``x`` (n,) against its targets ``y`` (n,), and the
+    per-token losses (float64, n)."""
     hidden = model.forward_hidden(x[None], cu_seqlens=cu_seqlens)[0]
     total = torch.zeros((), dtype=torch.float64, device=x.device)
+    losses = []
     for a in range(0, len(x), LOGIT_ROWS):
         logits = model.logits_from_hidden(hidden[a : a + LOGIT_ROWS]).float()
         # Per-token losses summed in float64, as the records sum them.
-        total += F.cross_entropy(logits, y[a : a + LOGIT_ROWS], reduction="none").double().sum()
-    return total
+        losses.append(F.cross_entropy(logits, y[a : a + LOGIT_ROWS], reduction="none").double())
+        total += losses[-1].sum()
+    return total, torch.cat(losses)
 
 
 def run_doc_masked(
@@ -115,7 +120,9 @@ def run_doc_masked(
     cancel: CancelEvent | None = None,
 ) -> ProtocolRun:
     """The pass on ``model`` (weights unchanged). ``tokens``: the trimmed val stream (T + 1 ids); ``tables``:
-    the byte source; ``config``: resolved. One trace entry per batch of this rank; sums over every rank."""
+    the byte source; ``config``: resolved. One trace entry per batch of this rank; sums over every rank. One unit
+    per document (from a BOS to the next; targets before the first BOS are a unit of their own) that has a scored
+    target, its first_token the first of them, every rank's parts added up."""
     seq_len, precision = resolved_shape(config)
     world = world or World.current()
     device = next(model.parameters()).device
@@ -128,6 +135,8 @@ def run_doc_masked(
         )
     target_bytes = tables.target_bytes(tokens)
     batches = plan.batches(world.rank)
+    doc_starts = np.flatnonzero(np.asarray(tokens[:-1]) == BOS_ID)  # input i predicts target i (position i + 1)
+    units = UnitLog("document")
     model.eval().requires_grad_(False)
     loss_sum, scored, scored_bytes = 0.0, 0, 0
     traces: list[ChunkTrace] = []
@@ -146,9 +155,10 @@ def run_doc_masked(
             cu, _ = row_cu_seqlens(row[:-1], max_doc_len=seq_len)
             stream = torch.from_numpy(row).to(device)
             with autocast(precision, device):
-                batch_loss = float(score_packed_row(model, stream[:-1], stream[1:],
-                                                    torch.from_numpy(cu).to(device)))
+                total_loss, losses = score_packed_row(model, stream[:-1], stream[1:], torch.from_numpy(cu).to(device))
+            batch_loss = float(total_loss)
             batch_bytes = int(target_bytes[a:b].sum())
+            add_documents(units, doc_starts, a, losses, target_bytes[a:b])
             loss_sum, scored, scored_bytes = loss_sum + batch_loss, scored + (b - a), scored_bytes + batch_bytes
             traces.append(ChunkTrace(
                 index=index, windows=last - first, scored_tokens=b - a, scored_bytes=batch_bytes,
@@ -159,7 +169,20 @@ def run_doc_masked(
     loss_sum, tokens_scored, bytes_scored = world.all_reduce_sum(sums).tolist()
     scoring_s = time.perf_counter() - started
     return ProtocolRun(loss_sum, int(tokens_scored), int(bytes_scored), traces,
-                       coverage(plan, int(tokens_scored)), scoring_s, 0.0)
+                       coverage(plan, int(tokens_scored)), scoring_s, 0.0, units.sums(world))
+
+
+def add_documents(units: UnitLog, doc_starts: np.ndarray, first: int, losses: torch.Tensor,
+                  target_bytes: np.ndarray) -> None:
+    """The targets ``first .. first + len(losses) - 1`` added to ``units`` per document (key: the index of its
+    BOS in ``doc_starts``, -1 before the first)."""
+    keys = np.searchsorted(doc_starts, np.arange(first, first + len(losses)), side="right") - 1
+    keys, offsets, counts = np.unique(keys, return_index=True, return_counts=True)
+    which = torch.from_numpy(np.repeat(np.arange(len(keys)), counts)).to(losses.device)
+    doc_loss = torch.zeros(len(keys), dtype=torch.float64, device=losses.device).index_add_(0, which, losses)
+    doc_bytes = np.add.reduceat(np.asarray(target_bytes, dtype=np.int64), offsets)
+    for key, offset, count, nbytes, loss in zip(keys, offsets, counts, doc_bytes, doc_loss.tolist(), strict=True):
+        units.add(int(key), first + int(offset) + 1, int(count), int(nbytes), loss)
 
 
 def coverage(plan: DocMaskedPlan, observed: int) -> dict[str, object]:

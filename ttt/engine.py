@@ -27,6 +27,7 @@ from torch import Tensor
 
 from pgttt import __version__
 from pgttt.api import challenge
+from pgttt.api.units import UnitSums
 from pgttt.budget import BudgetError, ModelShape, estimate, family_for, settings_from_dict
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.model import GPT, apply_precision, autocast
@@ -39,6 +40,7 @@ from .distributed import World
 from .errors import EvalCancelled, EvalError
 from .phased import PhasedProgress, run_phased
 from .plan import Plan, merged_spans, plan_windows, share
+from .units import UnitLog
 
 ENGINE_VERSION = __version__
 
@@ -133,6 +135,7 @@ class ProtocolRun:
     compliance: dict[str, Any]
     scoring_s: float
     training_s: float
+    units: UnitSums
 
     @property
     def val_loss(self) -> float:
@@ -369,7 +372,8 @@ def run_protocol(
 ) -> ProtocolRun:
     """Spec sections 3-4 on ``model`` in place (its weights end adapted). ``tokens``: the trimmed val stream
     (T + 1 ids); ``tables``: the bytes of its targets (tokenizer tables or the val set's sidecar);
-    ``config``: resolved. Sliding-window evaluation is ``ttt_epochs=0``."""
+    ``config``: resolved. Sliding-window evaluation is ``ttt_epochs=0``. One unit per chunk that has windows (for
+    a sliding-window evaluation too: the chunk plan is there all the same), first_token its first scored target."""
     length, precision = resolved_shape(config)
     world = world or World.current()
     steps = steps or Steps(model, compiled=False)
@@ -390,6 +394,7 @@ def run_protocol(
     model.eval().requires_grad_(False)
     model.cache_rotary(length, device)
     log = ComplianceLog()
+    units = UnitLog("chunk")
     chunks: list[ChunkTrace] = []
     loss_sum, scored, scored_bytes = 0.0, 0, 0
     scoring_s = training_s = 0.0
@@ -429,6 +434,7 @@ def run_protocol(
         loss_sum += chunk_loss_sum
         scored += int(chunk_tokens)
         scored_bytes += int(chunk_bytes)
+        units.add(c, int(plan.score_from[w0]) + 1, int(chunk_tokens), int(chunk_bytes), chunk_loss_sum)
         t1 = time.perf_counter()
 
         # 2. Train on the chunk's whole sequences, unless it is the last chunk.
@@ -472,7 +478,8 @@ def run_protocol(
     merged = ComplianceLog.merge(world.all_gather(log)) if world.distributed else log
     for p in params:
         p.grad = None
-    return ProtocolRun(loss_sum, scored, scored_bytes, chunks, check_compliance(merged, total), scoring_s, training_s)
+    return ProtocolRun(loss_sum, scored, scored_bytes, chunks, check_compliance(merged, total), scoring_s, training_s,
+                       units.sums())  # every rank holds every chunk's all-reduced sums
 
 
 # ---- the session: pristine weights, working models, results ----------------------------------------
@@ -495,6 +502,9 @@ class EvalResult:
     device: str
     world_size: int
     compliance: dict[str, Any]
+    # What each unit (a chunk, or a document for doc_masked and phased) scored, in stream order; to_dict gives
+    # only its kind, count and identity (the arrays are binary: UnitSums.save writes them beside the JSON).
+    units: UnitSums
     # The full val set on 8 GPUs: {"pgttt": this engine's speed, "reference": the record's script on 8xH100
     # (decides fits_budget)}; projected_8gpu_s is pgttt's seconds, reference_8xh100_s the reference's.
     projection: dict[str, Any]
@@ -509,7 +519,9 @@ class EvalResult:
     batches: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self, dict_factory=lambda items: {k: v for k, v in items if k != "units"})
+        out["units"] = {"kind": self.units.kind, "count": len(self.units), "identity": self.units.identity()}
+        return out
 
     def summary(self) -> str:
         cfg = self.config
@@ -707,7 +719,7 @@ class EvalSession:
                 phased = run_phased(worker.model, tokens, source.target_bytes(tokens), cfg, world=world,
                                     progress=None if progress is None else _phased_progress(progress), cancel=cancel)
                 run = ProtocolRun(phased.loss_sum, phased.tokens, phased.bytes, [], phased.compliance,
-                                  phased.timings["scoring_s"], phased.timings["training_s"])
+                                  phased.timings["scoring_s"], phased.timings["training_s"], phased.units)
             else:
                 run = self._run(worker, tokens, source, cfg, world, progress, cancel)
             eval_s = time.perf_counter() - t0
@@ -755,6 +767,7 @@ class EvalSession:
             device=str(device),
             world_size=world.size,
             compliance=run.compliance,
+            units=run.units,
             projection=projection,
             projected_8gpu_s=projection["pgttt"]["seconds"],
             reference_8xh100_s=(projection["reference"] or {}).get("seconds"),

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pgttt.api.units import UnitSums
 from pgttt.checkpoints.model import autocast
 
 from .compliance import ComplianceLog, check_compliance
@@ -31,6 +32,7 @@ from .errors import EvalCancelled, EvalError
 from .global_sgd import global_sgd
 from .lora import AdapterSet, DrawStream, Shapes, lora_optimizer, shapes_for
 from .schedule import pause_points, phase_boundaries, segments, selected_documents, virtual_rank
+from .units import UnitLog
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class PhasedRun:
     schedule: dict[str, Any]
     batches: list[BatchTrace]
     compliance: dict[str, Any]
+    units: UnitSums  # one per scored document, in stream order, every rank's
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -137,7 +140,7 @@ def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndar
                 for c in range(max(num_chunks(d, config.ttt_chunk_size) for d in b.docs))) for b in queue]
     my_cost = sum(c for q, c in enumerate(cost) if virtual_rank(q, pauses, config.emulate_ranks) in lanes)
     model.eval().requires_grad_(False)
-    log, traces, phases = ComplianceLog(), [], []
+    log, units, traces, phases = ComplianceLog(), UnitLog("document"), [], []
     done_cost = docs_done = scored = 0
     step = 2 * max(num_chunks(d, config.ttt_chunk_size) for d in docs) + 2  # ledger order: batch, chunk, kind
     scoring_s = training_s = global_s = 0.0
@@ -162,7 +165,7 @@ def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndar
                 continue  # another real rank's batch
             report("scoring")
             adapters = lanes[v].adapters(shapes, len(queue[q].docs), config, device)
-            trace = score_batch(model, queue[q], adapters, stream, nbytes, config, log, order=q * step)
+            trace = score_batch(model, queue[q], adapters, stream, nbytes, config, log, units, order=q * step)
             trace.queue_index, trace.emulated_rank, trace.phases_done = q, v, seg
             traces.append(trace)
             done_cost += cost[q]
@@ -186,14 +189,15 @@ def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndar
             if remaining:
                 for lane in lanes.values():
                     lane.build(shapes, config.ttt_batch_size)
-    return _finish(world, log, traces, docs, queue, bounds, pauses, phases, config,
+    return _finish(world, log, units, traces, docs, queue, bounds, pauses, phases, config,
                    {"scoring_s": scoring_s, "training_s": training_s, "global_sgd_s": global_s})
 
 
 def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stream: Tensor, nbytes: Tensor,
-                config: EvalConfig, log: ComplianceLog, *, order: int) -> BatchTrace:
+                config: EvalConfig, log: ComplianceLog, units: UnitLog, *, order: int) -> BatchTrace:
     """Spec 2.5 for one batch: for each chunk step c, score every document's chunk c in its window, then
-    one LoRA step (``ttt_grad_steps``) on the chunk's mean loss of the documents that have a later chunk."""
+    one LoRA step (``ttt_grad_steps``) on the chunk's mean loss of the documents that have a later chunk.
+    Each document's sums go to ``units`` (keyed by its index in the stream)."""
     device, docs = stream.device, batch.docs
     size, window, bsz = config.ttt_chunk_size, config.ttt_eval_seq_len, len(docs)
     chunks = [num_chunks(d, size) for d in docs]
@@ -201,6 +205,7 @@ def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stre
                                beta1=config.ttt_beta1, beta2=config.ttt_beta2, eps=config.ttt_eps,
                                weight_decay=config.ttt_weight_decay)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+    doc_sums = torch.zeros(3, bsz, dtype=torch.float64, device=device)  # the same per document
     scoring_s = training_s = 0.0
     for c in range(max(chunks)):
         t0 = time.perf_counter()
@@ -230,8 +235,9 @@ def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stre
             per_token = _per_token_loss(model, x, positions, y, adapters, config.precision)
         with torch.no_grad():
             mask = scored.double()
-            sums += torch.stack(((per_token.double() * mask).sum(), mask.sum(),
-                                 (nbytes[index.clamp(max=len(nbytes) - 1)].double() * mask).sum()))
+            parts = (per_token.double() * mask, mask, nbytes[index.clamp(max=len(nbytes) - 1)].double() * mask)
+            sums += torch.stack([part.sum() for part in parts])
+            doc_sums += torch.stack([part.sum(dim=1) for part in parts])
         log.score(order + 2 * c, [(d.start + c * size + 1, d.start + c * size + 1 + (h - lw))
                                   for d, lw, h, n in zip(docs, lo, hi, chunks, strict=True) if c < n], 0)
         t1 = time.perf_counter()
@@ -249,6 +255,8 @@ def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stre
         training_s += time.perf_counter() - t1
     loss_sum, tokens, nb = sums.tolist()
     log.observed_scored += int(tokens)
+    for d, doc_loss, doc_tokens, doc_bytes in zip(docs, *doc_sums.tolist(), strict=True):
+        units.add(d.index, d.start + 1, int(doc_tokens), int(doc_bytes), doc_loss)
     return BatchTrace(0, batch.index, bsz, min(d.length for d in docs), max(d.length for d in docs), max(chunks),
                       0, 0, loss_sum, int(tokens), int(nb), scoring_s=scoring_s, training_s=training_s)
 
@@ -261,7 +269,7 @@ def _per_token_loss(model: torch.nn.Module, x: Tensor, positions: Tensor, y: Ten
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
-def _finish(world: World, log: ComplianceLog, traces: list[BatchTrace], docs: list, queue: list[Batch],
+def _finish(world: World, log: ComplianceLog, units: UnitLog, traces: list[BatchTrace], docs: list, queue: list[Batch],
             bounds: list[int], pauses: list[int], phases: list[dict], config: EvalConfig,
             timings: dict[str, float]) -> PhasedRun:
     """Every rank's traces and ledger gathered; running values in queue order; the compliance check."""
@@ -286,7 +294,7 @@ def _finish(world: World, log: ComplianceLog, traces: list[BatchTrace], docs: li
         "emulate_ranks": config.emulate_ranks, "boundaries": bounds, "pauses": pauses,
         "docs_completed": [p["docs_completed"] for p in phases], "phases": phases,
     }
-    return PhasedRun(loss_sum, tokens, nbytes, counts, schedule, traces, compliance, timings)
+    return PhasedRun(loss_sum, tokens, nbytes, counts, schedule, traces, compliance, units.sums(world), timings)
 
 
 def trace_dicts(run: PhasedRun) -> list[dict[str, Any]]:
