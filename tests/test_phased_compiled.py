@@ -1,0 +1,70 @@
+"""The phased protocol's compiled chunk step (ttt/phased_compiled.py) on the CPU, on a tiny frontier model: the
+plain step's numbers, and after warm-up an evaluation compiles nothing. Traced with the "aot_eager" backend
+(Dynamo's graphs, guards and AOTAutograd's backward, no generated code: Inductor takes minutes on a CPU)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from phased_helpers import phased, stream, tiny_model
+from torch._dynamo.utils import counters
+from ttt_helpers import one_thread  # noqa: F401 (a fixture)
+
+from pgttt.ttt.phased import run_phased
+from pgttt.ttt.phased_compiled import PhasedStep, bucket, step_widths
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_bucket_pads_to_powers_of_two_and_never_across_a_rotary_limit():
+    assert [bucket(w) for w in (1, 24, 32, 33, 48, 2016, 2048)] == [1, 32, 32, 64, 64, 2048, 2048]
+    assert [bucket(w, rotary_limit=1000) for w in (24, 600, 1000, 1200)] == [32, 1000, 1000, 1200]
+    assert step_widths(phased(ttt_chunk_size=24, ttt_eval_seq_len=64)) == [24, 48, 64]
+
+
+def test_compiled_step_equals_plain_and_compiles_nothing_after_warm_up():
+    # Chunks of 24 in windows of 32: widths 24 (padded) and 32, one graph; 12 documents in 4 batches of 3, two
+    # phases (new adapter sets after each: no graph may guard on a set's identity).
+    ids, nbytes = stream(tokens=900, docs=12, seed=3)
+    config = phased(ttt_chunk_size=24, ttt_eval_seq_len=32)
+    model = tiny_model(seed=2)
+    plain_model = copy.deepcopy(model)
+    plain = run_phased(plain_model, ids, nbytes, config)
+
+    step = PhasedStep(backend="aot_eager")
+    fast = copy.deepcopy(model)
+    before = counters["stats"]["unique_graphs"]
+    step.warm_up(fast, config)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs - before == 1 and len(step.ready) == 1 and not step.failed
+    compiled = run_phased(fast, ids, nbytes, config, chunk_step=step)
+    assert counters["stats"]["unique_graphs"] == graphs, "the evaluation compiled after warm-up"
+
+    assert (compiled.tokens, compiled.bytes, compiled.counts) == (plain.tokens, plain.bytes, plain.counts)
+    assert len(plain.schedule["phases"]) == 2 and compiled.schedule["pauses"] == plain.schedule["pauses"]
+    for a, b in zip(compiled.batches, plain.batches, strict=True):
+        assert math.isclose(a.loss_sum, b.loss_sum, rel_tol=1e-6)
+    assert math.isclose(compiled.val_bpb, plain.val_bpb, rel_tol=1e-7)
+    assert compiled.compliance == plain.compliance
+    for p, q in zip(fast.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # the global SGD saw the same documents
+
+
+def test_a_shape_that_does_not_compile_runs_the_plain_step():
+    def broken(graph, example_inputs):
+        raise RuntimeError("no code for this graph")
+
+    ids, nbytes = stream(tokens=300, docs=3, seed=4)
+    config = phased(ttt_chunk_size=32, ttt_eval_seq_len=32, ttt_batch_size=3, phased_ttt_prefix_docs=0,
+                    phased_ttt_num_phases=1)
+    model = tiny_model(seed=1)
+    step = PhasedStep(backend=broken)
+    run = run_phased(copy.deepcopy(model), ids, nbytes, config, chunk_step=step)
+    assert len(step.failed) == 1 and not step.ready
+    assert "no code for this graph" in next(iter(step.failed.values()))
+    plain = run_phased(copy.deepcopy(model), ids, nbytes, config)
+    assert np.isclose(run.val_bpb, plain.val_bpb, rtol=1e-7)
