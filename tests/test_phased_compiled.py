@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from phased_helpers import phased, stream, tiny_model
 from torch._dynamo.utils import counters
-from ttt_helpers import one_thread  # noqa: F401 (a fixture)
+from ttt_helpers import one_thread, random_tables  # noqa: F401 (a fixture)
 
+from pgttt.ttt import EvalSession, ValSet
 from pgttt.ttt.phased import run_phased
-from pgttt.ttt.phased_compiled import PhasedStep, bucket, step_widths
+from pgttt.ttt.phased_compiled import PhasedStep, batch_sizes, bucket, step_widths
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,3 +70,24 @@ def test_a_shape_that_does_not_compile_runs_the_plain_step():
     assert "no code for this graph" in next(iter(step.failed.values()))
     plain = run_phased(copy.deepcopy(model), ids, nbytes, config)
     assert np.isclose(run.val_bpb, plain.val_bpb, rtol=1e-7)
+
+
+def test_the_session_warms_every_batch_size_of_its_job_then_compiles_nothing():
+    ids, _ = stream(tokens=700, docs=8, seed=5)
+    val, tables = ValSet.from_tokens(ids), random_tables(1024, seed=5)
+    config = replace(phased(ttt_chunk_size=32, ttt_eval_seq_len=32, phased_ttt_prefix_docs=4), compile=True)
+    session = EvalSession(tiny_model(seed=3))
+    step = PhasedStep(backend="aot_eager")
+    session.worker(torch.device("cpu"), "fp32").phased_steps[False] = step  # the session's step, traced only
+    first = session.evaluate(val, tables, config, device="cpu")
+    sizes = batch_sizes(val.trimmed(config.seq_len, None), config)
+    assert len(sizes) == 2 and {key[1] for key in step.ready} == set(sizes)  # 3 documents, and the last batch's
+    graphs = counters["stats"]["unique_graphs"]
+    again = session.evaluate(val, tables, config, device="cpu")
+    assert counters["stats"]["unique_graphs"] == graphs, "a second job compiled"
+    assert again.val_bpb == first.val_bpb  # both from the pristine weights
+    assert again.timings["warmup_s"] < first.timings["warmup_s"]
+    plain = session.evaluate(val, tables, replace(config, compile=False), device="cpu")
+    assert math.isclose(plain.val_bpb, first.val_bpb, rel_tol=1e-7)
+    session.evaluate(val, tables, config, device="cpu")  # the plain job left nothing a graph guards on
+    assert counters["stats"]["unique_graphs"] == graphs, "a job after a plain one compiled"

@@ -6,9 +6,11 @@ rounded up to a power of two (``bucket``), the extra columns zero ids to the rig
 causal, so the scored columns see exactly the inputs they saw. Rows are the adapter set's slots (the batch's
 documents): every batch but the queue's first has ``ttt_batch_size`` of them. One graph serves each (rows,
 bucket), forward and backward; a step without training runs the training graph too (its backward never
-runs), so no inference graph is compiled. A shape is compiled the first time it is met (``warm_up`` does
-it for a config ahead of any job) on dummy adapters, twice, so a job's own calls find it ready; a shape
-that fails to compile runs eagerly from then on (``failed``). The LoRA optimizer is the fused one on CUDA.
+runs), so no inference graph is compiled. A shape is compiled on dummy adapters, twice, so that real calls
+find it ready: by ``warm_up`` (``EvalSession`` warms every batch size of a job's queue before the job, and
+``ttt_batch_size`` in ``EvalSession.warmup``), or else when first met. A shape that fails to compile runs the
+plain step from then on (``failed`` says why). The LoRA optimizer is the fused one on CUDA (the same formula).
+With ``cuda_graphs`` the graphs replay as CUDA graphs (Inductor's ``reduce-overhead``): off unless measured.
 """
 
 from __future__ import annotations
