@@ -75,7 +75,7 @@ def phased_flops(cfg: ModelConfig, tokens: np.ndarray, rc: dict[str, Any], sched
             k, length = w.chunk_length, w.length
             forward = ((apps - 1) * (length * per_pos + attn * length * (length + 1) / 2)
                        + k * per_pos + attn * k * length + k * head)
-            total += forward * (3 if c < n - 1 else 1) * rc["ttt_grad_steps"] ** (c < n - 1)
+            total += forward * (3 * rc["ttt_grad_steps"] if c < n - 1 else 1)  # each step: forward, backward
     seq = rc["seq_len"]
     sgd_tokens = sum(p["stream_tokens"] or 0 for p in (schedule or {}).get("phases", []))
     total += 3.0 * rc["global_ttt_epochs"] * sgd_tokens * (apps * (position_flops(cfg) + attn * (seq + 1) / 2)

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_bucket_pads_to_powers_of_two_and_never_across_a_rotary_limit():
     assert [bucket(w) for w in (1, 24, 32, 33, 48, 2016, 2048)] == [1, 32, 32, 64, 64, 2048, 2048]
     assert [bucket(w, rotary_limit=1000) for w in (24, 600, 1000, 1200)] == [32, 1000, 1000, 1200]
+    assert [bucket(w, smallest=256) for w in (24, 256, 257)] == [256, 256, 512]
     assert step_widths(phased(ttt_chunk_size=24, ttt_eval_seq_len=64)) == [24, 48, 64]
 
 
@@ -37,7 +38,7 @@ def test_compiled_step_equals_plain_and_compiles_nothing_after_warm_up():
     plain_model = copy.deepcopy(model)
     plain = run_phased(plain_model, ids, nbytes, config)
 
-    step = PhasedStep(backend="aot_eager")
+    step = PhasedStep(backend="aot_eager", smallest_width=1)
     fast = copy.deepcopy(model)
     before = counters["stats"]["unique_graphs"]
     step.warm_up(fast, config)
@@ -64,7 +65,7 @@ def test_a_shape_that_does_not_compile_runs_the_plain_step():
     config = phased(ttt_chunk_size=32, ttt_eval_seq_len=32, ttt_batch_size=3, phased_ttt_prefix_docs=0,
                     phased_ttt_num_phases=1)
     model = tiny_model(seed=1)
-    step = PhasedStep(backend=broken)
+    step = PhasedStep(backend=broken, smallest_width=1)
     run = run_phased(copy.deepcopy(model), ids, nbytes, config, chunk_step=step)
     assert len(step.failed) == 1 and not step.ready
     assert "no code for this graph" in next(iter(step.failed.values()))
@@ -75,9 +76,9 @@ def test_a_shape_that_does_not_compile_runs_the_plain_step():
 def test_the_session_warms_every_batch_size_of_its_job_then_compiles_nothing():
     ids, _ = stream(tokens=700, docs=8, seed=5)
     val, tables = ValSet.from_tokens(ids), random_tables(1024, seed=5)
-    config = replace(phased(ttt_chunk_size=32, ttt_eval_seq_len=32, phased_ttt_prefix_docs=4), compile=True)
+    config = replace(phased(ttt_chunk_size=24, ttt_eval_seq_len=32, phased_ttt_prefix_docs=4), compile=True)
     session = EvalSession(tiny_model(seed=3))
-    step = PhasedStep(backend="aot_eager")
+    step = PhasedStep(backend="aot_eager", smallest_width=1)
     session.worker(torch.device("cpu"), "fp32").phased_steps[False] = step  # the session's step, traced only
     first = session.evaluate(val, tables, config, device="cpu")
     sizes = batch_sizes(val.trimmed(config.seq_len, None), config)

@@ -218,19 +218,22 @@ def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stre
             lengths.append(w.length if w else 0)
             lo.append(w.chunk_offset if w else 0)
             hi.append(w.chunk_offset + w.chunk_length if w else 0)
+        trained = [int(c < n - 1) for n in chunks]
+        # One copy to the device, from pinned memory: the host does not wait for the device's earlier work.
+        rows = torch.tensor([starts, lengths, lo, hi, trained])
+        rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows
         cols = torch.arange(width, device=device)
-        index = torch.tensor(starts, device=device)[:, None] + cols
-        valid = cols < torch.tensor(lengths, device=device)[:, None]
-        scored = valid & (cols >= torch.tensor(lo, device=device)[:, None])
-        scored &= cols < torch.tensor(hi, device=device)[:, None]
+        index = rows[0, :, None] + cols
+        valid = cols < rows[1, :, None]
+        scored = valid & (cols >= rows[2, :, None])
+        scored &= cols < rows[3, :, None]
         x = torch.where(valid, stream[index.clamp(max=len(stream) - 2)], 0)
         y = torch.where(valid, stream[index.clamp(max=len(stream) - 2) + 1], 0)
         # Every row's scored and trained columns lie in the window's last `size` columns (a full chunk's, and a
         # last chunk's within them): the output layer and the last block run there only, the same numbers.
         at = torch.arange(offset, offset + size, device=device)
         positions, y, scored, index = at.expand(bsz, size), y[:, at], scored[:, at], index[:, at]
-        train = torch.tensor([c < n - 1 for n in chunks], device=device)
-        trains = any(c < n - 1 for n in chunks)  # from the host's lists: no wait for the device
+        train, trains = rows[4].bool(), any(trained)
         with torch.set_grad_enabled(trains):
             per_token = per_token_loss(model, x, positions, y, adapters, config.precision)
         with torch.no_grad():
