@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from bench_frontier import GPU_TOLERANCE, case_config
 from bench_gpu import case_name, flops_per_token, gpu_kind, matmul_tflops, reference_seconds
+from torch._dynamo.utils import counters
 
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.ttt import EvalConfig, EvalSession, load_val
@@ -100,14 +101,14 @@ class Bench:
         if not self.wanted(name):
             return None
         log(f"--- {name}")
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        graphs = counters["stats"]["unique_graphs"]
         try:
             row = {"case": name, **fn()}
         except Exception:  # noqa: BLE001 - one failed case must not stop the others
             log(f"{name} FAILED:\n{traceback.format_exc()}")
             self.rows.append({"case": name, "failed": traceback.format_exc(limit=3)})
             return None
-        row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+        row["graphs"] = counters["stats"]["unique_graphs"] - graphs
         row["pct_matmul"] = 100 * row["tflops"] / self.rate if row.get("tflops") is not None else None
         log(json.dumps({k: v for k, v in row.items() if k not in ("timings",)}, default=str))
         self.rows.append(row)
@@ -181,8 +182,8 @@ def chunked_cases(bench: Bench, shared: Path) -> None:
 
 
 def frontier_cases(bench: Bench, shared: Path, checkpoint: Path) -> None:
-    """The pr1855 compat cases (compiled, as a server runs them), then the phased protocol at pr1855's defaults
-    over the whole val shard: compiled first (the row that matters), eager, and with CUDA graphs if asked."""
+    """The phased protocol at pr1855's defaults over the whole val shard: compiled first (the row that matters),
+    eager, and with CUDA graphs if asked; then the pr1855 compat cases (eager unless ``--compat-compiled``)."""
     expected = json.loads((shared / "compat/pr1855/expected.json").read_text())
     refs = expected.get(f"reference_{(bench.kind or '').lower()}", {})
     tokenizer = shared / "data/tokenizers" / CASEOPS_TOKENIZER
@@ -206,6 +207,9 @@ def frontier_cases(bench: Bench, shared: Path, checkpoint: Path) -> None:
                 "within_tol": None if ref_bpb is None else abs(result.val_bpb - ref_bpb) <= GPU_TOLERANCE}
 
     full = EvalConfig(protocol="phased", precision="bf16")
+    # The first call compiles (its warm-up s); the second shows that a job after it compiles nothing (graphs 0).
+    bench.case("full val phased compiled first", lambda: run(replace(full, compile=True), None,
+                                                             refs.get("full_val_pr1855_defaults")))
     compiled = bench.case("full val phased compiled", lambda: run(replace(full, compile=True), None,
                                                                   refs.get("full_val_pr1855_defaults")))
     eager = bench.case("full val phased eager", lambda: run(replace(full, compile=False), None,
@@ -219,11 +223,13 @@ def frontier_cases(bench: Bench, shared: Path, checkpoint: Path) -> None:
         session.phased_cuda_graphs = False
         if graphs is not None and eager is not None:
             graphs["diff"] = graphs["bpb"] - eager["bpb"]
+    how = "compiled" if bench.args.compat_compiled else "eager"  # each case's shapes are graphs of their own
     for case in expected["cpu_fp32"]["cases"]:
         if case.get("role", "").startswith("diagnostic"):
             continue
-        bench.case(f"pr1855 {case['case']}", lambda case=case: run(case_config(case), case["val_bpb"],
-                                                                     refs.get(case["case"])))
+        cfg = replace(case_config(case), compile=bench.args.compat_compiled)
+        bench.case(f"pr1855 {case['case']} {how}", lambda cfg=cfg, case=case: run(cfg, case["val_bpb"],
+                                                                                  refs.get(case["case"])))
     if bench.args.profile:
         try:
             profile_phased(session, valset, tokenizer, bench.args.out)
@@ -257,6 +263,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=[], help="run only the cases whose names contain one of these")
     parser.add_argument("--phased-cuda-graphs", action="store_true",
                         help="one more row: the compiled phased step replayed as CUDA graphs")
+    parser.add_argument("--compat-compiled", action="store_true",
+                        help="the pr1855 compat cases compiled (each compiles its own shapes); default eager")
     parser.add_argument("--no-chunked", action="store_true", help="the frontier family only")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
