@@ -35,6 +35,8 @@ def register(subparsers: Any) -> None:
                    help="warm up each checkpoint before /readyz says ready (default on)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay compiled static training graphs as CUDA graphs (default on)")
+    p.add_argument("--compile-cache", help="torch.compile's caches, reused after a restart (default "
+                   "STATE_DIR/compile-cache)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.set_defaults(func=run)
 

@@ -26,6 +26,7 @@ from pgttt.checkpoints.format import MAGIC, tokenizer_identity
 from pgttt.checkpoints.loading import LoadedCheckpoint, load_checkpoint
 from pgttt.errors import PgtttError
 from pgttt.ttt.bytes import load_byte_tables
+from pgttt.ttt.compile_cache import use_compile_cache
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import (
     VAL_PATTERN,
@@ -206,7 +207,10 @@ class DeviceEngine:
     """In a worker process: every checkpoint's ``EvalSession`` with its working model on this device,
     val sets and byte tables loaded once per dataset."""
 
-    def __init__(self, device: str, world_sizes: tuple[int, ...] = (1,), cuda_graphs: bool = True) -> None:
+    def __init__(self, device: str, world_sizes: tuple[int, ...] = (1,), cuda_graphs: bool = True,
+                 compile_cache: Path | None = None) -> None:
+        if compile_cache is not None:  # in the worker process, before it compiles anything
+            use_compile_cache(compile_cache)
         self.device = torch.device(device)
         self.world_sizes = world_sizes  # jobs of 1 GPU and the gangs this device may join: warmed at start
         self.cuda_graphs = cuda_graphs

@@ -55,7 +55,7 @@ class Service:
             devices=self.devices,
             engine_factory=engine_factory or functools.partial(
                 bridge.DeviceEngine, world_sizes=bridge.warmed_world_sizes(len(self.devices)),
-                cuda_graphs=settings.cuda_graphs),
+                cuda_graphs=settings.cuda_graphs, compile_cache=settings.compile_cache_dir),
             checkpoints=lambda: self.catalog.specs() if self.catalog else [],
             warmup=settings.warmup,
         )

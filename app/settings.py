@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     validate_timeout_s: float = Field(
         300.0, gt=0, description="seconds a checkpoint from a request may take to validate (PGTTT_VALIDATE_TIMEOUT_S)")
     warmup: bool = True
+    compile_cache: Path | None = Field(
+        None, description="torch.compile's on-disk caches, reused across restarts; default STATE_DIR/compile-cache"
+    )
     cuda_graphs: bool = Field(
         True, description="replay compiled static training graphs as CUDA graphs (GPUs only; off to compare)"
     )
@@ -84,6 +87,10 @@ class Settings(BaseSettings):
     @property
     def database_path(self) -> Path:
         return (self.database or self.state_dir / "jobs.sqlite").expanduser().resolve()
+
+    @property
+    def compile_cache_dir(self) -> Path:
+        return (self.compile_cache or self.state_dir / "compile-cache").expanduser().resolve()
 
     @property
     def upload_dir(self) -> Path:

@@ -39,6 +39,7 @@ from .data import ByteSource, ValSet, load_val
 from .distributed import World
 from .errors import EvalCancelled, EvalError
 from .phased import PhasedProgress, run_phased
+from .phased_compiled import PhasedStep, batch_sizes
 from .plan import Plan, merged_spans, plan_windows, share
 from .units import UnitLog
 
@@ -556,6 +557,7 @@ class _Worker:
     cuda_graphs: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
     steps: dict[bool, Steps] = field(default_factory=dict)
+    phased_steps: dict[bool, PhasedStep] = field(default_factory=dict)  # by cuda_graphs
 
     def reset(self) -> None:
         """Copy the pristine weights in place: no re-allocation, so compiled graphs stay valid."""
@@ -568,6 +570,11 @@ class _Worker:
         if compiled not in self.steps:
             self.steps[compiled] = Steps(self.model, compiled, cuda_graphs=self.cuda_graphs)
         return self.steps[compiled]
+
+    def phased_step(self, cuda_graphs: bool) -> PhasedStep:
+        if cuda_graphs not in self.phased_steps:
+            self.phased_steps[cuda_graphs] = PhasedStep(cuda_graphs=cuda_graphs)
+        return self.phased_steps[cuda_graphs]
 
 
 def default_device() -> torch.device:
@@ -604,6 +611,8 @@ class EvalSession:
         self.preset = preset  # the architecture preset it was made as, when known: its record's TTT defaults
         self._workers: dict[tuple[str, str], _Worker] = {}
         self._lock = threading.Lock()
+        # The phased protocol's compiled step replayed as CUDA graphs: off until measured (bench/bench_speed.py).
+        self.phased_cuda_graphs = False
 
     @classmethod
     def from_checkpoint(cls, ckpt: Any, *, load_s: float = 0.0, cuda_graphs: bool = True) -> EvalSession:
@@ -660,12 +669,16 @@ class EvalSession:
         return time.perf_counter() - t0
 
     def _warm(self, worker: _Worker, cfg: EvalConfig, *, static_training: bool = False,
-              world: World | None = None) -> None:
+              world: World | None = None, tokens: np.ndarray | None = None) -> None:
         """Compile what ``cfg`` needs and was not compiled yet; in an evaluation (not ``warmup``), a new
         training batch size takes the dynamic-batch graph instead of a compile of its own. The doc_masked pass
-        and the phased protocol run eager (graphs made for windows would not serve them)."""
+        runs eager (graphs made for windows would not serve it); the phased protocol has its own graphs."""
         if cfg.compile and cfg.protocol == "chunked":
             warm_up(worker.model, worker.steps_for(True), cfg, world, static_training=static_training)
+        if cfg.compile and cfg.protocol == "phased":  # every batch size of ``tokens``' queue, if given
+            step = worker.phased_step(self.phased_cuda_graphs)
+            for rows in [cfg.ttt_batch_size] if tokens is None else batch_sizes(tokens, cfg):
+                step.warm_up(worker.model, cfg, rows)
 
     @staticmethod
     def _run(worker: _Worker, tokens: np.ndarray, source: ByteSource, cfg: EvalConfig, world: World,
@@ -707,7 +720,7 @@ class EvalSession:
         worker = self.worker(device, precision)
         with worker.lock:
             t0 = time.perf_counter()
-            self._warm(worker, cfg)
+            self._warm(worker, cfg, tokens=tokens)
             warmup_s = time.perf_counter() - t0
             worker.reset()
             torch.manual_seed(cfg.seed)
@@ -716,8 +729,10 @@ class EvalSession:
             t0 = time.perf_counter()
             phased = None
             if cfg.protocol == "phased":
+                step = worker.phased_step(self.phased_cuda_graphs) if cfg.compile else None
                 phased = run_phased(worker.model, tokens, source.target_bytes(tokens), cfg, world=world,
-                                    progress=None if progress is None else _phased_progress(progress), cancel=cancel)
+                                    progress=None if progress is None else _phased_progress(progress), cancel=cancel,
+                                    chunk_step=step)
                 run = ProtocolRun(phased.loss_sum, phased.tokens, phased.bytes, [], phased.compliance,
                                   phased.timings["scoring_s"], phased.timings["training_s"], phased.units)
             else:

@@ -114,9 +114,10 @@ class AdapterSet:
 
 
 def lora_optimizer(params: list[Tensor], *, kind: str, lr: float, beta1: float, beta2: float, eps: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
+                   weight_decay: float, fused: bool | None = None) -> torch.optim.Optimizer:
     """Spec 2.7: AdamW (decoupled decay on every adapter tensor each step) or SGD with L2 decay. A new one
-    per batch equals the record's zeroed state and restarted step count."""
+    per batch equals the record's zeroed state and restarted step count. ``fused``: one kernel for every
+    tensor's update (CUDA; the same formula)."""
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=beta1, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=beta1, weight_decay=weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, fused=fused)

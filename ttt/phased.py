@@ -115,9 +115,9 @@ class Lane:
 
 def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndarray, config: EvalConfig, *,
                world: World | None = None, progress: Callable[[PhasedProgress], None] | None = None,
-               cancel: Any = None) -> PhasedRun:
+               cancel: Any = None, chunk_step: Any = None) -> PhasedRun:
     """Spec 2 on ``model`` in place. ``tokens``: the cut val stream; ``target_bytes[i]``: bytes of target i
-    (stream position i + 1); ``config``: resolved (``EvalConfig.resolved``)."""
+    (stream position i + 1); ``config``: resolved (``EvalConfig.resolved``); ``chunk_step``: see ``score_batch``."""
     world = world or World.current()
     device = next(model.parameters()).device
     precision = config.precision
@@ -165,7 +165,8 @@ def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndar
                 continue  # another real rank's batch
             report("scoring")
             adapters = lanes[v].adapters(shapes, len(queue[q].docs), config, device)
-            trace = score_batch(model, queue[q], adapters, stream, nbytes, config, log, units, order=q * step)
+            trace = score_batch(model, queue[q], adapters, stream, nbytes, config, log, units, order=q * step,
+                                chunk_step=chunk_step)
             trace.queue_index, trace.emulated_rank, trace.phases_done = q, v, seg
             traces.append(trace)
             done_cost += cost[q]
@@ -194,14 +195,19 @@ def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndar
 
 
 def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stream: Tensor, nbytes: Tensor,
-                config: EvalConfig, log: ComplianceLog, units: UnitLog, *, order: int) -> BatchTrace:
+                config: EvalConfig, log: ComplianceLog, units: UnitLog, *, order: int,
+                chunk_step: Any = None) -> BatchTrace:
     """Spec 2.5 for one batch: for each chunk step c, score every document's chunk c in its window, then
     one LoRA step (``ttt_grad_steps``) on the chunk's mean loss of the documents that have a later chunk.
-    Each document's sums go to ``units`` (keyed by its index in the stream)."""
+    Each document's sums go to ``units`` (keyed by its index in the stream). ``chunk_step``: a twin of
+    ``_per_token_loss`` with an ``optimizer`` for ``lora_optimizer`` (``phased_compiled.PhasedStep``); None:
+    the plain ones."""
+    per_token_loss = _per_token_loss if chunk_step is None else chunk_step
     device, docs = stream.device, batch.docs
     size, window, bsz = config.ttt_chunk_size, config.ttt_eval_seq_len, len(docs)
     chunks = [num_chunks(d, size) for d in docs]
-    optimizer = lora_optimizer(adapters.parameters(), kind=config.ttt_optimizer, lr=config.ttt_lora_lr,
+    make_optimizer = lora_optimizer if chunk_step is None else chunk_step.optimizer
+    optimizer = make_optimizer(adapters.parameters(), kind=config.ttt_optimizer, lr=config.ttt_lora_lr,
                                beta1=config.ttt_beta1, beta2=config.ttt_beta2, eps=config.ttt_eps,
                                weight_decay=config.ttt_weight_decay)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
@@ -218,21 +224,24 @@ def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stre
             lengths.append(w.length if w else 0)
             lo.append(w.chunk_offset if w else 0)
             hi.append(w.chunk_offset + w.chunk_length if w else 0)
+        trained = [int(c < n - 1) for n in chunks]
+        # One copy to the device, from pinned memory: the host does not wait for the device's earlier work.
+        rows = torch.tensor([starts, lengths, lo, hi, trained])
+        rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows
         cols = torch.arange(width, device=device)
-        index = torch.tensor(starts, device=device)[:, None] + cols
-        valid = cols < torch.tensor(lengths, device=device)[:, None]
-        scored = valid & (cols >= torch.tensor(lo, device=device)[:, None])
-        scored &= cols < torch.tensor(hi, device=device)[:, None]
+        index = rows[0, :, None] + cols
+        valid = cols < rows[1, :, None]
+        scored = valid & (cols >= rows[2, :, None])
+        scored &= cols < rows[3, :, None]
         x = torch.where(valid, stream[index.clamp(max=len(stream) - 2)], 0)
         y = torch.where(valid, stream[index.clamp(max=len(stream) - 2) + 1], 0)
         # Every row's scored and trained columns lie in the window's last `size` columns (a full chunk's, and a
         # last chunk's within them): the output layer and the last block run there only, the same numbers.
         at = torch.arange(offset, offset + size, device=device)
         positions, y, scored, index = at.expand(bsz, size), y[:, at], scored[:, at], index[:, at]
-        train = torch.tensor([c < n - 1 for n in chunks], device=device)
-        trains = bool(train.any())
+        train, trains = rows[4].bool(), any(trained)
         with torch.set_grad_enabled(trains):
-            per_token = _per_token_loss(model, x, positions, y, adapters, config.precision)
+            per_token = per_token_loss(model, x, positions, y, adapters, config.precision)
         with torch.no_grad():
             mask = scored.double()
             parts = (per_token.double() * mask, mask, nbytes[index.clamp(max=len(nbytes) - 1)].double() * mask)
@@ -244,7 +253,7 @@ def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stre
         if trains:
             for g in range(config.ttt_grad_steps):
                 if g > 0:
-                    per_token = _per_token_loss(model, x, positions, y, adapters, config.precision)
+                    per_token = per_token_loss(model, x, positions, y, adapters, config.precision)
                 per_doc = per_token.mean(dim=-1)
                 optimizer.zero_grad(set_to_none=True)
                 (per_doc * train.float()).sum().backward()

@@ -1,0 +1,296 @@
+"""One GPU table for both protocol families (issue 20): the chunked protocol's compat cases and 2M stream, the
+pr1855 compat cases, and the phased protocol over the whole gutenberg_caseops val shard, eager and compiled.
+
+    python3 bench/bench_speed.py --checkpoint pr1855.model.bin --frontier ../shared --chunked ../shared \\
+        --out $OUT [--compile-cache DIR] [--only phased] [--phased-cuda-graphs] [--profile]
+
+Columns: case, tokens scored, s (the evaluation loop, warm-up apart), tok/s, x ref (the reference's seconds on
+the same GPU kind over ours: ``compat/expected.json``'s ``gpu_bf16`` for the chunked family,
+``compat/pr1855/expected.json``'s ``reference_<kind>`` (case name -> seconds) for the frontier family; '-'
+where there is none), bpb, diff (against the record's or reference's bpb; for the compiled phased rows against
+the eager row), TFLOP/s (a FLOP floor per case, below), % of a bf16 matmul rate measured first, peak GiB,
+warm-up s and the graphs compiled inside the evaluation call. A case that fails prints its traceback and the
+rest still run. Rows go to ``OUT/speed.json`` as they finish; ``--profile`` writes the top CUDA kernels of a
+compiled phased run over the first documents to ``OUT/profile_phased.txt``.
+
+FLOP floor of the phased protocol: for every document's chunk c, a forward over its window's L columns (every
+layer application, attention causal over the window, the last application and the output layer at the chunk's
+columns only, LoRA on every enabled site) and, when the chunk is trained on, a backward of twice that; plus
+3x a forward for every global-SGD token, per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from bench_frontier import GPU_TOLERANCE, case_config
+from bench_gpu import case_name, flops_per_token, gpu_kind, matmul_tflops, reference_seconds
+from torch._dynamo.utils import counters
+
+from pgttt.checkpoints.config import ModelConfig
+from pgttt.ttt import EvalConfig, EvalSession, load_val
+from pgttt.ttt.compile_cache import cache_counts, use_compile_cache
+from pgttt.ttt.data import open_shard, write_shard
+from pgttt.ttt.documents import chunk_window, find_documents, num_chunks, select_documents
+
+CASEOPS_TOKENIZER = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+
+
+def log(*args: object) -> None:
+    print(*args, flush=True)
+
+
+def position_flops(cfg: ModelConfig, lora_rank: int = 0, sites: tuple[str, ...] = ()) -> float:
+    """Matmul FLOPs of one layer application at one position (attention scores apart), LoRA included."""
+    d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
+    out = {"q": d, "k": kv, "v": kv, "o": d, "mlp": d}
+    macs = 2 * d * d + 2 * kv * d + 2 * cfg.mlp_hidden * d + sum(lora_rank * (d + out[s]) for s in sites)
+    return 2.0 * macs
+
+
+def phased_flops(cfg: ModelConfig, tokens: np.ndarray, rc: dict[str, Any], schedule: dict[str, Any] | None) -> float:
+    apps = len(cfg.layer_schedule())
+    rank = rc["ttt_lora_rank"]
+    sites = ("q", "v") + tuple(s for s, on in (("k", rc["ttt_k_lora"]), ("mlp", rc["ttt_mlp_lora"]),
+                                               ("o", rc["ttt_o_lora"])) if on)
+    per_pos = position_flops(cfg, rank, sites)
+    head = 2.0 * cfg.model_dim * cfg.vocab_size + 2.0 * rank * (cfg.model_dim + cfg.vocab_size)
+    attn = 4.0 * cfg.num_heads * cfg.head_dim  # per (query, key) pair: scores and values
+    size, window = rc["ttt_chunk_size"], rc["ttt_eval_seq_len"]
+    docs = select_documents(find_documents(tokens), max_docs=rc["max_docs"], fraction=rc["val_doc_fraction"],
+                            seed=rc["seed"])
+    total = 0.0
+    for doc in docs:
+        n = num_chunks(doc, size)
+        for c in range(n):
+            w = chunk_window(c, doc.targets, size, window)
+            k, length = w.chunk_length, w.length
+            forward = ((apps - 1) * (length * per_pos + attn * length * (length + 1) / 2)
+                       + k * per_pos + attn * k * length + k * head)
+            total += forward * (3 * rc["ttt_grad_steps"] if c < n - 1 else 1)  # each step: forward, backward
+    seq = rc["seq_len"]
+    sgd_tokens = sum(p["stream_tokens"] or 0 for p in (schedule or {}).get("phases", []))
+    total += 3.0 * rc["global_ttt_epochs"] * sgd_tokens * (apps * (position_flops(cfg) + attn * (seq + 1) / 2)
+                                                           + 2.0 * cfg.model_dim * cfg.vocab_size)
+    return total
+
+
+def peak_gib(result: Any) -> float:
+    return (result.peak_gpu_memory_bytes or 0) / 2**30
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, rate: float, kind: str | None) -> None:
+        self.args, self.rate, self.kind = args, rate, kind
+        self.rows: list[dict[str, Any]] = []
+
+    def wanted(self, name: str) -> bool:
+        return not self.args.only or any(part in name for part in self.args.only)
+
+    def case(self, name: str, fn: Any) -> dict[str, Any] | None:
+        """Runs ``fn() -> row`` for case ``name``; a failure is logged with its traceback and skipped."""
+        if not self.wanted(name):
+            return None
+        log(f"--- {name}")
+        graphs = counters["stats"]["unique_graphs"]
+        try:
+            row = {"case": name, **fn()}
+        except Exception:  # noqa: BLE001 - one failed case must not stop the others
+            log(f"{name} FAILED:\n{traceback.format_exc()}")
+            self.rows.append({"case": name, "failed": traceback.format_exc(limit=3)})
+            return None
+        row["graphs"] = counters["stats"]["unique_graphs"] - graphs
+        row["pct_matmul"] = 100 * row["tflops"] / self.rate if row.get("tflops") is not None else None
+        log(json.dumps({k: v for k, v in row.items() if k not in ("timings",)}, default=str))
+        self.rows.append(row)
+        self.save()
+        return row
+
+    def save(self) -> None:
+        summary = {"matmul_tflops": self.rate, "gpu_kind": self.kind, "device": torch.cuda.get_device_name(),
+                   "torch": torch.__version__, "compile_cache": cache_counts(), "rows": self.rows}
+        (self.args.out / "speed.json").write_text(json.dumps(summary, indent=1, default=str))
+
+    def table(self) -> None:
+        log(f"\n{'case':34} {'tokens':>8} {'s':>7} {'tok/s':>8} {'x ref':>6} {'bpb':>9} {'diff':>9} "
+            f"{'TFLOP/s':>7} {'%mm':>4} {'GiB':>6} {'warm s':>7} {'graphs':>6}")
+        for r in self.rows:
+            if "failed" in r:
+                log(f"{r['case']:34} FAILED (traceback above)")
+                continue
+            ref = f"{r['ref_s'] / r['s']:.2f}" if r.get("ref_s") else "-"
+            diff = f"{r['diff']:+.1e}" if r.get("diff") is not None else "-"
+            tf = f"{r['tflops']:.0f}" if r.get("tflops") is not None else "-"
+            pct = f"{r['pct_matmul']:.1f}" if r.get("pct_matmul") is not None else "-"
+            log(f"{r['case']:34} {r['tokens']:>8} {r['s']:>7.1f} {r['tokens'] / r['s']:>8.0f} {ref:>6} "
+                f"{r['bpb']:>9.6f} {diff:>9} {tf:>7} {pct:>4} {r['peak_gib']:>6.1f} {r['warmup_s']:>7.1f} "
+                f"{r['graphs']:>6}")
+        log(f"bf16 matmul rate {self.rate:.0f} TFLOP/s; GPU kind {self.kind}; compile cache {cache_counts()}")
+
+
+def chunked_cases(bench: Bench, shared: Path) -> None:
+    """The chunked family on the compat artifact (as bench_gpu.py runs it)."""
+    expected = json.loads((shared / "compat/expected.json").read_text())
+    gpu = expected["gpu_bf16"]
+    refs = reference_seconds(gpu, bench.kind) or {}
+    tokenizer = shared / "data/tokenizers/fineweb_8192_bpe.model"
+    data_dir = shared / "data/gutenberg_sp8192"
+    session = EvalSession.load(shared / "compat" / expected["artifact"], preset=expected["architecture"]["preset"],
+                               tokenizer=tokenizer)
+    t0 = time.perf_counter()
+    session.warmup(EvalConfig(), device="cuda", seq_lens=[2048])
+    log(f"chunked warm-up (default config) {time.perf_counter() - t0:.1f} s")
+
+    def run(name: str, val: Any, cfg: EvalConfig, ref_bpb: float | None) -> dict[str, Any]:
+        result = session.evaluate(val, tokenizer, cfg, device="cuda")
+        rc, s = result.config, result.timings["eval_s"]
+        return {"tokens": result.tokens_scored, "s": s, "ref_s": refs.get(name), "bpb": result.val_bpb,
+                "diff": None if ref_bpb is None else result.val_bpb - ref_bpb,
+                "tflops": flops_per_token(session.config, rc["seq_len"], rc["stride"], rc["ttt_epochs"])
+                * result.tokens_per_second / 1e12,
+                "peak_gib": peak_gib(result), "warmup_s": result.timings["warmup_s"], "timings": result.timings}
+
+    for case in gpu["cases"]:
+        if case["kind"] == "sliding":
+            cfg = EvalConfig(seq_len=case["seq_len"], stride=case["stride"], ttt_epochs=0)
+        else:
+            cfg = EvalConfig(seq_len=case["seq_len"], stride=case["stride"], ttt_epochs=case["epochs"],
+                             chunk_tokens=case["chunk_tokens"], ttt_lr=case["lr"], ttt_momentum=case["momentum"],
+                             batch_seqs=case["batch_seqs"])
+        bench.case(case_name(case), lambda cfg=cfg, case=case: run(case_name(case), data_dir, cfg, case["val_bpb"]))
+    name = "2M stream ttt 3/32K"
+    if bench.wanted(name):
+        stream_info = gpu["throughput_stream"]
+        val = open_shard(data_dir / "fineweb_val_000000.bin")
+        train = open_shard(data_dir / "fineweb_train_000000.bin")
+        stream = np.concatenate([np.asarray(val), np.asarray(train)])[: stream_info["tokens"] + 1]
+        folder = bench.args.out / "stream"
+        folder.mkdir(exist_ok=True)
+        write_shard(folder / "fineweb_val_000000.bin", stream)
+        stream_set = load_val(folder, session.config.vocab_size)
+        ref_bpb = gpu.get("reference_h200", {}).get("val_bpb", {}).get("throughput_stream_ttt_3_32768")
+        bench.case(name, lambda: run(name, stream_set, EvalConfig(), ref_bpb))
+
+
+def frontier_cases(bench: Bench, shared: Path, checkpoint: Path) -> None:
+    """The phased protocol at pr1855's defaults over the whole val shard: compiled first (the row that matters),
+    eager, and with CUDA graphs if asked; then the pr1855 compat cases (eager unless ``--compat-compiled``)."""
+    expected = json.loads((shared / "compat/pr1855/expected.json").read_text())
+    refs = expected.get(f"reference_{(bench.kind or '').lower()}", {})
+    tokenizer = shared / "data/tokenizers" / CASEOPS_TOKENIZER
+    session = EvalSession.load(checkpoint)
+    valset = load_val(shared / "data/gutenberg_caseops", session.config.vocab_size)
+
+    def run(cfg: EvalConfig, ref_bpb: float | None, ref_s: Any = None) -> dict[str, Any]:
+        result = session.evaluate(valset, tokenizer, cfg, device="cuda")
+        rc, s = result.config, result.timings["eval_s"]
+        if rc["protocol"] == "phased":
+            flops = phased_flops(session.config, valset.trimmed(rc["seq_len"], rc["max_tokens"]), rc,
+                                 result.schedule)
+        else:  # doc_masked: one forward per target
+            flops = result.tokens_scored * (len(session.config.layer_schedule()) * position_flops(session.config)
+                                            + 2.0 * session.config.model_dim * session.config.vocab_size)
+        if isinstance(ref_s, dict):
+            ref_s = ref_s.get("seconds")
+        return {"tokens": result.tokens_scored, "s": s, "ref_s": ref_s, "bpb": result.val_bpb,
+                "diff": None if ref_bpb is None else result.val_bpb - ref_bpb, "tflops": flops / s / 1e12,
+                "peak_gib": peak_gib(result), "warmup_s": result.timings["warmup_s"], "timings": result.timings,
+                "within_tol": None if ref_bpb is None else abs(result.val_bpb - ref_bpb) <= GPU_TOLERANCE}
+
+    full = EvalConfig(protocol="phased", precision="bf16")
+    # The first call compiles (its warm-up s); the second shows that a job after it compiles nothing (graphs 0).
+    bench.case("full val phased compiled first", lambda: run(replace(full, compile=True), None,
+                                                             refs.get("full_val_pr1855_defaults")))
+    compiled = bench.case("full val phased compiled", lambda: run(replace(full, compile=True), None,
+                                                                  refs.get("full_val_pr1855_defaults")))
+    eager = bench.case("full val phased eager", lambda: run(replace(full, compile=False), None,
+                                                            refs.get("full_val_pr1855_defaults")))
+    if compiled is not None and eager is not None:
+        compiled["diff"] = compiled["bpb"] - eager["bpb"]
+    if bench.args.phased_cuda_graphs:
+        session.phased_cuda_graphs = True
+        graphs = bench.case("full val phased compiled+cudagraphs",
+                            lambda: run(replace(full, compile=True), None, refs.get("full_val_pr1855_defaults")))
+        session.phased_cuda_graphs = False
+        if graphs is not None and eager is not None:
+            graphs["diff"] = graphs["bpb"] - eager["bpb"]
+    how = "compiled" if bench.args.compat_compiled else "eager"  # each case's shapes are graphs of their own
+    for case in expected["cpu_fp32"]["cases"]:
+        if case.get("role", "").startswith("diagnostic"):
+            continue
+        cfg = replace(case_config(case), compile=bench.args.compat_compiled)
+        bench.case(f"pr1855 {case['case']} {how}", lambda cfg=cfg, case=case: run(cfg, case["val_bpb"],
+                                                                                  refs.get(case["case"])))
+    if bench.args.profile:
+        try:
+            profile_phased(session, valset, tokenizer, bench.args.out)
+        except Exception:  # noqa: BLE001 - the table is what matters
+            log(f"profile FAILED:\n{traceback.format_exc()}")
+
+
+def profile_phased(session: EvalSession, valset: Any, tokenizer: Path, out: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = EvalConfig(protocol="phased", precision="bf16", compile=True, max_docs=128, phased_ttt_prefix_docs=64)
+    session.evaluate(valset, tokenizer, cfg, device="cuda")  # compiles what the profiled run needs
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        session.evaluate(valset, tokenizer, cfg, device="cuda")
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    (out / "profile_phased.txt").write_text(table)
+    log(table[:6000])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="pr1855.model.bin")
+    parser.add_argument("--frontier", type=Path, default=Path("../shared"),
+                        help="holds compat/pr1855/expected.json, data/gutenberg_caseops, data/tokenizers")
+    parser.add_argument("--chunked", type=Path, default=Path("../shared"),
+                        help="holds compat/expected.json and its artifact, data/gutenberg_sp8192, data/tokenizers")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--compile-cache", type=Path, default=None,
+                        help="torch.compile's on-disk caches (a second run with the same folder reuses them)")
+    parser.add_argument("--only", nargs="*", default=[], help="run only the cases whose names contain one of these")
+    parser.add_argument("--phased-cuda-graphs", action="store_true",
+                        help="one more row: the compiled phased step replayed as CUDA graphs")
+    parser.add_argument("--compat-compiled", action="store_true",
+                        help="the pr1855 compat cases compiled (each compiles its own shapes); default eager")
+    parser.add_argument("--no-chunked", action="store_true", help="the frontier family only")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.compile_cache is not None:
+        log(f"compile cache {use_compile_cache(args.compile_cache)}")
+    name = torch.cuda.get_device_name()
+    kind = gpu_kind(name)
+    rate = matmul_tflops(torch.device("cuda"))
+    log(f"device {name} ({kind}), torch {torch.__version__}, bf16 matmul {rate:.0f} TFLOP/s")
+    bench = Bench(args, rate, kind)
+    for family in ("frontier", "chunked"):
+        if family == "chunked" and args.no_chunked:
+            continue
+        try:
+            if family == "frontier":
+                frontier_cases(bench, args.frontier, args.checkpoint)
+            else:
+                chunked_cases(bench, args.chunked)
+        except Exception:  # noqa: BLE001 - a family that cannot load leaves the other's rows
+            log(f"{family} family FAILED:\n{traceback.format_exc()}")
+        bench.save()
+    bench.table()
+    bad = [r["case"] for r in bench.rows if "failed" in r or r.get("within_tol") is False]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

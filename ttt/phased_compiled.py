@@ -1,0 +1,152 @@
+"""The phased protocol's chunk step compiled: ``PhasedStep``, the fast twin ``score_batch`` takes as ``chunk_step``.
+
+The plain step is ``phased._per_token_loss``; this one runs the same function through ``torch.compile`` with
+fixed shapes. A chunk step's window width (the longest window of the step, at most ``ttt_eval_seq_len``) is
+rounded up to a power of two, at least ``SMALLEST_WIDTH`` (``bucket``), the extra columns zero ids to the
+right of every row: the model is causal, so the scored columns see exactly the inputs they saw. Rows are the
+adapter set's slots (the batch's documents): every batch but the queue's first has ``ttt_batch_size`` of
+them. One graph serves each (rows, width), forward and backward; a step without training runs the training
+graph too (its backward never runs), so no inference graph is compiled. A shape is compiled on dummy
+adapters, twice, so that real calls find it ready: by ``warm_up`` (``EvalSession`` warms every batch size of
+a job's queue before the job, and ``ttt_batch_size`` in ``EvalSession.warmup``), or else when first met. A
+shape that fails to compile runs the plain step from then on (``failed`` says why). The LoRA optimizer is the
+fused one on CUDA (the same formula). With ``cuda_graphs`` the graphs replay as CUDA graphs (Inductor's
+``reduce-overhead``): off unless measured.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import EvalConfig
+from .documents import find_documents, make_queue, select_documents
+from .lora import AdapterSet, lora_optimizer, shapes_for
+from .phased import _per_token_loss
+
+log = logging.getLogger(__name__)
+
+
+# The narrowest compiled width: the first few chunk steps of a batch are cheap, and each width is a graph to
+# compile (about a minute on an H200). Over gutenberg_caseops at pr1855's defaults, powers of two from 256 pad
+# the columns by 28% (from 1: 27%) with 4 graphs per batch size instead of 7.
+SMALLEST_WIDTH = 256
+
+
+def bucket(width: int, rotary_limit: int | None = None, smallest: int = 1) -> int:
+    """The compiled width of a step whose longest window has ``width`` columns: the next power of two, at least
+    ``smallest``. With ``rotary_limit`` (a model whose RoPE base grows past its train_seq_len) the padding never
+    crosses it, and a width beyond it is kept, so the rotary tables stay the plain step's."""
+    if rotary_limit is not None and width > rotary_limit:
+        return width
+    padded = max(1 << (width - 1).bit_length(), smallest)
+    return padded if rotary_limit is None else min(padded, rotary_limit)
+
+
+def step_widths(config: EvalConfig) -> list[int]:
+    """Every window width a batch of ``config`` (resolved) has: chunk step c's is min((c+1) size, window)."""
+    size, window = config.ttt_chunk_size, config.ttt_eval_seq_len
+    assert size is not None and window is not None
+    return sorted({min((c + 1) * size, window) for c in range(-(-window // size))})
+
+
+def batch_sizes(tokens: np.ndarray, config: EvalConfig) -> list[int]:
+    """The document counts of the batches ``run_phased`` makes of ``tokens`` with ``config`` (resolved)."""
+    docs = select_documents(find_documents(tokens), max_docs=config.max_docs, fraction=config.val_doc_fraction,
+                            seed=config.seed)
+    return sorted({len(b.docs) for b in make_queue(docs, config.ttt_batch_size)}, reverse=True)
+
+
+class PhasedStep:
+    """``__call__`` is ``_per_token_loss``'s signature and numbers; ``optimizer`` is ``lora_optimizer``'s."""
+
+    def __init__(self, *, cuda_graphs: bool = False, backend: str | Callable = "inductor",
+                 smallest_width: int = SMALLEST_WIDTH) -> None:
+        self.cuda_graphs, self.smallest_width = cuda_graphs, smallest_width
+        self.ready: set[tuple[Any, ...]] = set()
+        self.failed: dict[tuple[Any, ...], str] = {}  # shapes that would not compile: why (they run eagerly)
+        # A graph per (rows, bucket); a service sees a few chunk sizes and windows: 64 is plenty.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # backend: "aot_eager" traces and guards as Inductor's graphs do without generating code (the CPU tests).
+        mode = "reduce-overhead" if cuda_graphs else None
+        self.compiled = torch.compile(_per_token_loss, dynamic=False, backend=backend, mode=mode)
+
+    def optimizer(self, params: list[Tensor], **settings: Any) -> torch.optim.Optimizer:
+        return lora_optimizer(params, **settings, fused=params[0].is_cuda)
+
+    def __call__(self, model: torch.nn.Module, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
+                 precision: str) -> Tensor:
+        width = bucket(x.size(1), _rotary_limit(model), self.smallest_width)
+        key = self._key(model, x.size(0), width, positions.size(1), adapters, precision)
+        if key not in self.ready and key not in self.failed:
+            self._compile(key, model, x.size(0), width, positions.size(1), adapters, precision)
+        if key in self.failed:
+            return _per_token_loss(model, x, positions, y, adapters, precision)
+        return self._run(model, F.pad(x, (0, width - x.size(1))), positions, y, adapters, precision)
+
+    def warm_up(self, model: torch.nn.Module, config: EvalConfig, rows: int | None = None) -> None:
+        """Compile every shape a batch of ``rows`` documents (default ``ttt_batch_size``) of ``config``
+        (resolved) takes; weights unchanged."""
+        assert config.ttt_lora_rank is not None and config.precision is not None
+        shapes = shapes_for(model, config.ttt_lora_rank, k=config.ttt_k_lora, mlp=config.ttt_mlp_lora,
+                            o=config.ttt_o_lora)
+        rows = rows or config.ttt_batch_size
+        model.eval().requires_grad_(False)  # as run_phased runs it: graphs guard on it
+        device = next(model.parameters()).device
+        for width in step_widths(config):  # the plain step's too: no later plain job adds a table graphs read
+            model.cache_rotary(width, device)
+        a = [torch.zeros(rows, shapes.rank, shapes.model_dim) for _ in shapes.draws()]
+        adapters = AdapterSet(shapes, a, config.lora_scale, device)
+        for width in sorted({bucket(w, _rotary_limit(model), self.smallest_width) for w in step_widths(config)}):
+            key = self._key(model, rows, width, config.ttt_chunk_size, adapters, config.precision)
+            if key not in self.ready and key not in self.failed:
+                self._compile(key, model, rows, width, config.ttt_chunk_size, adapters, config.precision)
+
+    @staticmethod
+    def _key(model: torch.nn.Module, rows: int, width: int, size: int, adapters: AdapterSet,
+             precision: str) -> tuple[Any, ...]:
+        return (id(model), rows, width, size, adapters.shapes, adapters.scale, precision)
+
+    def _run(self, model: torch.nn.Module, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
+             precision: str) -> Tensor:
+        if self.cuda_graphs:
+            # A new step: the last replay's outputs (its losses, the gradients it made) are read no more.
+            torch.compiler.cudagraph_mark_step_begin()
+        if torch.is_grad_enabled():
+            return self.compiled(model, x, positions, y, adapters, precision)
+        with torch.enable_grad():  # the training graph, not one more graph for a step that does not train
+            return self.compiled(model, x, positions, y, adapters, precision).detach()
+
+    def _compile(self, key: tuple[Any, ...], model: torch.nn.Module, rows: int, width: int, size: int,
+                 adapters: AdapterSet, precision: str) -> None:
+        """Forward and backward on zero inputs and dummy adapters of the real ones' shapes, twice (a guard the
+        first call leaves behind, a cache filled on its way, fails on the second, which compiles for good)."""
+        device = next(model.parameters()).device
+        model.cache_rotary(width, device)  # eagerly, so no graph guards on the rotary cache
+        dummy = AdapterSet(adapters.shapes, [torch.zeros_like(a, device="cpu") for a in adapters.a], adapters.scale,
+                           device)
+        x = torch.zeros(rows, width, dtype=torch.long, device=device)
+        positions = torch.arange(width - size, width, device=device).expand(rows, size)
+        y = torch.zeros(rows, size, dtype=torch.long, device=device)
+        try:
+            for _ in range(2):
+                with torch.enable_grad():
+                    self._run(model, x, positions, y, dummy, precision).sum().backward()
+                for t in dummy.parameters():  # as score_batch does: a replay's gradients are never read later
+                    t.grad = None
+        except Exception as exc:  # noqa: BLE001 - any compile failure: this shape runs the plain step
+            log.warning("phased step %s does not compile, it runs eagerly: %s", key[1:4], exc)
+            self.failed[key] = f"{type(exc).__name__}: {exc}"
+            return
+        self.ready.add(key)
+
+
+def _rotary_limit(model: torch.nn.Module) -> int | None:
+    config = model.config
+    return config.train_seq_len if config.rope_yarn else None
