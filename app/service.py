@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from pgttt.api.units import UnitsError, UnitSums
+
 from . import engine_bridge as bridge
 from .catalog import Catalog
 from .errors import ApiError, invalid_field, not_found
@@ -28,7 +30,7 @@ from .metrics import Metrics
 from .registrar import Registrar
 from .schemas import EvalRequest
 from .settings import Settings
-from .store import JobRecord, JobStore, StorageError, lock_state_dir, new_job_id, utc_now
+from .store import JobRecord, JobStore, StorageError, StoreError, lock_state_dir, new_job_id, utc_now
 from .workers import GANG_GRACE_S, RunOrder, Worker, WorkerPool
 
 log = logging.getLogger("pgttt.app")
@@ -334,7 +336,7 @@ class Service:
         elif op == "progress" and job_id in self.live:
             self._progress(job_id, report["progress"])
         elif op == "done" and report.get("rank", 0) == 0:
-            self._finish(job_id, "succeeded", result=report["result"])
+            self._finish(job_id, "succeeded", result=self._keep_units(job_id, report["result"]))
         elif op == "failed":
             self._finish(job_id, "failed", error={"code": report["code"], "message": report["message"]})
         elif op == "cancelled":
@@ -342,6 +344,21 @@ class Service:
         elif op == "load_failed":
             log.error("worker %d (%s) could not load %s: %s", worker.index, worker.device, report["name"],
                       report["message"])
+
+    def _keep_units(self, job_id: str, result: dict[str, Any]) -> dict[str, Any]:
+        """The result's per-unit sums (a units file's bytes, from the worker) go to their own file; the JSON keeps
+        what they are and which job's file holds them (a cached job's are its source job's)."""
+        data = result.pop("units", None)
+        if data is None:
+            return result
+        try:
+            units = UnitSums.from_bytes(data, name=f"units of job {job_id}")
+            self.store.save_units(job_id, units)
+        except (UnitsError, StoreError) as exc:
+            log.error("job %s: its per-unit sums are not kept: %s", job_id, exc)
+            return result
+        return {**result, "units": {"kind": units.kind, "count": len(units), "identity": units.identity(),
+                                    "job": job_id}}
 
     def _on_exit(self, worker: Worker, job_id: str | None, reason: str) -> None:
         if job_id is not None:

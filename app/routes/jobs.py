@@ -1,7 +1,8 @@
-"""Evaluations: ``POST /eval`` and the ``/jobs`` resource (get, list, cancel, stream events)."""
+"""Evaluations: ``POST /eval`` and the ``/jobs`` resource (get, list, cancel, stream events, compare two)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -9,8 +10,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import StreamingResponse
 
+from pgttt.api.units import UnitsError
+from pgttt.client.compare import CONFIDENCE, MAX_RESAMPLES, RESAMPLES, TOP, CompareError, Side, compare
+
+from ..errors import ApiError
 from ..schemas import EvalRequest, Job, JobList, JobState, error_responses
-from ..service import job_to_api
+from ..service import Service, job_to_api
 from .deps import ServiceDep, require_key
 
 MAX_OFFSET = 2**63 - 1  # SQLite's integers are 64-bit: a larger OFFSET cannot even be asked
@@ -81,3 +86,50 @@ async def job_events(job_id: str, service: ServiceDep) -> StreamingResponse:
                 yield f"event: {event}\ndata: {json.dumps(job_to_api(job))}\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get(
+    "/jobs/{job_a}/compare/{job_b}",
+    responses={
+        200: {"description": "Δval_bpb = bpb(B) - bpb(A) with its paired bootstrap interval over the units both "
+                             "scored, the shares of units B improved and worsened, the largest contributors"},
+        **error_responses(401, 404, 409, 422),
+    },
+    summary="Compare two finished jobs unit by unit (same checkpoint, val set and units); 409 if one has not "
+            "succeeded, 422 if they cannot be paired",
+)
+async def compare_jobs(
+    job_a: str,
+    job_b: str,
+    service: ServiceDep,
+    resamples: Annotated[int, Query(ge=1, le=MAX_RESAMPLES)] = RESAMPLES,
+    confidence: Annotated[float, Query(gt=0, lt=1)] = CONFIDENCE,
+    seed: Annotated[int, Query(ge=0, le=2**32 - 1)] = 0,
+    top: Annotated[int, Query(ge=0, le=100)] = TOP,
+) -> dict:
+    a, b = side(service, job_a), side(service, job_b)
+    try:  # the bootstrap takes a second on 50k documents: off the event loop
+        result = await asyncio.to_thread(compare, a, b, resamples=resamples, confidence=confidence, seed=seed, top=top)
+    except CompareError as exc:
+        raise ApiError(422, "not_comparable", str(exc), {"field": exc.field, "a": exc.a, "b": exc.b}) from None
+    return result.to_dict()
+
+
+def side(service: Service, job_id: str) -> Side:
+    """A succeeded job's result and units, or the error saying why it has none to compare."""
+    job = service.get(job_id)
+    if job.state != "succeeded" or job.result is None:
+        raise ApiError(409, "job_not_succeeded", f"job {job_id} is {job.state}: only succeeded jobs can be compared",
+                       {"field": "job", "value": job_id, "state": job.state})
+    entry = job.result.get("units")
+    source = entry.get("job") if isinstance(entry, dict) else None
+    try:
+        units = service.store.load_units(source) if isinstance(source, str) else None
+    except (UnitsError, OSError) as exc:
+        raise ApiError(422, "invalid_units", f"job {job_id}: its units file is unreadable: {exc}",
+                       {"field": "units", "value": job_id}) from None
+    if units is None:
+        raise ApiError(409, "no_units", f"job {job_id} kept no per-unit sums (it ran before pgttt kept them, or they "
+                       "could not be written): run it again with force to compare it",
+                       {"field": "units", "value": job_id})
+    return Side.from_result(job_id, job.result, units, checkpoint=job.checkpoint)
