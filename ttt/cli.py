@@ -91,7 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="freeze parameters matching this fnmatch pattern (repeatable)")
     add_runtime_args(p)  # --device, --threads
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile (compiling is on for CUDA)")
-    p.add_argument("--json", action="store_true", help="print the whole result as JSON instead of one line")
+    p.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
+                   help="the whole result as JSON instead of one line: printed, or written to OUT.json with its "
+                        "per-unit sums beside it in OUT.units.npz (what `pgttt compare` reads)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar on stderr (there is none either when stderr is not a terminal)")
     p.set_defaults(func=run)
@@ -106,6 +108,17 @@ def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.no_compile:
         settings["compile"] = False
     return {k: v for k, v in settings.items() if v is not None and v != ()}
+
+
+def write_result(result: Any, path: Path) -> None:
+    """``OUT.json`` and, beside it, ``OUT.units.npz``; the JSON names the units file."""
+    from pgttt.client.compare import units_path
+
+    units = units_path(path)
+    result.units.save(units)
+    entry = {"file": units.name, "kind": result.units.kind, "count": len(result.units),
+             "identity": result.units.identity()}
+    path.write_text(json.dumps({**result.to_dict(), "units": entry}, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,8 +154,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
-    if not args.json:  # with --json they are in the result's "warnings"
+    if args.json not in (None, "-"):
+        write_result(result, Path(args.json))
+        print(result.summary())
+    else:
+        print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    if args.json != "-":  # printed as JSON, they are in the result's "warnings"
         for warning in result.warnings:
             print(f"pgttt eval: warning: {warning}", file=sys.stderr)
     return 0
