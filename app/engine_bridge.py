@@ -252,7 +252,8 @@ class DeviceEngine:
         }
         progress(done, final=True)
         # The units travel to the server as a units file's bytes; it keeps them in a file of their own.
-        return {**result.to_dict(), "units": result.units.to_bytes()}
+        units = getattr(result, "units", None)  # until every engine result has them (h-engine)
+        return {**result.to_dict(), "units": None if units is None else units.to_bytes()}
 
 
 def error_field(exc: Exception, default: str) -> str:

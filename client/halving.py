@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pgttt.app.client import ApiError, Client
+from pgttt.app.client import ApiError, Client, ServerUnreachable
 from pgttt.app.report import HALVING_FILE, INTERVALS_FILE, read_results
 from pgttt.app.sweep import Point, SweepError, SweepOutcome, SweepRunner
 
@@ -32,16 +32,21 @@ def paired_intervals(records: list[dict[str, Any]], client_for: Callable[[str], 
     for r in records:
         groups[(r["checkpoint"], r["dataset"])].append(r)
     out: dict[str, dict[str, Any]] = {}
+    gone: dict[str, str] = {}  # servers that stopped answering: not asked again
     for group in groups.values():
         best = min(group, key=lambda r: r["result"]["val_bpb"])
         for r in group:
             entry: dict[str, Any] = {"against": best["key"]}
             if r["server"] != best["server"]:
                 entry["problem"] = f"ran on {r['server']}, the best on {best['server']}"
+            elif r["server"] in gone:
+                entry["problem"] = gone[r["server"]]
             else:
                 try:
                     with client_for(r["server"]) as api:
                         c = api.compare(best["job_id"], r["job_id"], **params)
+                except ServerUnreachable as exc:
+                    entry["problem"] = gone[r["server"]] = str(exc)
                 except ApiError as exc:
                     entry["problem"] = exc.message
                 else:
