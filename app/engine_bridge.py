@@ -247,7 +247,8 @@ class DeviceEngine:
                              tokens_scored=result.tokens_scored, tokens_total=result.tokens_scored,
                              tokens_per_s=result.tokens_per_second, eta_s=0.0, running_bpb=result.val_bpb)
         progress(done, final=True)
-        return result.to_dict()
+        # The units travel to the server as a units file's bytes; it keeps them in a file of their own.
+        return {**result.to_dict(), "units": result.units.to_bytes()}
 
 
 def error_field(exc: Exception, default: str) -> str:

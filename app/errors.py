@@ -20,9 +20,12 @@ from pgttt.errors import PgtttError
 from .service_errors import (
     InvalidField,
     JobFinished,
+    JobNotSucceeded,
     NameTaken,
+    NotComparable,
     NotFound,
     NotReady,
+    NoUnits,
     NoWorkers,
     QueueFull,
     ServiceError,
@@ -74,6 +77,14 @@ def api_error(exc: ServiceError) -> ApiError:
             return ApiError(409, "checkpoint_exists", exc.message, exc.detail)
         case JobFinished():
             return ApiError(409, "job_finished", exc.message, exc.detail)
+        case JobNotSucceeded():
+            return ApiError(409, "job_not_succeeded", exc.message, exc.detail)
+        case NoUnits(unreadable=None):
+            return ApiError(409, "no_units", exc.message, exc.detail)
+        case NoUnits():
+            return ApiError(422, "invalid_units", exc.message, exc.detail)
+        case NotComparable():
+            return ApiError(422, "not_comparable", exc.message, exc.detail)
         case QueueFull():
             return ApiError(429, "queue_full", exc.message, exc.detail, headers=retry)
         case NotReady():

@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from pgttt.api.units import UnitsError, UnitSums
+
 from .messages import (
     JobCancelled,
     JobDone,
@@ -33,7 +35,7 @@ from .messages import (
 )
 from .metrics import Metrics
 from .service_errors import JobFinished, NotFound, QueueFull
-from .store import JobRecord, JobStore, StorageError, utc_now
+from .store import JobRecord, JobStore, StorageError, StoreError, utc_now
 from .workers import GANG_GRACE_S, Worker, WorkerPool
 
 log = logging.getLogger("pgttt.app")
@@ -236,7 +238,7 @@ class Scheduler:
             case ProgressReport(job_id, progress) if job_id in self.live:
                 self._progress(job_id, progress)
             case JobDone(job_id, rank=0, result=result):
-                self._finish(job_id, "succeeded", result=result)
+                self._finish(job_id, "succeeded", result=self._keep_units(job_id, result))
             case JobFailed(job_id, code=code, message=message):
                 self._finish(job_id, "failed", error={"code": code, "message": message})
             case JobCancelled(job_id):
@@ -245,6 +247,21 @@ class Scheduler:
                 log.info("worker %d (%s) loaded %s", worker.index, worker.device, name)
             case LoadFailed(name, message):
                 log.error("worker %d (%s) could not load %s: %s", worker.index, worker.device, name, message)
+
+    def _keep_units(self, job_id: str, result: dict[str, Any]) -> dict[str, Any]:
+        """The result's per-unit sums (a units file's bytes, from the worker) go to their own file; the JSON keeps
+        what they are and which job's file holds them (a cached job's are its source job's)."""
+        data = result.pop("units", None)
+        if data is None:
+            return result
+        try:
+            units = UnitSums.from_bytes(data, name=f"units of job {job_id}")
+            self.store.save_units(job_id, units)
+        except (UnitsError, StoreError) as exc:
+            log.error("job %s: its per-unit sums are not kept: %s", job_id, exc)
+            return result
+        return {**result, "units": {"kind": units.kind, "count": len(units), "identity": units.identity(),
+                                    "job": job_id}}
 
     def _on_exit(self, worker: Worker, job_id: str | None, reason: str) -> None:
         if job_id is not None:

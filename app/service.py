@@ -13,14 +13,16 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from pgttt.api.compare import CompareError, Comparison, Side, compare
 from pgttt.api.schemas import EvalRequest
+from pgttt.api.units import UnitsError
 
 from . import engine_bridge as bridge
 from .catalog import Catalog
 from .metrics import Metrics
 from .registrar import Registrar
 from .scheduler import STORE_RETRY_S, Scheduler, finite
-from .service_errors import InvalidField, NotFound, NotReady, NoWorkers
+from .service_errors import InvalidField, JobNotSucceeded, NotComparable, NotFound, NotReady, NoUnits, NoWorkers
 from .settings import Settings
 from .store import JobRecord, JobStore, lock_state_dir, new_job_id, utc_now
 
@@ -162,6 +164,29 @@ class Service:
 
     def cancel(self, job_id: str) -> JobRecord:
         return self.scheduler.cancel(job_id)
+
+    async def compare(self, job_a: str, job_b: str, **options: Any) -> Comparison:
+        """The paired comparison of two succeeded jobs' units (``options``: ``pgttt.api.compare.compare``'s)."""
+        a, b = self._side(job_a), self._side(job_b)
+        try:  # the bootstrap takes a second on 50k documents: off the event loop
+            return await asyncio.to_thread(compare, a, b, **options)
+        except CompareError as exc:
+            raise NotComparable(str(exc), exc.field, exc.a, exc.b) from None
+
+    def _side(self, job_id: str) -> Side:
+        """A succeeded job's result and units, or the refusal saying why it has none to compare."""
+        job = self.get(job_id)
+        if job.state != "succeeded" or job.result is None:
+            raise JobNotSucceeded(job_id, job.state)
+        entry = job.result.get("units")
+        source = entry.get("job") if isinstance(entry, dict) else None
+        try:
+            units = self.store.load_units(source) if isinstance(source, str) else None
+        except (UnitsError, OSError) as exc:
+            raise NoUnits(job_id, unreadable=str(exc)) from None
+        if units is None:
+            raise NoUnits(job_id)
+        return Side.from_result(job_id, job.result, units, checkpoint=job.checkpoint)
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         return await self.scheduler.wait(job_id, timeout)

@@ -61,3 +61,31 @@ class QueueFull(ServiceError):
 
     def __init__(self, queued: int) -> None:
         super().__init__(f"the queue is full ({queued} jobs waiting); retry later", {"queued": queued})
+
+
+class JobNotSucceeded(ServiceError):
+    """Only a succeeded job has a result to compare."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(f"job {job_id} is {state}: only succeeded jobs can be compared",
+                         {"field": "job", "value": job_id, "state": state})
+
+
+class NoUnits(ServiceError):
+    """A succeeded job that kept no per-unit sums (``unreadable``: its file is not a units file)."""
+
+    def __init__(self, job_id: str, unreadable: str | None = None) -> None:
+        if unreadable is None:
+            message = (f"job {job_id} kept no per-unit sums (it ran before pgttt kept them, or they could not be "
+                       "written): run it again with force to compare it")
+        else:
+            message = f"job {job_id}: its units file is unreadable: {unreadable}"
+        super().__init__(message, {"field": "units", "value": job_id})
+        self.unreadable = unreadable
+
+
+class NotComparable(ServiceError):
+    """Two jobs whose units cannot be paired; ``field`` says what differs."""
+
+    def __init__(self, message: str, field: str | None, a: Any, b: Any) -> None:
+        super().__init__(message, {"field": field, "a": a, "b": b})

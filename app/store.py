@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pgttt.api.schemas import ACTIVE_STATES, FINAL_STATES, JOB_STATES
+from pgttt.api.units import UnitSums
 from pgttt.errors import PgtttError
 
 STOPPED_REASON = "server stopped while the job was running"
@@ -268,6 +269,28 @@ class JobStore:
         if progress is not None:
             values["progress"] = progress
         return self._update(job_id, ACTIVE_STATES, **values)
+
+    # ---- per-unit sums: a binary file per job beside the database, never inside the JSON ----------------------
+    @property
+    def units_dir(self) -> Path:
+        return self.path.parent / "units"
+
+    def save_units(self, job_id: str, units: UnitSums) -> None:
+        """Write ``units/JOB.npz`` (to a temporary name first: a reader never sees half a file)."""
+        path = self.units_dir / f"{job_id}.npz"
+        tmp = path.with_suffix(".tmp")
+        try:
+            self.units_dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(units.to_bytes())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"units of job {job_id}: cannot write {path} ({exc})") from exc
+
+    def load_units(self, job_id: str) -> UnitSums | None:
+        """The units the job computed, None when it kept none; UnitsError for a file that is not a units file."""
+        path = self.units_dir / f"{job_id}.npz"
+        return UnitSums.load(path) if path.is_file() else None
 
     # ---- registered checkpoints -----------------------------------------------------------
     def register_checkpoint(self, reg: CheckpointSpec) -> None:

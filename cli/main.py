@@ -20,6 +20,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "pgttt.budget.cli": ("estimate",),
     "pgttt.app.cli": ("serve",),
     "pgttt.client.sweep_cli": ("sweep", "report"),
+    "pgttt.client.compare_cli": ("compare",),
     "pgttt.training.cli": ("train",),
 }
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from pgttt.api.compare import Comparison
 from pgttt.api.schemas import FINAL_STATES
 from pgttt.errors import PgtttError
 
@@ -338,6 +339,11 @@ class Client:
                     f"job {job_id} still {job.state} after {timeout_s:g} s", code="timeout", url=self.base_url
                 )
             self._sleep(poll_s)
+
+    def compare(self, job_a: str, job_b: str, **params: Any) -> Comparison:
+        """``GET /jobs/{a}/compare/{b}``: job B against job A unit by unit; ``params``: resamples, confidence,
+        seed, top (pgttt.api.compare). RequestError 409 if one has not succeeded, 422 if they cannot be paired."""
+        return Comparison.from_dict(self._json("GET", f"/jobs/{job_a}/compare/{job_b}", params=params))
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """``GET /checkpoints``: name, kind, sha256, parameters, config, fits_16mb, ... of each."""

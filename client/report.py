@@ -1,9 +1,11 @@
 """The report of a sweep: ``results.csv``, a Pareto plot (``pareto.png``) and a markdown summary (``report.md``).
 
 Input is a ``results.jsonl`` written by ``pgttt sweep`` (one finished evaluation per line: its request and the
-engine's result). The no-TTT baseline of a point is the mean val_bpb of the ``ttt_epochs=0`` points that share its
-checkpoint, dataset and the fields that change a sliding-window score (:data:`BASELINE_FIELDS`); a point's gain is
-baseline minus its val_bpb (positive: TTT helped). Plain Python and matplotlib (Agg): no torch.
+engine's result), and beside it, when the sweep wrote them, each point's paired interval against the best
+(``intervals.json``) and a halving sweep's rungs (``halving.json``). The no-TTT baseline of a point is the mean
+val_bpb of the ``ttt_epochs=0`` points that share its checkpoint, dataset and the fields that change a
+sliding-window score (:data:`BASELINE_FIELDS`); a point's gain is baseline minus its val_bpb
+(positive: TTT helped). Plain Python and matplotlib (Agg): no torch.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ def field_order(settings: type = EvalSettings) -> tuple[str, ...]:
 
 
 FIELD_ORDER = field_order()
-METRICS = ("val_bpb", "val_loss", "reference_s", "eval_s", "tokens_per_s", "projected_8gpu_s", "baseline_bpb",
-           "gain_bpb")
+METRICS = ("val_bpb", "val_loss", "delta_bpb", "delta_low", "delta_high", "reference_s", "eval_s", "tokens_per_s",
+           "projected_8gpu_s", "baseline_bpb", "gain_bpb")
+INTERVALS_FILE = "intervals.json"  # per key: delta, low, high against the best of its group (pgttt.client.halving)
+HALVING_FILE = "halving.json"
 # The times that can decide the budget, best first: the record's own script on 8xH100 as pgttt.budget predicts
 # it (the 600 s rule is about that), else pgttt's 8-GPU projection, else the seconds measured on the server.
 BUDGET_TIMES = ("reference_s", "projected_8gpu_s", "eval_s")
@@ -95,6 +99,9 @@ class Row:
     reference_s: float | None = None
     baseline_bpb: float | None = None
     gain_bpb: float | None = None
+    delta_bpb: float | None = None  # against the best of the group, with its paired interval
+    delta_low: float | None = None
+    delta_high: float | None = None
 
     @property
     def group(self) -> tuple[str, str]:
@@ -205,13 +212,54 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, *, budg
     if not records:
         raise ResultsError(f"{results}: no results yet")
     rows, columns = build_rows(records)
+    intervals = _read_json(results.parent / INTERVALS_FILE) or {}
+    for row in rows:
+        entry = intervals.get(row.key) or {}
+        row.delta_bpb, row.delta_low, row.delta_high = (_number(entry.get(k)) for k in ("delta", "low", "high"))
+    halving = _read_json(results.parent / HALVING_FILE)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path, md_path = out / "results.csv", out / "pareto.png", out / "report.md"
     _write_csv(csv_path, rows, columns)
     _plot(png_path, rows, columns, budget_s)
     text, summary = _markdown(rows, columns, budget_s, results, png_path.name)
+    if halving is not None:
+        text += _halving(halving)
+        summary += "\n" + str(halving.get("summary", ""))
     md_path.write_text(text)
     return Report(csv_path, png_path, md_path, summary)
+
+
+def _read_json(path: Path) -> Any:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ResultsError(f"{path}: cannot read: {exc}") from exc
+
+
+def _halving(halving: dict[str, Any]) -> str:
+    """The rungs of a halving sweep: each subset's points, their intervals against its best, who went on."""
+    lines = ["## Successive halving", "", f"{halving['summary']}.", ""]
+    for rung in halving["rungs"]:
+        if rung["size"] is None:
+            lines += [f"Full set: {rung['points']} point(s), {rung['token_evaluations']:,} token-evaluations "
+                      "(the tables above).", ""]
+            continue
+        lines += [f"### {halving['knob']}={rung['size']}: {rung['points']} point(s), "
+                  f"{rung['token_evaluations']:,} token-evaluations, {len(rung['kept'])} kept", "",
+                  "| setting | val_bpb | Δ vs best [interval] | kept |", "|---|---|---|---|"]
+        for r in rung["table"]:
+            interval = _interval(r.get("delta"), r.get("low"), r.get("high"))
+            lines.append(f"| {r['label']} | {r['val_bpb']:.4f} | {interval} | {'yes' if r['kept'] else ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _interval(delta: float | None, low: float | None, high: float | None) -> str:
+    if delta is None or low is None or high is None:
+        return ""
+    return f"{delta:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def _write_csv(path: Path, rows: list[Row], columns: list[str]) -> None:
@@ -267,6 +315,13 @@ def _plot(path: Path, rows: list[Row], columns: list[str], budget_s: float) -> N
             dots = ax.scatter([r.metric(time) for r in timed], [r.val_bpb for r in timed], s=22, alpha=0.6,
                               label=name)
             color = dots.get_facecolor()[0]
+            paired = [r for r in timed if r.delta_low is not None and r.delta_high is not None and r.delta_bpb]
+            if paired:  # the best of the group is the reference of every interval: it has none
+                below = [max(r.delta_bpb - r.delta_low, 0.0) for r in paired]
+                above = [max(r.delta_high - r.delta_bpb, 0.0) for r in paired]
+                ax.errorbar([r.metric(time) for r in paired], [r.val_bpb for r in paired], yerr=[below, above],
+                            fmt="none", ecolor=color, elinewidth=0.8, capsize=2, alpha=0.7,
+                            label="paired interval vs the best")
             front = pareto_front(timed, time)
             ax.plot([r.metric(time) for r in front], [r.val_bpb for r in front], "-o", color=color, ms=4, lw=1.2,
                     label="Pareto frontier")
@@ -305,7 +360,9 @@ def _markdown(
         "",
         f"{len(rows)} point(s) from `{source}`. Gain = no-TTT baseline val_bpb minus the point's val_bpb "
         "(positive: TTT helped); the baseline of a point is the `ttt_epochs=0` point(s) with the same checkpoint, "
-        f"dataset, {', '.join(BASELINE_FIELDS)}.",
+        f"dataset, {', '.join(BASELINE_FIELDS)}. Δ vs best: a point's val_bpb minus the best's of its group, with "
+        "the paired bootstrap interval over the units both scored (`pgttt compare`); an interval above 0: clearly "
+        "worse than the best.",
         "",
         f"![val_bpb against evaluation time]({png})",
         "",
@@ -350,9 +407,10 @@ def _fmt_gain(value: float | None) -> str:
 
 
 # Table columns for the numbers: (Row attribute, heading, format).
-_NUMBERS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+_NUMBERS: tuple[tuple[str, str, Callable[[Any], str] | None], ...] = (
     ("val_bpb", "val_bpb", lambda v: _fmt(v, 4)),
     ("gain_bpb", "gain", _fmt_gain),
+    ("delta_bpb", "Δ vs best [interval]", None),
     ("reference_s", "ref 8xH100 s", lambda v: _fmt(v, 1)),
     ("eval_s", "pgttt eval s", lambda v: _fmt(v, 1)),
     ("projected_8gpu_s", "8-GPU s", lambda v: _fmt(v, 1)),
@@ -366,7 +424,8 @@ def _table(rows: list[Row], fields: list[str]) -> list[str]:
     head = [*fields, *(title for _, title, _ in numbers), "key"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [_cell(r.fields.get(f)) for f in fields] + [fmt(r.metric(m)) for m, _, fmt in numbers]
+        cells = [_cell(r.fields.get(f)) for f in fields] + [
+            fmt(r.metric(m)) if fmt else _interval(r.delta_bpb, r.delta_low, r.delta_high) for m, _, fmt in numbers]
         out.append("| " + " | ".join([*cells, f"`{r.key}`"]) + " |")
     return out
 

@@ -6,11 +6,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pgttt.api.challenge import EVAL_BUDGET_S
-from pgttt.client.client import RetryPolicy
-from pgttt.client.report import Report, write_report
-from pgttt.client.sweep import SweepError, SweepRunner, load_sweep
+from pgttt.client.client import Client, RetryPolicy
+from pgttt.client.halving import paired_intervals, run_halving, subset_knob, write_intervals
+from pgttt.client.report import Report, read_results, write_report
+from pgttt.client.sweep import Point, SweepError, SweepRunner, load_sweep
 from pgttt.client.sweep_budget import describe, screen
 
 
@@ -40,6 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="the time budget: points predicted over it (the reference on 8xH100) are marked")
     sweep.add_argument("--skip-over-budget", action="store_true",
                        help="do not run points the reference is predicted to take longer than --budget-s for")
+    sweep.add_argument("--halving", action="store_true",
+                       help="successive halving: every point on a subset of the val set, the best 1/F by their "
+                            "paired intervals go on to a subset F times larger, until the full set (docs/sweeps.md)")
+    sweep.add_argument("--halving-start", type=int, metavar="N",
+                       help="the first subset: max_tokens (max_docs for the phased protocol); default the full "
+                            "set's tokens over F squared")
+    sweep.add_argument("--halving-factor", type=float, default=3.0, metavar="F",
+                       help="how much each subset grows, and 1/F the share kept (default 3)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(func=_sweep)
 
@@ -69,20 +79,26 @@ def _sweep(args: argparse.Namespace) -> int:
         points = [s.point for s in screened if not s.over]
         if not points:
             raise SweepError(f"every point of {args.spec} is predicted over {args.budget_s:g} s on 8xH100")
-    runner = SweepRunner(
-        args.server,
-        args.out,
-        concurrency=args.concurrency,
-        api_key=args.api_key or os.environ.get("PGTTT_API_KEY"),
-        retry=RetryPolicy(attempts=args.retries),
-        poll_s=args.poll_s,
-        ready_timeout_s=args.ready_timeout_s,
-        max_attempts=args.max_attempts,
-        force=spec.force,
-        progress=not args.quiet,
-    )
+    api_key = args.api_key or os.environ.get("PGTTT_API_KEY")
+    retry = RetryPolicy(attempts=args.retries)
+
+    def make_runner(out: Path) -> SweepRunner:
+        return SweepRunner(args.server, out, concurrency=args.concurrency, api_key=api_key, retry=retry,
+                           poll_s=args.poll_s, ready_timeout_s=args.ready_timeout_s, max_attempts=args.max_attempts,
+                           force=spec.force, progress=not args.quiet)
+
+    def client_for(url: str) -> Client:
+        return Client(url, api_key=api_key, retry=retry)
+
+    runner = make_runner(args.out)
     print(f"{len(points)} point(s) in {args.spec}; results in {runner.results.path}", file=sys.stderr)
-    outcome = runner.run(points)
+    if args.halving:
+        halving = run_halving(points, args.out, make_runner, client_for, factor=args.halving_factor,
+                              **halving_start(points, args, client_for))
+        print(halving.summary(), file=sys.stderr)
+        outcome = halving.outcome
+    else:
+        outcome = runner.run(points)
     if outcome.already:
         print(f"{outcome.already} point(s) were already in {runner.results.path}", file=sys.stderr)
     for server, why in outcome.dead.items():
@@ -95,8 +111,26 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"failed: {point.checkpoint} {point.dataset} {point.label()}: {why}", file=sys.stderr)
     print(f"{outcome.done} point(s) evaluated, {len(outcome.failed)} failed", file=sys.stderr)
     if runner.results.path.exists() and runner.results.keys():
+        records = [r for r in read_results(runner.results.path) if r["key"] in {p.key for p in points}]
+        write_intervals(args.out, paired_intervals(records, client_for))
         _print_report(write_report(runner.results.path, args.out, budget_s=args.budget_s))
     return 1 if outcome.failed else 0
+
+
+def halving_start(points: list[Point], args: argparse.Namespace, client_for: Any) -> dict[str, int | None]:
+    """The first subset and the full set's size: the spec's own, else the dataset's tokens from the server;
+    documents are counted by the rungs themselves."""
+    knob = subset_knob(points)
+    full = points[0].fields.get(knob)
+    if full is None and knob == "max_tokens":
+        with client_for(args.server[0]) as api:
+            full = next((d["val_tokens"] for d in api.datasets() if d["name"] == points[0].dataset), None)
+    start = args.halving_start
+    if start is None:
+        if full is None:
+            raise SweepError("--halving-start: give the first subset's documents (the phased protocol's max_docs)")
+        start = max(1, int(full / args.halving_factor**2))
+    return {"start": start, "full": full}
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -64,7 +64,9 @@ def register(subparsers: argparse._SubParsersAction, settings: type = EvalSettin
                         "or one shard")
     add_setting_flags(p, settings)
     add_runtime_args(p)  # --device, --threads
-    p.add_argument("--json", action="store_true", help="print the whole result as JSON instead of one line")
+    p.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
+                   help="the whole result as JSON instead of one line: printed, or written to OUT.json with its "
+                        "per-unit sums beside it in OUT.units.npz (what `pgttt compare` reads)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar on stderr (there is none either when stderr is not a terminal)")
     p.set_defaults(func=run)
@@ -74,6 +76,17 @@ def eval_settings(args: argparse.Namespace, settings: type = EvalSettings) -> di
     """The EvalConfig fields the command line gave."""
     given = {k.name: getattr(args, k.name) for k in knobs(settings)}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None and v != []}
+
+
+def write_result(result: Any, path: Path) -> None:
+    """``OUT.json`` and, beside it, ``OUT.units.npz``; the JSON names the units file."""
+    from pgttt.api.compare import units_path
+
+    units = units_path(path)
+    result.units.save(units)
+    entry = {"file": units.name, "kind": result.units.kind, "count": len(result.units),
+             "identity": result.units.identity()}
+    path.write_text(json.dumps({**result.to_dict(), "units": entry}, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,8 +122,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
-    if not args.json:  # with --json they are in the result's "warnings"
+    if args.json not in (None, "-"):
+        write_result(result, Path(args.json))
+        print(result.summary())
+    else:
+        print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    if args.json != "-":  # printed as JSON, they are in the result's "warnings"
         for warning in result.warnings:
             print(f"pgttt eval: warning: {warning}", file=sys.stderr)
     return 0

@@ -1,4 +1,4 @@
-"""Evaluations: ``POST /eval`` and the ``/jobs`` resource (get, list, cancel, stream events)."""
+"""Evaluations: ``POST /eval`` and the ``/jobs`` resource (get, list, cancel, stream events, compare two)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import StreamingResponse
 
+from pgttt.api.compare import CONFIDENCE, MAX_RESAMPLES, RESAMPLES, TOP
 from pgttt.api.schemas import EvalRequest, Job, JobList, JobState, error_responses
 
 from ..service import job_to_api
@@ -82,3 +83,26 @@ async def job_events(job_id: str, service: ServiceDep) -> StreamingResponse:
                 yield f"event: {event}\ndata: {json.dumps(job_to_api(job))}\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get(
+    "/jobs/{job_a}/compare/{job_b}",
+    responses={
+        200: {"description": "Δval_bpb = bpb(B) - bpb(A) with its paired bootstrap interval over the units both "
+                             "scored, the shares of units B improved and worsened, the largest contributors"},
+        **error_responses(401, 404, 409, 422),
+    },
+    summary="Compare two finished jobs unit by unit (same checkpoint, val set and units); 409 if one has not "
+            "succeeded, 422 if they cannot be paired",
+)
+async def compare_jobs(
+    job_a: str,
+    job_b: str,
+    service: ServiceDep,
+    resamples: Annotated[int, Query(ge=1, le=MAX_RESAMPLES)] = RESAMPLES,
+    confidence: Annotated[float, Query(gt=0, lt=1)] = CONFIDENCE,
+    seed: Annotated[int, Query(ge=0, le=2**32 - 1)] = 0,
+    top: Annotated[int, Query(ge=0, le=100)] = TOP,
+) -> dict:
+    comparison = await service.compare(job_a, job_b, resamples=resamples, confidence=confidence, seed=seed, top=top)
+    return comparison.to_dict()

@@ -1,0 +1,184 @@
+"""Successive halving over a sweep's points, and the paired intervals of a sweep's points against its best.
+
+Halving (``pgttt sweep --halving``): every point runs on a subset of the val set (its first ``start`` tokens, or
+documents for the phased protocol), the best ``1/factor`` of them by their paired intervals against the rung's
+best go on (ranked by the interval's optimistic end: a point that may still be the best stays), the subset grows
+``factor``-fold, until the survivors run on the full set. That last rung runs the spec's own points, so its
+results are what the full grid has for them. The cost is counted in token-evaluations (tokens scored, summed
+over every job) against the full grid's (every point on the full set).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgttt.client.client import Client, RequestError, ServerUnreachable
+from pgttt.client.report import HALVING_FILE, INTERVALS_FILE, read_results
+from pgttt.client.sweep import Point, SweepError, SweepOutcome, SweepRunner
+
+
+# ---- paired intervals against the best -----------------------------------------------------------------------
+def paired_intervals(records: list[dict[str, Any]], client_for: Callable[[str], Client],
+                     **params: Any) -> dict[str, dict[str, Any]]:
+    """Per record key: ``delta``, ``low``, ``high`` of its val_bpb minus the best of its (checkpoint, dataset)
+    group, from the server that ran both (``GET /jobs/{best}/compare/{it}``), or ``problem`` saying why none."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["checkpoint"], r["dataset"])].append(r)
+    out: dict[str, dict[str, Any]] = {}
+    gone: dict[str, str] = {}  # servers that stopped answering: not asked again
+    for group in groups.values():
+        best = min(group, key=lambda r: r["result"]["val_bpb"])
+        for r in group:
+            entry: dict[str, Any] = {"against": best["key"]}
+            if r["server"] != best["server"]:
+                entry["problem"] = f"ran on {r['server']}, the best on {best['server']}"
+            elif r["server"] in gone:
+                entry["problem"] = gone[r["server"]]
+            else:
+                try:
+                    with client_for(r["server"]) as api:
+                        c = api.compare(best["job_id"], r["job_id"], **params)
+                except ServerUnreachable as exc:
+                    entry["problem"] = gone[r["server"]] = str(exc)
+                except RequestError as exc:
+                    entry["problem"] = exc.message
+                else:
+                    entry.update(delta=c.delta_bpb, low=c.low, high=c.high, confidence=c.confidence)
+            out[r["key"]] = entry
+    return out
+
+
+def write_intervals(out_dir: Path, intervals: dict[str, dict[str, Any]]) -> Path:
+    path = out_dir / INTERVALS_FILE
+    path.write_text(json.dumps(intervals, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    return path
+
+
+# ---- successive halving --------------------------------------------------------------------------------------
+@dataclass
+class Rung:
+    size: int | None  # tokens or documents of the subset; None: the full set
+    points: int
+    kept: list[str]  # keys of the spec's points that went on
+    token_evaluations: int
+    table: list[dict[str, Any]] = field(default_factory=list)  # per point: label, val_bpb, interval, kept
+
+
+@dataclass
+class Halving:
+    knob: str
+    factor: float
+    rungs: list[Rung]
+    token_evaluations: int
+    full_grid_token_evaluations: int
+    outcome: SweepOutcome
+
+    def summary(self) -> str:
+        used, full = self.token_evaluations, self.full_grid_token_evaluations
+        sizes = " -> ".join("full" if r.size is None else f"{r.size}" for r in self.rungs)
+        return (f"successive halving over {self.knob} {sizes}: {' -> '.join(str(r.points) for r in self.rungs)} "
+                f"point(s); {used:,} token-evaluations, the full grid {full:,} ({used / full:.0%} of it)")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["outcome"]
+        return {**data, "summary": self.summary()}
+
+
+def subset_knob(points: list[Point]) -> str:
+    """max_docs for the phased protocol, max_tokens otherwise; one of them for every point."""
+    kinds = {p.fields.get("protocol") == "phased" for p in points}
+    if len(kinds) > 1:
+        raise SweepError("--halving: the spec mixes the phased protocol with others; their subsets differ "
+                         "(documents, tokens): halve them in separate sweeps")
+    return "max_docs" if kinds == {True} else "max_tokens"
+
+
+def rung_sizes(start: int, factor: float, full: int | None) -> list[int]:
+    """The subsets before the full set: start, start*factor, ... below ``full`` (at most 20 when it is unknown)."""
+    if start < 1:
+        raise SweepError(f"--halving-start {start}: must be at least 1")
+    if not factor > 1:
+        raise SweepError(f"--halving-factor {factor}: must be more than 1")
+    sizes, size = [], start
+    while (full is None or size < full) and len(sizes) < 20:
+        sizes.append(size)
+        size = math.ceil(size * factor)
+    return sizes
+
+
+def run_halving(points: list[Point], out_dir: Path, make_runner: Callable[[Path], SweepRunner],
+                client_for: Callable[[str], Client], *, start: int, factor: float = 3.0,
+                full: int | None = None, **compare_params: Any) -> Halving:
+    """Run the rungs (each resumable in ``OUT/rungs/KNOB-SIZE/``), then the survivors' own points in ``OUT``."""
+    knob = subset_knob(points)
+    fixed = {json.dumps(p.fields.get(knob)) for p in points}
+    if len(fixed) > 1:
+        raise SweepError(f"--halving: the points set {knob} to different values; the full set must be one")
+    spec_size = points[0].fields.get(knob)
+    full = spec_size if spec_size is not None else full
+    alive, rungs = list(points), []
+    for size in rung_sizes(start, factor, full):
+        if len(alive) == 1:
+            break
+        subset = {Point.make(p.checkpoint, p.dataset, {**p.fields, knob: size}).key: p for p in alive}
+        rung_points = [Point.make(p.checkpoint, p.dataset, {**p.fields, knob: size}) for p in alive]
+        runner = make_runner(out_dir / "rungs" / f"{knob}-{size}")
+        runner.run(rung_points)
+        records = [r for r in read_results(runner.results.path) if r["key"] in subset]
+        intervals = paired_intervals(records, client_for, **compare_params)
+        kept = _keep(records, intervals, math.ceil(len(alive) / factor))
+        rungs.append(Rung(size, len(alive), [subset[k].key for k in kept], _token_evals(records),
+                          _table(records, intervals, kept, subset)))
+        alive = [subset[k] for k in kept]
+        if knob == "max_docs" and records and all(_units(r) < size for r in records):
+            break  # the subset already held every document: the next rung is the full set
+    runner = make_runner(out_dir)
+    outcome = runner.run(alive)
+    final = [r for r in read_results(runner.results.path) if r["key"] in {p.key for p in alive}]
+    full_tokens = max((r["result"].get("tokens_scored", 0) for r in final), default=0)
+    rungs.append(Rung(None, len(alive), [r["key"] for r in final], _token_evals(final)))
+    used = sum(r.token_evaluations for r in rungs)
+    halving = Halving(knob, factor, rungs, used, full_tokens * len(points), outcome)
+    (out_dir / HALVING_FILE).write_text(json.dumps(halving.to_dict(), indent=1, allow_nan=False) + "\n")
+    return halving
+
+
+def _keep(records: list[dict[str, Any]], intervals: dict[str, dict[str, Any]], n: int) -> list[str]:
+    """The ``n`` keys whose val_bpb may be lowest: ranked by the best's val_bpb plus the interval's low end (a
+    point without an interval by its own val_bpb). Points tied with the last one kept go on too: a rung that
+    scores them alike (a subset of one chunk, before any training) has not told them apart."""
+    bpb = {r["key"]: r["result"]["val_bpb"] for r in records}
+
+    def optimistic(key: str) -> tuple[float, float]:
+        i = intervals.get(key, {})
+        return (bpb[i["against"]] + i["low"] if "low" in i else bpb[key]), bpb[key]
+
+    ranked = sorted(bpb, key=optimistic)
+    n = max(1, n)
+    return [k for i, k in enumerate(ranked) if i < n or optimistic(k) == optimistic(ranked[n - 1])]
+
+
+def _table(records: list[dict[str, Any]], intervals: dict[str, dict[str, Any]], kept: list[str],
+           subset: dict[str, Point]) -> list[dict[str, Any]]:
+    rows = []
+    for r in sorted(records, key=lambda r: r["result"]["val_bpb"]):
+        i = intervals.get(r["key"], {})
+        rows.append({"key": subset[r["key"]].key, "label": subset[r["key"]].label(), "val_bpb": r["result"]["val_bpb"],
+                     **{k: i[k] for k in ("delta", "low", "high", "problem") if k in i}, "kept": r["key"] in kept})
+    return rows
+
+
+def _token_evals(records: list[dict[str, Any]]) -> int:
+    return sum(int(r["result"].get("tokens_scored") or 0) for r in records)
+
+
+def _units(record: dict[str, Any]) -> int:
+    return int((record["result"].get("units") or {}).get("count") or 0)

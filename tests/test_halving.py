@@ -1,0 +1,153 @@
+"""Successive halving (pgttt.client.halving) against an in-process fake of the HTTP API whose jobs score synthetic
+documents and whose compare endpoint is the real one's computation: the same best point as the full grid for fewer
+token-evaluations, rungs that grow and shrink as documented, a resumable run, and the report's account of it.
+The real server and the demo checkpoint: test_compare_e2e.py."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import httpx
+import numpy as np
+import pytest
+
+from pgttt.api.compare import CompareError, Side, compare
+from pgttt.api.units import UnitSums
+from pgttt.client.client import Client, RetryPolicy
+from pgttt.client.halving import _keep, run_halving, rung_sizes, subset_knob
+from pgttt.client.report import write_report
+from pgttt.client.sweep import Point, SweepError, SweepRunner, parse_spec
+
+URL = "http://fake:1"
+LRS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3]
+DOC_TOKENS = np.random.default_rng(0).integers(40, 200, 400)  # the val set's documents, 400 of them
+DOC_HARDNESS = np.random.default_rng(1).normal(0, 0.3, 400)  # shared by every setting: what pairing cancels
+
+
+def quality(lr: float) -> float:
+    """Loss per token of a setting: lowest at lr 0.005, by a margin small against the documents' spread."""
+    return 2.0 + 0.02 * (math.log10(lr) - math.log10(0.005)) ** 2
+
+
+class FakeApi:
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict] = {}
+        self.units: dict[str, UnitSums] = {}
+        self.submitted: list[dict] = []
+        self._ids = itertools.count()
+
+    def evaluate(self, request: dict) -> tuple[dict, UnitSums]:
+        ends = np.cumsum(DOC_TOKENS)
+        limit = request.get("max_tokens") or int(ends[-1])
+        n = max(1, int(np.searchsorted(ends, limit, side="right")))
+        tokens = DOC_TOKENS[:n]
+        noise = np.random.default_rng(hash(json.dumps(request, sort_keys=True)) % 2**32).normal(0, 0.002, n)
+        loss = tokens * (quality(request["ttt_lr"]) + DOC_HARDNESS[:n] + noise)
+        units = UnitSums("document", np.cumsum(tokens) - tokens, tokens, 4 * tokens, loss)
+        bpb = units.total[0] / math.log(2) / units.total[2]
+        result = {"val_bpb": bpb, "val_loss": bpb, "tokens_scored": int(tokens.sum()), "config": request,
+                  "identity": {"checkpoint_sha256": "c" * 64, "val_fingerprint": "f" * 64},
+                  "timings": {"eval_s": 0.001 * tokens.sum()}}
+        return result, units
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/readyz":
+            return httpx.Response(200, json={"ready": True, "workers": []})
+        if path == "/checkpoints/demo":
+            return httpx.Response(200, json={"name": "demo", "sha256": "c" * 64})
+        if path == "/datasets":
+            return httpx.Response(200, json={"datasets": [{"name": "demo", "fingerprint": "f",
+                                                           "val_tokens": int(DOC_TOKENS.sum())}]})
+        if request.method == "POST" and path == "/eval":
+            body = json.loads(request.content)
+            self.submitted.append(body)
+            fields = {k: v for k, v in body.items() if k not in ("checkpoint", "dataset", "gpus", "force")}
+            job_id = f"j{next(self._ids)}"
+            result, self.units[job_id] = self.evaluate(fields)
+            self.jobs[job_id] = {"id": job_id, "state": "succeeded", "cached": False, "checkpoint": "demo",
+                                 "dataset": "demo", "request": fields, "result": result, "error": None}
+            return httpx.Response(202, json=self.jobs[job_id])
+        parts = path.split("/")
+        if len(parts) == 5 and parts[3] == "compare":
+            a, b = (Side.from_result(j, self.jobs[j]["result"], self.units[j]) for j in (parts[2], parts[4]))
+            try:
+                return httpx.Response(200, json=compare(a, b, **{k: float(v) if k == "confidence" else int(v)
+                                                                   for k, v in request.url.params.items()}).to_dict())
+            except CompareError as exc:
+                return httpx.Response(422, json={"error": {"code": "not_comparable", "message": str(exc)}})
+        return httpx.Response(200, json=self.jobs[parts[2]])
+
+
+def client_for(api: FakeApi):
+    def make(url: str) -> Client:
+        return Client(url, transport=httpx.MockTransport(api.handle), retry=RetryPolicy(attempts=2),
+                      sleep=lambda s: None)
+    return make
+
+
+def grid(**fixed) -> list[Point]:
+    return parse_spec({"checkpoint": "demo", "dataset": "demo", "fixed": fixed, "grid": {"ttt_lr": LRS}}).expand()
+
+
+def runners(api: FakeApi):
+    return lambda out: SweepRunner([URL], out, poll_s=0.001, progress=False, client_factory=client_for(api))
+
+
+def test_halving_finds_the_full_grids_best_for_fewer_token_evaluations(tmp_path):
+    full_api, points = FakeApi(), grid()
+    runners(full_api)(tmp_path / "grid").run(points)
+    full = [j["result"] for j in full_api.jobs.values()]
+    best_full = min(full, key=lambda r: r["val_bpb"])["config"]["ttt_lr"]
+    full_cost = sum(r["tokens_scored"] for r in full)
+
+    api = FakeApi()
+    halving = run_halving(points, tmp_path / "out", runners(api), client_for(api), start=2000, factor=3,
+                          full=int(DOC_TOKENS.sum()))
+    sizes = [r.size for r in halving.rungs]
+    assert sizes == [2000, 6000, None] and [r.points for r in halving.rungs] == [9, 3, 1]  # one left: the full set
+    final = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[0])
+    assert final["request"]["ttt_lr"] == best_full and "max_tokens" not in final["request"]
+    assert final["key"] == next(p.key for p in points if p.fields["ttt_lr"] == best_full)  # the grid's own point
+    assert halving.full_grid_token_evaluations == full_cost
+    assert halving.token_evaluations == sum(j["result"]["tokens_scored"] for j in api.jobs.values()) < full_cost / 2
+    kept = halving.rungs[0].table
+    assert [r["kept"] for r in kept].count(True) == 3 and kept[0]["low"] == kept[0]["high"] == 0.0
+    assert all(r["low"] > 0 for r in kept[3:])  # what was dropped was clearly worse than the rung's best
+
+    submitted = len(api.submitted)
+    rerun = run_halving(points, tmp_path / "out", runners(api), client_for(api), start=2000, factor=3,
+                        full=int(DOC_TOKENS.sum()))
+    assert len(api.submitted) == submitted and rerun.to_dict() == halving.to_dict()  # resumed from the files
+
+    report = write_report(tmp_path / "out" / "results.jsonl")
+    text = report.markdown.read_text()
+    assert halving.summary() in text and f"{halving.token_evaluations:,} token-evaluations" in report.summary
+    assert "### max_tokens=2000: 9 point(s)" in text
+
+
+def test_rungs_and_the_subset_knob():
+    assert rung_sizes(100, 3, 1000) == [100, 300, 900] and rung_sizes(100, 2.5, 250) == [100]
+    assert len(rung_sizes(1, 2, None)) == 20
+    with pytest.raises(SweepError, match="--halving-factor 1"):
+        rung_sizes(100, 1, 1000)
+    with pytest.raises(SweepError, match="--halving-start 0"):
+        rung_sizes(0, 3, 1000)
+    assert subset_knob(grid()) == "max_tokens" and subset_knob(grid(protocol="phased")) == "max_docs"
+    mixed = parse_spec({"checkpoint": "demo", "dataset": "demo", "grid": {"protocol": ["phased", "chunked"]}})
+    with pytest.raises(SweepError, match="mixes the phased protocol"):
+        subset_knob(mixed.expand())
+
+
+def test_points_a_rung_scores_alike_all_go_on():
+    # A subset of one chunk is scored before any training: every learning rate gets the same number.
+    records = [{"key": k, "result": {"val_bpb": 2.0}} for k in "abcdef"]
+    intervals = {k: {"against": "a", "delta": 0.0, "low": 0.0, "high": 0.0} for k in "bcdef"}
+    assert _keep(records, intervals, 2) == list("abcdef")
+    records[3]["result"]["val_bpb"] = 1.9  # d is better: kept first, then the n-th's ties
+    intervals = {k: {"against": "d", "delta": 0.1, "low": 0.05, "high": 0.15} for k in "abcef"}
+    assert _keep(records, intervals, 2) == ["d", "a", "b", "c", "e", "f"]
+    intervals["b"] = {"against": "d", "delta": 0.1, "low": 0.01, "high": 0.2}
+    assert _keep(records, intervals, 2) == ["d", "b"]
