@@ -10,11 +10,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from app_helpers import DEMO, LONG, QUICK, wait_for, wait_job, wait_ready, write_model_bin, write_ptz
 from fastapi.testclient import TestClient
 
 from pgttt.app.main import create_app
 from pgttt.app.settings import Settings
+from tests.helpers.app import DEMO, LONG, QUICK, wait_for, wait_job, wait_ready, write_model_bin, write_ptz
 
 OUTSIDE = "outside.bin"
 
@@ -344,7 +344,7 @@ def test_non_finite_numbers_are_null_in_json():
 
 
 def test_workers_that_cannot_start_are_retried_then_marked_failed(tmp_path):
-    from app_helpers import EngineThatCannotStart
+    from tests.helpers.app import EngineThatCannotStart
 
     settings = Settings(checkpoint_dirs=[DEMO], data_dirs=[DEMO], state_dir=tmp_path, devices=["cpu"])
     app = create_app(settings, engine_factory=EngineThatCannotStart)

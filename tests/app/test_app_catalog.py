@@ -7,13 +7,13 @@ import json
 import shutil
 
 import pytest
-from app_helpers import DEMO, write_model_bin, write_ptz
-from ttt_helpers import write_shard
 
 from pgttt.app.catalog import Catalog, PathError, safe_path
 from pgttt.app.cli import settings_from_args
 from pgttt.app.settings import Settings, SettingsError
 from pgttt.main import build_parser, main
+from tests.helpers.app import DEMO, write_model_bin, write_ptz
+from tests.helpers.ttt import write_shard
 
 TOKENIZER = next(DEMO.glob("*.model"))
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import sqlite3
 
-from app_helpers import DEMO, QUICK, wait_for, wait_ready
 from fastapi.testclient import TestClient
 
 from pgttt.app.main import create_app
 from pgttt.app.settings import Settings
 from pgttt.app.store import JobStore
+from tests.helpers.app import DEMO, QUICK, wait_for, wait_ready
 
 WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "BEGIN")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from app_helpers import DEMO, LONG, QUICK, wait_for, wait_job, wait_ready
 from fastapi.testclient import TestClient
 
 from pgttt.app.engine_bridge import warmed_world_sizes
@@ -14,6 +13,7 @@ from pgttt.app.main import create_app
 from pgttt.app.service import Service
 from pgttt.app.settings import Settings
 from pgttt.app.store import CheckpointSpec
+from tests.helpers.app import DEMO, LONG, QUICK, wait_for, wait_job, wait_ready
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from app_helpers import DEMO, QUICK, write_model_bin, write_ptz
 from fastapi.testclient import TestClient
 
 from pgttt.app.catalog import Catalog
@@ -24,6 +23,7 @@ from pgttt.app.store import StoreError, lock_state_dir
 from pgttt.checkpoints.config import PRESETS
 from pgttt.checkpoints.model import GPT, init_weights
 from pgttt.main import main
+from tests.helpers.app import DEMO, QUICK, write_model_bin, write_ptz
 
 JSON = {"content-type": "application/json"}
 
@@ -143,7 +143,7 @@ def test_docs_are_served_from_the_package(api):
                                            ("hang", "took over"), ("strange_error", "OverflowError")])
 def test_a_file_that_kills_its_reader_is_a_422_and_the_server_stays_up(api, target, needle, monkeypatch):
     registrar = api.service.registrar
-    monkeypatch.setattr(registrar, "inspect_target", f"app_helpers:{target}")
+    monkeypatch.setattr(registrar, "inspect_target", f"tests.helpers.app:{target}")
     if target == "hang":
         monkeypatch.setattr(api.service.settings, "validate_timeout_s", 3.0)
     r = api.client.post("/checkpoints", data={"name": f"bomb-{target}", "preset": "tiny"},
@@ -173,9 +173,8 @@ def test_a_tensor_view_of_a_tebibyte_is_a_422_then_a_listed_problem(api):
 
 
 def test_discovery_lists_any_failing_file_as_a_problem(tmp_path, monkeypatch):
-    import app_helpers
-
     from pgttt.app import engine_bridge
+    from tests.helpers import app as app_helpers
 
     real = engine_bridge.inspect_checkpoint
     write_model_bin(tmp_path / "good.bin")

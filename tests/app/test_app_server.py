@@ -10,7 +10,8 @@ import time
 
 import httpx
 import pytest
-from app_helpers import LONG, QUICK, Server, alive, children_of, wait_for, wait_job, wait_ready
+
+from tests.helpers.app import LONG, QUICK, Server, alive, children_of, wait_for, wait_job, wait_ready
 
 pytestmark = pytest.mark.slow
 

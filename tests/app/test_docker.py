@@ -15,7 +15,7 @@ import yaml
 from pgttt.app.settings import Settings
 from pgttt.main import build_parser
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 
 

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import shared_path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_gpu.py"
+from tests.conftest import shared_path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_gpu.py"
 
 
 @pytest.fixture(scope="module")

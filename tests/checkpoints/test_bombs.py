@@ -11,12 +11,12 @@ import tracemalloc
 import brotli
 import pytest
 import torch
-from test_ptz import challenge_layout, pack, tiny_tensors
 
 from pgttt.checkpoints import format as fmt
 from pgttt.checkpoints.config import PRESETS
 from pgttt.checkpoints.format import CheckpointError, read_model_bin, save_model_bin
 from pgttt.checkpoints.loading import load_checkpoint
+from tests.checkpoints.test_ptz import challenge_layout, pack, tiny_tensors
 
 BOMB = 256 << 20  # inflated size; the real ones reached 8 GiB
 PEAK_LIMIT = 48 << 20  # far below the bomb: the reader stops early

@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 
 import pytest
 import torch
-from test_ptz import challenge_layout, float16_artifact, pack, tiny_tensors
 
 from pgttt import __version__
 from pgttt.checkpoints.config import PRESETS
 from pgttt.checkpoints.format import read_model_bin, save_model_bin, tokenizer_identity
 from pgttt.main import main
+from tests.checkpoints.test_ptz import challenge_layout, float16_artifact, pack, tiny_tensors
 
 TINY_PARAMS = PRESETS["tiny"].num_parameters()
 

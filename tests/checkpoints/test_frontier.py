@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from frontier_helpers import random_ids, seeded, tiny
 
 from pgttt.checkpoints.config import ConfigError, resolve_config
 from pgttt.checkpoints.layers import Rotary, exclude_self_value, rms_norm
 from pgttt.checkpoints.model import GPT
+from tests.helpers.frontier import random_ids, seeded, tiny
 
 
 # ---- SmearGate (3.2) ----------------------------------------------------------------------------

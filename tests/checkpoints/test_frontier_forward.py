@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from frontier_helpers import FAMILIES, random_ids, seeded, tiny
 
 from pgttt.checkpoints.format import TokenizerIdentity, read_model_bin, save_model_bin
 from pgttt.checkpoints.loading import build_model, load_checkpoint
 from pgttt.checkpoints.quant import quantize_rows
+from tests.helpers.frontier import FAMILIES, random_ids, seeded, tiny
 
 
 @pytest.mark.parametrize("name", FAMILIES)

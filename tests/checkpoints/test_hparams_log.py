@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from artifact_helpers import record_quantize
-from test_ptz import pack
 
 from pgttt.checkpoints.config import PRESETS
 from pgttt.checkpoints.format import CheckpointError, read_model_bin
 from pgttt.checkpoints.hparams_log import read_training_log
 from pgttt.checkpoints.loading import load_checkpoint
 from pgttt.main import main
+from tests.checkpoints.test_ptz import pack
+from tests.helpers.artifact import record_quantize
 
 TINY = PRESETS["tiny-frontier"]
 

@@ -11,14 +11,6 @@ import time
 import brotli
 import pytest
 import torch
-from artifact_helpers import (
-    GROUPS,
-    pack_pergroup,
-    pack_streams,
-    record_quantize,
-    record_reconstruct,
-    unpack_streams,
-)
 
 from pgttt.checkpoints import lrzip
 from pgttt.checkpoints.config import PRESETS
@@ -26,6 +18,14 @@ from pgttt.checkpoints.format import CheckpointError
 from pgttt.checkpoints.loading import load_checkpoint
 from pgttt.checkpoints.pergroup import GROUP_ORDER
 from pgttt.checkpoints.ptz import read_ptz
+from tests.helpers.artifact import (
+    GROUPS,
+    pack_pergroup,
+    pack_streams,
+    record_quantize,
+    record_reconstruct,
+    unpack_streams,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("lrzip") is None, reason="needs the lrzip program (apt-get install lrzip)")
 CONFIG = PRESETS["tiny-frontier"]

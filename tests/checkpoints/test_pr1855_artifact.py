@@ -11,14 +11,14 @@ import brotli
 import numpy as np
 import pytest
 import torch
-from artifact_helpers import GROUPS, SORTED_GROUPS, record_reconstruct, unpack_streams
-from conftest import shared_path
-from test_hparams_log import write_log
 
 from pgttt.checkpoints import lrzip
 from pgttt.checkpoints.config import PRESETS
 from pgttt.checkpoints.format import read_model_bin
 from pgttt.main import main
+from tests.checkpoints.test_hparams_log import write_log
+from tests.conftest import shared_path
+from tests.helpers.artifact import GROUPS, SORTED_GROUPS, record_reconstruct, unpack_streams
 
 pytestmark = pytest.mark.skipif(shutil.which("lrzip") is None, reason="needs the lrzip program (apt-get install lrzip)")
 PARAMS = 35_945_671

@@ -11,7 +11,6 @@ import brotli
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path  # module-scoped use: the conftest fixtures are per test
 
 from pgttt.checkpoints.config import PRESETS
 from pgttt.checkpoints.format import CheckpointError, read_model_bin
@@ -20,6 +19,7 @@ from pgttt.checkpoints.model import GPT
 from pgttt.checkpoints.ptz import read_ptz
 from pgttt.checkpoints.quant import QuantizedTensor, quantize_rows
 from pgttt.main import main
+from tests.conftest import shared_path  # module-scoped use: the conftest fixtures are per test
 
 TINY = PRESETS["tiny"]
 META = {"int6": "gptq (int6)", "int8": "gptq (int8)", "float16": "passthrough (float16)"}

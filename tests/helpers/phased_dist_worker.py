@@ -1,4 +1,4 @@
-"""One rank of the phased protocol's multi-process test: ``python phased_dist_worker.py RANK WORLD INIT OUT``.
+"""One rank of the phased multi-process test: ``python -m tests.helpers.phased_dist_worker RANK WORLD INIT OUT``.
 
 Runs each case of ``CASES`` with gloo on the CPU and writes its result to OUT.
 """
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from phased_helpers import phased, stream, tiny_model
 
 from pgttt.ttt.phased import run_phased
+from tests.helpers.phased import phased, stream, tiny_model
 
 # One document per batch, so 8 emulated ranks have batches to share and phase 1 trains under both settings.
 CASES = {

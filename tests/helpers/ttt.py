@@ -15,6 +15,8 @@ from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.model import GPT, init_weights
 from pgttt.ttt.bytes import ByteTables
 
+REPO = Path(__file__).resolve().parents[2]
+
 # Recurrence, parallel residuals, XSA and skip gates, at a size that runs in milliseconds.
 MICRO = ModelConfig(
     vocab_size=48, num_layers=2, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2.0, rope_dims=4,
@@ -56,11 +58,12 @@ def random_tables(vocab: int, seed: int = 0) -> ByteTables:
     return ByteTables(base, (rng.random(vocab) < 0.5) & ~boundary, boundary, "synthetic", vocab)
 
 
-def run_two_ranks(worker: Path, out: Path, timeout: float) -> Path:
-    """Run ``worker RANK 2 INIT OUT`` as two gloo ranks at once and wait for both; ``out`` holds what they wrote."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parent), os.environ.get("PYTHONPATH", "")])}
+def run_two_ranks(worker: str, out: Path, timeout: float) -> Path:
+    """Run ``python -m worker RANK 2 INIT OUT`` (``worker``: a module under tests.helpers) as two gloo ranks at once
+    and wait for both; ``out`` holds what they wrote."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     procs = [
-        subprocess.Popen([sys.executable, str(worker), str(rank), "2", str(out / "init"), str(out)], env=env,
+        subprocess.Popen([sys.executable, "-m", worker, str(rank), "2", str(out / "init"), str(out)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in range(2)
     ]

@@ -1,6 +1,6 @@
-"""One rank of the engine's multi-process test: ``python ttt_dist_worker.py RANK WORLD INIT_FILE OUT_DIR``.
+"""One rank of the engine's multi-process test: ``python -m tests.helpers.ttt_dist_worker RANK WORLD INIT OUT``.
 
-Runs the cases of ``CASES`` with gloo on the CPU and writes each result (and the final weights) to OUT_DIR.
+Runs the cases of ``CASES`` with gloo on the CPU and writes each result (and the final weights) to OUT.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from ttt_helpers import MICRO, micro_model, random_tables
 
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import trim_stream
 from pgttt.ttt.engine import run_protocol
+from tests.helpers.ttt import MICRO, micro_model, random_tables
 
 CASES = {
     "sliding": EvalConfig(seq_len=16, stride=4, ttt_epochs=0, batch_seqs=3),

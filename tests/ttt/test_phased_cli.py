@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import shared_path
-from phased_helpers import TINY, tiny_model
-from ttt_helpers import one_thread  # noqa: F401 (a fixture)
 
 from pgttt.checkpoints.format import save_model_bin, tokenizer_identity
 from pgttt.checkpoints.quant import default_scheme, quantize_rows
 from pgttt.main import main
+from tests.conftest import shared_path
+from tests.helpers.phased import TINY, tiny_model
+from tests.helpers.ttt import one_thread  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import shared_path
+
+from tests.conftest import shared_path
 
 # The record's environment variables a case may set, as pgttt eval flags (the rest are pr1855's defaults).
 FLAGS = {

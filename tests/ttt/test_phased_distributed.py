@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from phased_dist_worker import CASES, run_case
-from ttt_helpers import one_thread, run_two_ranks  # noqa: F401 (one_thread: a fixture)
 
-WORKER = Path(__file__).with_name("phased_dist_worker.py")
+from tests.helpers.phased_dist_worker import CASES, run_case
+from tests.helpers.ttt import one_thread, run_two_ranks  # noqa: F401 (one_thread: a fixture)
+
+WORKER = "tests.helpers.phased_dist_worker"
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from phased_helpers import phased, stream, tiny_model
-from ttt_helpers import one_thread  # noqa: F401 (a fixture)
 
 from pgttt.ttt.documents import chunk_window, find_documents
 from pgttt.ttt.phased import run_phased
+from tests.helpers.phased import phased, stream, tiny_model
+from tests.helpers.ttt import one_thread  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The phased engine (ttt/phased.py) against the plain reference (tests/phased_reference.py) on random configs.
+"""The phased engine (ttt/phased.py) against the plain reference (tests/helpers/phased_reference.py) on random configs.
 
 A tiny seeded frontier model (depth recurrence, so LoRA slots are layer applications, not layers; SmearGate,
 the sparse attention gate, the two-lane decoder) over short streams of a few documents: chunk sizes, windows
@@ -21,12 +21,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from phased_reference import chunk_window, find_documents, phase_schedule, reference_phased, select_documents
-from ttt_helpers import micro_model, one_thread  # noqa: F401 (a fixture)
 
 from pgttt.checkpoints.config import preset
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.phased import run_phased
+from tests.helpers.phased_reference import (
+    chunk_window,
+    find_documents,
+    phase_schedule,
+    reference_phased,
+    select_documents,
+)
+from tests.helpers.ttt import micro_model, one_thread  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(autouse=True)

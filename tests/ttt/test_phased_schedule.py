@@ -2,7 +2,7 @@
 
 50,000 documents of distinct lengths (no ties anywhere), batches of 64: 781 full batches and G_781 of the 16
 longest, as in the CaseOps validation set. The integers are the records' logged ones (spec 2.11's table),
-checked on the plain reference (tests/phased_reference.py) and on the engine (ttt/schedule.py, documents.py),
+checked on the plain reference (tests/helpers/phased_reference.py) and on the engine (ttt/schedule.py, documents.py),
 and the two schedules are compared on many settings.
 """
 
@@ -14,13 +14,13 @@ import random
 import numpy as np
 import pytest
 import torch
-from phased_reference import make_batches, pause_points, phase_boundaries, phase_schedule, queue_order
 
 from pgttt.ttt import schedule as engine_schedule
 from pgttt.ttt.documents import Doc, chunk_window, find_documents, make_queue, select_documents
 from pgttt.ttt.errors import DataError
 from pgttt.ttt.lora import AdapterSet, DrawStream, Shapes
 from pgttt.ttt.schedule import global_chunks, selected_documents, virtual_rank
+from tests.helpers.phased_reference import make_batches, pause_points, phase_boundaries, phase_schedule, queue_order
 
 NUM_DOCS, BATCH = 50_000, 64
 LENGTHS = random.Random(18).sample(range(2, 400_000), NUM_DOCS)  # distinct, in a shuffled stream order

@@ -7,14 +7,14 @@ import json
 import sys
 
 import pytest
-from conftest import shared_path
-from ttt_helpers import one_thread  # noqa: F401 (a fixture)
 
 from pgttt.checkpoints.config import PRESETS
 from pgttt.checkpoints.format import save_model_bin, tokenizer_identity
 from pgttt.checkpoints.model import GPT, init_weights
 from pgttt.checkpoints.quant import default_scheme, quantize_rows
 from pgttt.main import main
+from tests.conftest import shared_path
+from tests.helpers.ttt import one_thread  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import shared_path
 
 from pgttt.main import main
 from pgttt.ttt import EvalConfig, EvalSession
+from tests.conftest import shared_path
 
 
 @pytest.fixture(scope="module")

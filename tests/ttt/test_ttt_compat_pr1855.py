@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import caseops_tokenizer_path, shared_path
 
 from pgttt.main import main
+from tests.conftest import caseops_tokenizer_path, shared_path
 
 pytestmark = pytest.mark.slow
 

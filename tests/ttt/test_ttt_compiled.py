@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from ttt_helpers import (
+
+from pgttt.ttt import EvalConfig, EvalSession, ValSet
+from tests.helpers.ttt import (
     MICRO,
     micro_model,
     one_thread,  # noqa: F401 (a fixture)
     random_tables,
 )
-
-from pgttt.ttt import EvalConfig, EvalSession, ValSet
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 import pytest
-from ttt_helpers import write_shard
 
 from pgttt.errors import PgtttError
 from pgttt.ttt.data import DataError, ValSet, load_val, open_shard, read_header, resolve_val_files, trim_stream
+from tests.helpers.ttt import write_shard
 
 
 def test_valid_shard_is_memory_mapped(tmp_path):

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from ttt_dist_worker import CASES, run_case
-from ttt_helpers import one_thread, run_two_ranks  # noqa: F401 (one_thread: a fixture)
 
-WORKER = Path(__file__).with_name("ttt_dist_worker.py")
+from tests.helpers.ttt import one_thread, run_two_ranks  # noqa: F401 (one_thread: a fixture)
+from tests.helpers.ttt_dist_worker import CASES, run_case
+
+WORKER = "tests.helpers.ttt_dist_worker"
 
 
 @pytest.fixture(scope="module")

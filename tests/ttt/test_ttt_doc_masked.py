@@ -9,9 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shared_path
-from frontier_helpers import seeded, tiny
-from ttt_helpers import one_thread, random_tables  # noqa: F401 (a fixture)
 
 from pgttt.checkpoints.config import PRESETS
 from pgttt.checkpoints.format import save_model_bin, tokenizer_identity
@@ -20,6 +17,9 @@ from pgttt.checkpoints.quant import default_scheme, quantize_rows
 from pgttt.main import main
 from pgttt.ttt import EvalConfig, EvalError, EvalSession, ValSet
 from pgttt.ttt.doc_masked import plan_doc_masked, run_doc_masked
+from tests.conftest import shared_path
+from tests.helpers.frontier import seeded, tiny
+from tests.helpers.ttt import one_thread, random_tables  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,19 +9,19 @@ import threading
 import numpy as np
 import pytest
 import torch
-from ttt_helpers import (
-    MICRO,
-    micro_model,
-    one_thread,  # noqa: F401 (a fixture)
-    random_tables,
-    write_shard,
-)
 
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.model import GPT, init_weights
 from pgttt.ttt import EvalCancelled, EvalConfig, EvalError, EvalSession, ValSet, load_val
 from pgttt.ttt.compliance import ComplianceLog, check_compliance
 from pgttt.ttt.engine import ENGINE_VERSION, project_full_eval
+from tests.helpers.ttt import (
+    MICRO,
+    micro_model,
+    one_thread,  # noqa: F401 (a fixture)
+    random_tables,
+    write_shard,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TTT = EvalConfig(seq_len=16, stride=4, ttt_epochs=2, chunk_tokens=48, batch_seqs=2, ttt_lr=0.2)

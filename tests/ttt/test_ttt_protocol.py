@@ -1,4 +1,4 @@
-"""The engine against the plain reference (tests/ttt_reference.py) over many random configurations."""
+"""The engine against the plain reference (tests/helpers/ttt_reference.py) over many random configurations."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ttt_helpers import (
-    MICRO,
-    micro_model,
-    one_thread,  # noqa: F401 (a fixture)
-    random_tables,
-)
-from ttt_reference import reference_eval, trim
 
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import DataError, trim_stream
 from pgttt.ttt.engine import Steps, run_protocol
 from pgttt.ttt.errors import EvalError
+from tests.helpers.ttt import (
+    MICRO,
+    micro_model,
+    one_thread,  # noqa: F401 (a fixture)
+    random_tables,
+)
+from tests.helpers.ttt_reference import reference_eval, trim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODEL = micro_model(seed=3)

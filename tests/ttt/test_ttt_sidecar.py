@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import shared_path
-from ttt_helpers import MICRO, micro_model, one_thread, random_tables, write_shard  # noqa: F401 (a fixture)
 
 from pgttt.ttt import EvalConfig, EvalError, EvalSession
 from pgttt.ttt.bytes import byte_source, load_byte_tables
 from pgttt.ttt.data import DataError, SidecarBytes, ValSet, load_val, resolve_val_files
+from tests.conftest import shared_path
+from tests.helpers.ttt import MICRO, micro_model, one_thread, random_tables, write_shard  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
