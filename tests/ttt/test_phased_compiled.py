@@ -1,0 +1,94 @@
+"""The phased protocol's compiled chunk step (ttt/phased_compiled.py) on the CPU, on a tiny frontier model: the
+plain step's numbers, and after warm-up an evaluation compiles nothing. Traced with the "aot_eager" backend
+(Dynamo's graphs, guards and AOTAutograd's backward, no generated code: Inductor takes minutes on a CPU)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from pgttt.ttt import EvalSession, ValSet
+from pgttt.ttt.phased import run_phased
+from pgttt.ttt.phased_compiled import PhasedStep, batch_sizes, bucket, step_widths
+from tests.helpers.phased import phased, stream, tiny_model
+from tests.helpers.ttt import one_thread, random_tables  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_bucket_pads_to_powers_of_two_and_never_across_a_rotary_limit():
+    assert [bucket(w) for w in (1, 24, 32, 33, 48, 2016, 2048)] == [1, 32, 32, 64, 64, 2048, 2048]
+    assert [bucket(w, rotary_limit=1000) for w in (24, 600, 1000, 1200)] == [32, 1000, 1000, 1200]
+    assert [bucket(w, smallest=256) for w in (24, 256, 257)] == [256, 256, 512]
+    assert step_widths(phased(ttt_chunk_size=24, ttt_eval_seq_len=64)) == [24, 48, 64]
+
+
+def test_compiled_step_equals_plain_and_compiles_nothing_after_warm_up():
+    # Chunks of 24 in windows of 32: widths 24 (padded) and 32, one graph; 12 documents in 4 batches of 3, two
+    # phases (new adapter sets after each: no graph may guard on a set's identity).
+    ids, nbytes = stream(tokens=900, docs=12, seed=3)
+    config = phased(ttt_chunk_size=24, ttt_eval_seq_len=32)
+    model = tiny_model(seed=2)
+    plain_model = copy.deepcopy(model)
+    plain = run_phased(plain_model, ids, nbytes, config)
+
+    step = PhasedStep(backend="aot_eager", smallest_width=1)
+    fast = copy.deepcopy(model)
+    before = counters["stats"]["unique_graphs"]
+    step.warm_up(fast, config)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs - before == 1 and len(step.ready) == 1 and not step.failed
+    compiled = run_phased(fast, ids, nbytes, config, chunk_step=step)
+    assert counters["stats"]["unique_graphs"] == graphs, "the evaluation compiled after warm-up"
+
+    assert (compiled.tokens, compiled.bytes, compiled.counts) == (plain.tokens, plain.bytes, plain.counts)
+    assert len(plain.schedule["phases"]) == 2 and compiled.schedule["pauses"] == plain.schedule["pauses"]
+    for a, b in zip(compiled.batches, plain.batches, strict=True):
+        assert math.isclose(a.loss_sum, b.loss_sum, rel_tol=1e-6)
+    assert math.isclose(compiled.val_bpb, plain.val_bpb, rel_tol=1e-7)
+    assert compiled.compliance == plain.compliance
+    for p, q in zip(fast.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # the global SGD saw the same documents
+
+
+def test_a_shape_that_does_not_compile_runs_the_plain_step():
+    def broken(graph, example_inputs):
+        raise RuntimeError("no code for this graph")
+
+    ids, nbytes = stream(tokens=300, docs=3, seed=4)
+    config = phased(ttt_chunk_size=32, ttt_eval_seq_len=32, ttt_batch_size=3, phased_ttt_prefix_docs=0,
+                    phased_ttt_num_phases=1)
+    model = tiny_model(seed=1)
+    step = PhasedStep(backend=broken, smallest_width=1)
+    run = run_phased(copy.deepcopy(model), ids, nbytes, config, chunk_step=step)
+    assert len(step.failed) == 1 and not step.ready
+    assert "no code for this graph" in next(iter(step.failed.values()))
+    plain = run_phased(copy.deepcopy(model), ids, nbytes, config)
+    assert np.isclose(run.val_bpb, plain.val_bpb, rtol=1e-7)
+
+
+def test_the_session_warms_every_batch_size_of_its_job_then_compiles_nothing():
+    ids, _ = stream(tokens=700, docs=8, seed=5)
+    val, tables = ValSet.from_tokens(ids), random_tables(1024, seed=5)
+    config = replace(phased(ttt_chunk_size=24, ttt_eval_seq_len=32, phased_ttt_prefix_docs=4), compile=True)
+    session = EvalSession(tiny_model(seed=3))
+    step = PhasedStep(backend="aot_eager", smallest_width=1)
+    session.worker(torch.device("cpu"), "fp32").phased_steps[False] = step  # the session's step, traced only
+    first = session.evaluate(val, tables, config, device="cpu")
+    sizes = batch_sizes(val.trimmed(config.seq_len, None), config)
+    assert len(sizes) == 2 and {key[1] for key in step.ready} == set(sizes)  # 3 documents, and the last batch's
+    graphs = counters["stats"]["unique_graphs"]
+    again = session.evaluate(val, tables, config, device="cpu")
+    assert counters["stats"]["unique_graphs"] == graphs, "a second job compiled"
+    assert again.val_bpb == first.val_bpb  # both from the pristine weights
+    assert again.timings["warmup_s"] < first.timings["warmup_s"]
+    plain = session.evaluate(val, tables, replace(config, compile=False), device="cpu")
+    assert math.isclose(plain.val_bpb, first.val_bpb, rel_tol=1e-7)
+    session.evaluate(val, tables, config, device="cpu")  # the plain job left nothing a graph guards on
+    assert counters["stats"]["unique_graphs"] == graphs, "a job after a plain one compiled"
