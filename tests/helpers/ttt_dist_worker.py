@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -84,3 +85,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Everything is written and the group is gone: leave without interpreter finalization, where gloo's own
+    # threads can still abort the process ("terminate called without an active exception", seen once under load).
+    sys.stdout.flush()
+    os._exit(0)
