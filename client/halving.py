@@ -1,9 +1,9 @@
 """Successive halving over a sweep's points, and the paired intervals of a sweep's points against its best.
 
 Halving (``pgttt sweep --halving``): every point runs on a subset of the val set (its first ``start`` tokens, or
-documents for the phased protocol), the best ``1/factor`` of them by their paired intervals against the rung's
-best go on (ranked by the interval's optimistic end: a point that may still be the best stays), the subset grows
-``factor``-fold, until the survivors run on the full set. That last rung runs the spec's own points, so its
+documents for the phased protocol), the ``1/factor`` of lowest val_bpb go on (with any tied with the last of
+them), the subset grows ``factor``-fold, until the survivors run on the full set. Each rung's table shows every
+point's paired interval against the rung's best, to read how sure a cut was. That last rung runs the spec's own points, so its
 results are what the full grid has for them. The cost is counted in token-evaluations (tokens scored, summed
 over every job) against the full grid's (every point on the full set).
 """
@@ -134,7 +134,7 @@ def run_halving(points: list[Point], out_dir: Path, make_runner: Callable[[Path]
         runner.run(rung_points)
         records = [r for r in read_results(runner.results.path) if r["key"] in subset]
         intervals = paired_intervals(records, client_for, **compare_params)
-        kept = _keep(records, intervals, math.ceil(len(alive) / factor))
+        kept = _keep(records, math.ceil(len(alive) / factor))
         rungs.append(Rung(size, len(alive), [subset[k].key for k in kept], _token_evals(records),
                           _table(records, intervals, kept, subset)))
         alive = [subset[k] for k in kept]
@@ -151,19 +151,14 @@ def run_halving(points: list[Point], out_dir: Path, make_runner: Callable[[Path]
     return halving
 
 
-def _keep(records: list[dict[str, Any]], intervals: dict[str, dict[str, Any]], n: int) -> list[str]:
-    """The ``n`` keys whose val_bpb may be lowest: ranked by the best's val_bpb plus the interval's low end (a
-    point without an interval by its own val_bpb). Points tied with the last one kept go on too: a rung that
-    scores them alike (a subset of one chunk, before any training) has not told them apart."""
+def _keep(records: list[dict[str, Any]], n: int) -> list[str]:
+    """The ``n`` keys of lowest val_bpb, and the points tied with the last of them: a rung that scores points
+    alike (a subset of one chunk is scored before any training) has not told them apart. (Ranking by an
+    interval's optimistic end instead favours every point over the rung's best, whose own interval is 0.)"""
     bpb = {r["key"]: r["result"]["val_bpb"] for r in records}
-
-    def optimistic(key: str) -> tuple[float, float]:
-        i = intervals.get(key, {})
-        return (bpb[i["against"]] + i["low"] if "low" in i else bpb[key]), bpb[key]
-
-    ranked = sorted(bpb, key=optimistic)
+    ranked = sorted(bpb, key=bpb.__getitem__)
     n = max(1, n)
-    return [k for i, k in enumerate(ranked) if i < n or optimistic(k) == optimistic(ranked[n - 1])]
+    return [k for i, k in enumerate(ranked) if i < n or bpb[k] == bpb[ranked[n - 1]]]
 
 
 def _table(records: list[dict[str, Any]], intervals: dict[str, dict[str, Any]], kept: list[str],

@@ -141,13 +141,12 @@ def test_rungs_and_the_subset_knob():
         subset_knob(mixed.expand())
 
 
-def test_points_a_rung_scores_alike_all_go_on():
+def test_a_rung_keeps_its_lowest_and_the_points_tied_with_them():
     # A subset of one chunk is scored before any training: every learning rate gets the same number.
     records = [{"key": k, "result": {"val_bpb": 2.0}} for k in "abcdef"]
-    intervals = {k: {"against": "a", "delta": 0.0, "low": 0.0, "high": 0.0} for k in "bcdef"}
-    assert _keep(records, intervals, 2) == list("abcdef")
-    records[3]["result"]["val_bpb"] = 1.9  # d is better: kept first, then the n-th's ties
-    intervals = {k: {"against": "d", "delta": 0.1, "low": 0.05, "high": 0.15} for k in "abcef"}
-    assert _keep(records, intervals, 2) == ["d", "a", "b", "c", "e", "f"]
-    intervals["b"] = {"against": "d", "delta": 0.1, "low": 0.01, "high": 0.2}
-    assert _keep(records, intervals, 2) == ["d", "b"]
+    assert _keep(records, 2) == list("abcdef")
+    records[3]["result"]["val_bpb"] = 1.9  # d is best, then a tie of five for the second place
+    assert _keep(records, 2) == ["d", "a", "b", "c", "e", "f"]
+    records[1]["result"]["val_bpb"] = 1.95
+    assert _keep(records, 2) == ["d", "b"]
+    assert _keep(records, 1) == ["d"]
