@@ -3,9 +3,9 @@
 Halving (``pgttt sweep --halving``): every point runs on a subset of the val set (its first ``start`` tokens, or
 documents for the phased protocol), the ``1/factor`` of lowest val_bpb go on (with any tied with the last of
 them), the subset grows ``factor``-fold, until the survivors run on the full set. Each rung's table shows every
-point's paired interval against the rung's best, to read how sure a cut was. That last rung runs the spec's own points, so its
-results are what the full grid has for them. The cost is counted in token-evaluations (tokens scored, summed
-over every job) against the full grid's (every point on the full set).
+point's paired interval against the rung's best, to read how sure a cut was. That last rung runs the spec's own
+points, so its results are what the full grid has for them. The cost is counted in token-evaluations (tokens
+scored, summed over every job) against the full grid's (every point on the full set).
 """
 
 from __future__ import annotations
