@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pgttt.client.client import Client, RequestError, ServerUnreachable
-from pgttt.client.report import HALVING_FILE, INTERVALS_FILE, read_results
-from pgttt.client.sweep import Point, SweepError, SweepOutcome, SweepRunner
+from pgttt.client.results import HALVING_FILE, INTERVALS_FILE, read_results
+from pgttt.client.sweep_runner import SweepOutcome, SweepRunner
+from pgttt.client.sweep_spec import Point, SweepError
 
 
 # ---- paired intervals against the best -----------------------------------------------------------------------

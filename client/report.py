@@ -22,7 +22,7 @@ from typing import Any
 
 from pgttt.api.challenge import EVAL_BUDGET_S
 from pgttt.api.settings import EvalSettings, request_knobs
-from pgttt.errors import PgtttError
+from pgttt.client.results import HALVING_FILE, INTERVALS_FILE, ResultsError, read_results
 
 # Fields that change the no-TTT (sliding-window) number; every other evaluation field only matters to TTT.
 BASELINE_FIELDS = ("seq_len", "stride", "max_tokens", "precision")
@@ -37,48 +37,11 @@ def field_order(settings: type = EvalSettings) -> tuple[str, ...]:
 FIELD_ORDER = field_order()
 METRICS = ("val_bpb", "val_loss", "delta_bpb", "delta_low", "delta_high", "reference_s", "eval_s", "tokens_per_s",
            "projected_8gpu_s", "baseline_bpb", "gain_bpb")
-INTERVALS_FILE = "intervals.json"  # per key: delta, low, high against the best of its group (pgttt.client.halving)
-HALVING_FILE = "halving.json"
 # The times that can decide the budget, best first: the record's own script on 8xH100 as pgttt.budget predicts
 # it (the 600 s rule is about that), else pgttt's 8-GPU projection, else the seconds measured on the server.
 BUDGET_TIMES = ("reference_s", "projected_8gpu_s", "eval_s")
 TIME_TITLES = {"reference_s": "reference seconds on 8xH100 (predicted)", "projected_8gpu_s": "projected 8-GPU seconds",
                "eval_s": "eval seconds measured on the server"}
-
-
-class ResultsError(PgtttError):
-    """A results file that cannot be read: missing, or a line that is not a result record."""
-
-
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``results.jsonl``; a later record with the same key replaces an earlier one.
-
-    A last line that is not JSON and has no newline (a write cut short by a kill) is ignored; any other bad line
-    is an error naming its line number.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ResultsError(f"{path}: cannot read the results: {exc.strerror or exc}") from exc
-    lines = text.split("\n")
-    records: dict[str, dict[str, Any]] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            if number == len(lines):
-                break  # a partial last line: the write was cut short
-            raise ResultsError(f"{path}:{number}: not JSON ({exc})") from exc
-        if not isinstance(record, dict):
-            raise ResultsError(f"{path}:{number}: not a sweep result (a JSON {type(record).__name__})")
-        missing = [k for k in ("key", "checkpoint", "dataset", "request", "result") if k not in record]
-        if missing or not isinstance(record["result"], dict):
-            raise ResultsError(f"{path}:{number}: not a sweep result (missing {', '.join(missing) or 'result'})")
-        records[record["key"]] = record
-    return list(records.values())
 
 
 # ---- rows ------------------------------------------------------------------------------------------------------

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pgttt.budget import BudgetError, Estimate, estimate, settings_from_dict
-
-from .sweep import Point
+from pgttt.client.sweep_spec import Point
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ from typing import Any
 from pgttt.api.challenge import EVAL_BUDGET_S
 from pgttt.client.client import Client, RetryPolicy
 from pgttt.client.halving import paired_intervals, run_halving, subset_knob, write_intervals
-from pgttt.client.report import Report, read_results, write_report
-from pgttt.client.sweep import Point, SweepError, SweepRunner, load_sweep
+from pgttt.client.report import Report, write_report
+from pgttt.client.results import read_results
 from pgttt.client.sweep_budget import describe, screen
+from pgttt.client.sweep_runner import SweepRunner
+from pgttt.client.sweep_spec import Point, SweepError, load_sweep
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

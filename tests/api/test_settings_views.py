@@ -15,7 +15,7 @@ from pgttt.app import errors
 from pgttt.app.main import create_app
 from pgttt.app.settings import Settings, demo_dir
 from pgttt.budget.settings import BudgetError, ChunkedSettings, make_settings
-from pgttt.client import report, sweep
+from pgttt.client import report, sweep_spec
 from pgttt.ttt import cli
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.errors import EvalError
@@ -113,7 +113,7 @@ def test_every_view_lists_the_same_fields_with_the_same_bounds(tmp_path, capsys)
         assert k.help in properties[k.name]["description"]
     # Sweep spec types and report columns.
     json_type = {int: int, float: float, str: str, bool: bool, tuple: list}
-    assert sweep.KINDS == {**{k.name: json_type[k.kind] for k in requested}, "gpus": int}
+    assert sweep_spec.KINDS == {**{k.name: json_type[k.kind] for k in requested}, "gpus": int}
     assert report.FIELD_ORDER == (*(k.name for k in requested), "gpus")
 
 
@@ -153,11 +153,11 @@ def test_a_made_up_knob_appears_in_every_view(capsys, monkeypatch):
     assert (refused["code"], refused["detail"]["field"], refused["detail"]["value"]) == (
         "invalid_field", "ttt_made_up", 3.0)
     # Sweep specs read its type off the request model.
-    monkeypatch.setattr(sweep, "KINDS", sweep.field_kinds(model))
+    monkeypatch.setattr(sweep_spec, "KINDS", sweep_spec.field_kinds(model))
     spec = {"checkpoint": "c", "dataset": "d", "grid": {"ttt_made_up": [0.5, 1]}}
-    assert [p.fields for p in sweep.parse_spec(spec).expand()] == [{"ttt_made_up": 0.5}, {"ttt_made_up": 1.0}]
-    with pytest.raises(sweep.SweepError, match="ttt_made_up must be a finite number"):
-        sweep.parse_spec({**spec, "grid": {"ttt_made_up": ["fast"]}})
+    assert [p.fields for p in sweep_spec.parse_spec(spec).expand()] == [{"ttt_made_up": 0.5}, {"ttt_made_up": 1.0}]
+    with pytest.raises(sweep_spec.SweepError, match="ttt_made_up must be a finite number"):
+        sweep_spec.parse_spec({**spec, "grid": {"ttt_made_up": ["fast"]}})
     # Report columns: in declared order (before gpus), not after every declared field.
     monkeypatch.setattr(report, "FIELD_ORDER", report.field_order(WithMadeUp))
     record = {"key": "k", "checkpoint": "c", "dataset": "d", "request": {"gpus": 1, "ttt_made_up": 0.5},

@@ -18,7 +18,8 @@ from pgttt.api.units import UnitSums
 from pgttt.client.client import Client, RetryPolicy
 from pgttt.client.halving import _keep, run_halving, rung_sizes, subset_knob
 from pgttt.client.report import write_report
-from pgttt.client.sweep import Point, SweepError, SweepRunner, parse_spec
+from pgttt.client.sweep_runner import SweepRunner
+from pgttt.client.sweep_spec import Point, SweepError, parse_spec
 
 URL = "http://fake:1"
 LRS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3]

@@ -9,7 +9,8 @@ import struct
 import matplotlib.image
 import pytest
 
-from pgttt.client.report import ResultsError, build_rows, pareto_front, read_results, write_report
+from pgttt.client.report import build_rows, pareto_front, write_report
+from pgttt.client.results import ResultsError, read_results
 from pgttt.main import main
 
 # (ttt_epochs, chunk_tokens, val_bpb, eval seconds): a grid where more epochs cost time and mostly help.

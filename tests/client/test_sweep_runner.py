@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from pgttt.client.client import Client, RetryPolicy
-from pgttt.client.sweep import SweepError, SweepRunner, parse_spec
+from pgttt.client.sweep_runner import SweepRunner
+from pgttt.client.sweep_spec import SweepError, parse_spec
 
 SPEC = {"checkpoint": "demo", "dataset": "demo", "fixed": {"max_tokens": 4096},
         "grid": {"ttt_epochs": [0, 1, 2], "chunk_tokens": [1024, 2048]}}

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgttt.client.sweep import Point, SweepError, load_sweep, parse_spec, request_key
+from pgttt.client.sweep_spec import Point, SweepError, load_sweep, parse_spec, request_key
 
 
 def spec(**extra) -> dict:
@@ -29,10 +29,10 @@ def test_grid_is_the_cartesian_product_first_key_slowest():
 def test_every_setting_the_server_takes_is_sweepable_with_its_type():
     # The phased protocol's knobs come from the HTTP request model: no list here to keep in step with it.
     from pgttt.api.schemas import EvalRequest
-    from pgttt.client import sweep
+    from pgttt.client import sweep_spec
 
     settings = set(EvalRequest.model_fields) - {"checkpoint", "dataset", "force", "wait", "wait_timeout_s"}
-    assert set(sweep.KINDS) == settings
+    assert set(sweep_spec.KINDS) == settings
     points = parse_spec(spec(fixed={"protocol": "phased", "ttt_warm_start_a": False},
                              grid={"ttt_chunk_size": [32, 48], "ttt_lora_lr": [1e-4, 3]})).expand()
     assert [(p.fields["ttt_chunk_size"], p.fields["ttt_lora_lr"]) for p in points] == [

@@ -10,7 +10,7 @@ import pytest
 
 from pgttt.api.compare import Side, compare
 from pgttt.api.schemas import EvalRequest
-from pgttt.client.sweep import parse_spec
+from pgttt.client.sweep_spec import parse_spec
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.phased import run_phased
 from tests.helpers.phased import TINY, stream, tiny_model
