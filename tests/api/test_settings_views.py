@@ -15,7 +15,7 @@ from pgttt.app import errors
 from pgttt.app.main import create_app
 from pgttt.app.settings import Settings, demo_dir
 from pgttt.budget.settings import BudgetError, ChunkedSettings, make_settings
-from pgttt.client import report, sweep_spec
+from pgttt.client import report_rows, sweep_spec
 from pgttt.ttt import cli
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.errors import EvalError
@@ -114,7 +114,7 @@ def test_every_view_lists_the_same_fields_with_the_same_bounds(tmp_path, capsys)
     # Sweep spec types and report columns.
     json_type = {int: int, float: float, str: str, bool: bool, tuple: list}
     assert sweep_spec.KINDS == {**{k.name: json_type[k.kind] for k in requested}, "gpus": int}
-    assert report.FIELD_ORDER == (*(k.name for k in requested), "gpus")
+    assert report_rows.FIELD_ORDER == (*(k.name for k in requested), "gpus")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +159,10 @@ def test_a_made_up_knob_appears_in_every_view(capsys, monkeypatch):
     with pytest.raises(sweep_spec.SweepError, match="ttt_made_up must be a finite number"):
         sweep_spec.parse_spec({**spec, "grid": {"ttt_made_up": ["fast"]}})
     # Report columns: in declared order (before gpus), not after every declared field.
-    monkeypatch.setattr(report, "FIELD_ORDER", report.field_order(WithMadeUp))
+    monkeypatch.setattr(report_rows, "FIELD_ORDER", report_rows.field_order(WithMadeUp))
     record = {"key": "k", "checkpoint": "c", "dataset": "d", "request": {"gpus": 1, "ttt_made_up": 0.5},
               "result": {"val_bpb": 1.5, "config": {"ttt_made_up": 0.5}}}
-    assert report.build_rows([record])[1] == ["ttt_made_up", "gpus"]
+    assert report_rows.build_rows([record])[1] == ["ttt_made_up", "gpus"]
 
 
 def test_errors_carry_their_field_and_value():

@@ -9,7 +9,8 @@ import struct
 import matplotlib.image
 import pytest
 
-from pgttt.client.report import build_rows, pareto_front, write_report
+from pgttt.client.report import write_report
+from pgttt.client.report_rows import build_rows, pareto_front
 from pgttt.client.results import ResultsError, read_results
 from pgttt.main import main
 

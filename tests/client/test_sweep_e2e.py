@@ -18,7 +18,7 @@ import matplotlib.image
 import pytest
 
 from pgttt.client.client import Client, RequestError, RetryPolicy
-from pgttt.client.report import build_rows
+from pgttt.client.report_rows import build_rows
 from pgttt.client.results import read_results
 from pgttt.main import main
 
