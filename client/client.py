@@ -2,7 +2,8 @@
 
 It speaks only HTTP (httpx), so it runs from a laptop or a notebook against a GPU pod; it never imports the
 engine or torch. Connection errors and 503/429 answers are retried with exponential backoff and jitter
-(``Retry-After`` honoured), a bounded number of times; every other error is raised as :class:`RequestError`.
+(``Retry-After`` honoured), a bounded number of times (:mod:`pgttt.client.retry`); every other error is raised as
+:class:`RequestError`. Progress streams as server-sent events (:mod:`pgttt.client.sse`).
 
 >>> from pgttt.client.client import Client
 >>> with Client("http://127.0.0.1:8000") as api:                      # doctest: +SKIP
@@ -15,23 +16,20 @@ succeeded 1.87...
 from __future__ import annotations
 
 import dataclasses
-import email.utils
-import json
 import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
 from pgttt.api.compare import Comparison
 from pgttt.api.schemas import FINAL_STATES
+from pgttt.client.retry import RETRY_STATUSES, RetryPolicy, parse_retry_after
+from pgttt.client.sse import Event, iter_sse
 from pgttt.errors import PgtttError
 
-# Answers that mean "not now, ask again": not ready yet, or the queue is full.
-RETRY_STATUSES = frozenset({429, 503})
 # Transport errors after which the request may have reached the server: only idempotent methods retry them.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE"})
 
@@ -74,32 +72,6 @@ class ServerUnreachable(RequestError):
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how long to retry: delay ``initial_s * 2**n`` capped at ``max_delay_s``, less up to
-    ``jitter`` of itself at random; a ``Retry-After`` header replaces the delay (capped at ``max_retry_after_s``).
-    ``attempts`` counts the first try."""
-
-    attempts: int = 8
-    initial_s: float = 0.5
-    max_delay_s: float = 10.0
-    jitter: float = 0.5
-    max_retry_after_s: float = 120.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"attempts={self.attempts}: must be at least 1")
-        if not 0 <= self.jitter <= 1:
-            raise ValueError(f"jitter={self.jitter}: must be within 0..1")
-
-    def delay(self, retry: int, rng: random.Random, retry_after: float | None = None) -> float:
-        """Seconds to wait before retry number ``retry`` (0-based)."""
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self.max_retry_after_s)
-        base = min(self.max_delay_s, self.initial_s * 2**retry)
-        return base * (1 - self.jitter * rng.random())
-
-
-@dataclass(frozen=True)
 class RemoteJob:
     """One evaluation job as the server describes it (see the API's job object); ``raw`` is the whole JSON."""
 
@@ -134,60 +106,6 @@ class RemoteJob:
     @property
     def finished(self) -> bool:
         return self.state in FINAL_STATES
-
-
-@dataclass(frozen=True)
-class Event:
-    """One server-sent event: ``event`` is ``progress``, ``state`` or ``end``; ``data`` the parsed JSON (or text)."""
-
-    event: str
-    data: Any
-    id: str | None = None
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date; None if absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
-
-
-def iter_sse(lines: Iterator[str]) -> Iterator[Event]:
-    """Events of a ``text/event-stream`` body given line by line (the WHATWG rules: ``data`` lines joined with
-    newlines, comments and unknown fields ignored, an event dispatched at each blank line)."""
-    name, data, event_id = "", [], None
-    for line in lines:
-        if line == "":
-            if data:
-                text = "\n".join(data)
-                try:
-                    payload: Any = json.loads(text)
-                except ValueError:
-                    payload = text
-                yield Event(name or "message", payload, event_id)
-            name, data = "", []
-            continue
-        if line.startswith(":"):
-            continue
-        key, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if key == "event":
-            name = value
-        elif key == "data":
-            data.append(value)
-        elif key == "id":
-            event_id = value
 
 
 class Client:

@@ -12,11 +12,13 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pgttt.client.client import RemoteJob
-from pgttt.client.sweep_spec import Point
 from pgttt.errors import PgtttError
+
+if TYPE_CHECKING:  # annotations only: reading results needs neither HTTP nor the spec
+    from pgttt.client.client import RemoteJob
+    from pgttt.client.sweep_spec import Point
 
 INTERVALS_FILE = "intervals.json"  # per key: delta, low, high against the best of its group (pgttt.client.halving)
 HALVING_FILE = "halving.json"

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from pgttt.api.challenge import EVAL_BUDGET_S
-from pgttt.client.client import Client, RetryPolicy
+from pgttt.client.client import Client
 from pgttt.client.halving import paired_intervals, run_halving, subset_knob, write_intervals
 from pgttt.client.report import Report, write_report
 from pgttt.client.results import read_results
+from pgttt.client.retry import RetryPolicy
 from pgttt.client.sweep_budget import describe, screen
 from pgttt.client.sweep_runner import SweepRunner
 from pgttt.client.sweep_spec import Point, SweepError, load_sweep

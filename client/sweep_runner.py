@@ -18,8 +18,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pgttt.client.client import Client, RemoteJob, RequestError, RetryPolicy, ServerUnreachable
+from pgttt.client.client import Client, RemoteJob, RequestError, ServerUnreachable
 from pgttt.client.results import ResultsFile, make_record
+from pgttt.client.retry import RetryPolicy
 from pgttt.client.sweep_spec import Point, SweepError
 
 

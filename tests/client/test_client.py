@@ -12,7 +12,9 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
-from pgttt.client.client import Client, RequestError, RetryPolicy, ServerUnreachable, iter_sse, parse_retry_after
+from pgttt.client.client import Client, RequestError, ServerUnreachable
+from pgttt.client.retry import RetryPolicy, parse_retry_after
+from pgttt.client.sse import iter_sse
 
 URL = "http://pod.test:8000"
 

@@ -15,9 +15,10 @@ import pytest
 
 from pgttt.api.compare import CompareError, Side, compare
 from pgttt.api.units import UnitSums
-from pgttt.client.client import Client, RetryPolicy
+from pgttt.client.client import Client
 from pgttt.client.halving import _keep, run_halving, rung_sizes, subset_knob
 from pgttt.client.report import write_report
+from pgttt.client.retry import RetryPolicy
 from pgttt.client.sweep_runner import SweepRunner
 from pgttt.client.sweep_spec import Point, SweepError, parse_spec
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from pgttt.client.client import Client, RequestError, RetryPolicy
+from pgttt.client.client import Client, RequestError
 from pgttt.client.report_rows import build_rows
 from pgttt.client.results import read_results
+from pgttt.client.retry import RetryPolicy
 from pgttt.main import main
 
 pytestmark = pytest.mark.slow

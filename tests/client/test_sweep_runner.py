@@ -12,7 +12,8 @@ import threading
 import httpx
 import pytest
 
-from pgttt.client.client import Client, RetryPolicy
+from pgttt.client.client import Client
+from pgttt.client.retry import RetryPolicy
 from pgttt.client.sweep_runner import SweepRunner
 from pgttt.client.sweep_spec import SweepError, parse_spec
 
