@@ -1,11 +1,14 @@
 """Successive halving over a sweep's points, and the paired intervals of a sweep's points against its best.
 
 Halving (``pgttt sweep --halving``): every point runs on a subset of the val set (its first ``start`` tokens, or
-documents for the phased protocol), the ``1/factor`` of lowest val_bpb go on (with any tied with the last of
-them), the subset grows ``factor``-fold, until the survivors run on the full set. Each rung's table shows every
-point's paired interval against the rung's best, to read how sure a cut was. That last rung runs the spec's own
-points, so its results are what the full grid has for them. The cost is counted in token-evaluations (tokens
-scored, summed over every job) against the full grid's (every point on the full set).
+documents for the phased protocol); a rung keeps the ``ceil(n/factor)`` of lowest val_bpb (with any tied with
+the last of them: *kept-top*), and also every other point whose paired interval against the rung's best holds 0
+(*kept-undecided*: the rung cannot tell it from the best, so cutting it would be a guess); the rest are *cut*.
+The rung's best is always kept. Where a rung has no usable intervals (a subset of one unit, a comparison the
+server refused), it keeps by val_bpb alone and its table says why. The subset grows ``factor``-fold, until the
+survivors run on the full set: that last rung runs the spec's own points, so its results are what the full grid
+has for them. The cost is counted in token-evaluations (tokens scored, summed over every job) against the full
+grid's (every point on the full set).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def paired_intervals(records: list[dict[str, Any]], client_for: Callable[[str], 
                 except RequestError as exc:
                     entry["problem"] = exc.message
                 else:
-                    entry.update(delta=c.delta_bpb, low=c.low, high=c.high, confidence=c.confidence)
+                    entry.update(delta=c.delta_bpb, low=c.low, high=c.high, confidence=c.confidence, units=c.units)
             out[r["key"]] = entry
     return out
 
@@ -63,13 +66,17 @@ def write_intervals(out_dir: Path, intervals: dict[str, dict[str, Any]]) -> Path
 
 
 # ---- successive halving --------------------------------------------------------------------------------------
+KEPT_TOP, KEPT_UNDECIDED, CUT = "kept-top", "kept-undecided", "cut"  # a rung's decision on a point
+
+
 @dataclass
 class Rung:
     size: int | None  # tokens or documents of the subset; None: the full set
     points: int
     kept: list[str]  # keys of the spec's points that went on
     token_evaluations: int
-    table: list[dict[str, Any]] = field(default_factory=list)  # per point: label, val_bpb, interval, kept
+    table: list[dict[str, Any]] = field(default_factory=list)  # per point: label, val_bpb, interval, status
+    fallback: str | None = None  # why the rung kept by val_bpb alone (no usable intervals); None: it used them
 
 
 @dataclass
@@ -135,9 +142,10 @@ def run_halving(points: list[Point], out_dir: Path, make_runner: Callable[[Path]
         runner.run(rung_points)
         records = [r for r in read_results(runner.results.path) if r["key"] in subset]
         intervals = paired_intervals(records, client_for, **compare_params)
-        kept = _keep(records, math.ceil(len(alive) / factor))
+        status, fallback = decide(records, math.ceil(len(alive) / factor), intervals)
+        kept = [k for k, s in status.items() if s != CUT]
         rungs.append(Rung(size, len(alive), [subset[k].key for k in kept], _token_evals(records),
-                          _table(records, intervals, kept, subset)))
+                          _table(records, intervals, status, subset), fallback))
         alive = [subset[k] for k in kept]
         if knob == "max_docs" and records and all(_units(r) < size for r in records):
             break  # the subset already held every document: the next rung is the full set
@@ -152,23 +160,49 @@ def run_halving(points: list[Point], out_dir: Path, make_runner: Callable[[Path]
     return halving
 
 
-def _keep(records: list[dict[str, Any]], n: int) -> list[str]:
-    """The ``n`` keys of lowest val_bpb, and the points tied with the last of them: a rung that scores points
-    alike (a subset of one chunk is scored before any training) has not told them apart. (Ranking by an
-    interval's optimistic end instead favours every point over the rung's best, whose own interval is 0.)"""
+def decide(records: list[dict[str, Any]], n: int,
+           intervals: dict[str, dict[str, Any]]) -> tuple[dict[str, str], str | None]:
+    """Each record's key -> KEPT_TOP, KEPT_UNDECIDED or CUT (in val_bpb order), and why the intervals were not
+    used (None when they were).
+
+    Kept-top: the ``n`` of lowest val_bpb and any tied with the last of them (a subset of one chunk is scored
+    before any training, so it tells no learning rates apart). Kept-undecided: another point whose paired interval
+    against the rung's best (``intervals[key]``: ``against``, ``low``, ``high``, ``units``) holds 0. The best is
+    kept-top whatever the intervals say: its interval against itself is [0, 0], so ranking by an interval's
+    optimistic end would put every other point ahead of it. Intervals of a subset of fewer than 2 units have zero
+    width whatever the truth (every resample is the one unit): then, or when no point has an interval against the
+    best, the rung keeps by val_bpb alone."""
     bpb = {r["key"]: r["result"]["val_bpb"] for r in records}
     ranked = sorted(bpb, key=bpb.__getitem__)
     n = max(1, n)
-    return [k for i, k in enumerate(ranked) if i < n or bpb[k] == bpb[ranked[n - 1]]]
+    best = ranked[0]
+    usable = {k: i for k, i in intervals.items()
+              if k in bpb and k != best and i.get("against") == best and "low" in i and "high" in i}
+    fallback = None
+    if len(ranked) > n and not usable:
+        problems = [intervals.get(k, {}).get("problem") for k in ranked[1:]]
+        fallback = "no paired interval against the best" + next((f": {p}" for p in problems if p), "")
+    elif usable and min(i.get("units", 0) for i in usable.values()) < 2:
+        units = min(i.get("units", 0) for i in usable.values())
+        fallback = f"the subset holds {units} unit(s): its intervals have zero width whatever the truth"
+    status = {}
+    for i, k in enumerate(ranked):
+        if i < n or bpb[k] == bpb[ranked[n - 1]]:
+            status[k] = KEPT_TOP
+        elif fallback is None and k in usable and usable[k]["low"] <= 0.0 <= usable[k]["high"]:
+            status[k] = KEPT_UNDECIDED
+        else:
+            status[k] = CUT
+    return status, fallback
 
 
-def _table(records: list[dict[str, Any]], intervals: dict[str, dict[str, Any]], kept: list[str],
+def _table(records: list[dict[str, Any]], intervals: dict[str, dict[str, Any]], status: dict[str, str],
            subset: dict[str, Point]) -> list[dict[str, Any]]:
     rows = []
     for r in sorted(records, key=lambda r: r["result"]["val_bpb"]):
         i = intervals.get(r["key"], {})
         rows.append({"key": subset[r["key"]].key, "label": subset[r["key"]].label(), "val_bpb": r["result"]["val_bpb"],
-                     **{k: i[k] for k in ("delta", "low", "high", "problem") if k in i}, "kept": r["key"] in kept})
+                     **{k: i[k] for k in ("delta", "low", "high", "problem") if k in i}, "status": status[r["key"]]})
     return rows
 
 

@@ -84,19 +84,24 @@ def _read_json(path: Path) -> Any:
 
 
 def _halving(halving: dict[str, Any]) -> str:
-    """The rungs of a halving sweep: each subset's points, their intervals against its best, who went on."""
+    """The rungs of a halving sweep: each subset's points, their intervals against its best, the decision on each
+    (kept-top, kept-undecided: its interval holds 0, cut), and the rung's fallback to val_bpb alone if it had one."""
     lines = ["## Successive halving", "", f"{halving['summary']}.", ""]
     for rung in halving["rungs"]:
         if rung["size"] is None:
             lines += [f"Full set: {rung['points']} point(s), {rung['token_evaluations']:,} token-evaluations "
                       "(the tables above).", ""]
             continue
+        decisions = [r["status"] for r in rung["table"]]
         lines += [f"### {halving['knob']}={rung['size']}: {rung['points']} point(s), "
-                  f"{rung['token_evaluations']:,} token-evaluations, {len(rung['kept'])} kept", "",
-                  "| setting | val_bpb | Δ vs best [interval] | kept |", "|---|---|---|---|"]
+                  f"{rung['token_evaluations']:,} token-evaluations, {len(rung['kept'])} kept "
+                  f"({decisions.count('kept-top')} top, {decisions.count('kept-undecided')} undecided)", ""]
+        if rung.get("fallback"):
+            lines += [f"Kept by val_bpb alone: {rung['fallback']}.", ""]
+        lines += ["| setting | val_bpb | Δ vs best [interval] | decision |", "|---|---|---|---|"]
         for r in rung["table"]:
-            interval = _interval(r.get("delta"), r.get("low"), r.get("high"))
-            lines.append(f"| {r['label']} | {r['val_bpb']:.4f} | {interval} | {'yes' if r['kept'] else ''} |")
+            interval = _interval(r.get("delta"), r.get("low"), r.get("high")) or f"no interval: {r.get('problem')}"
+            lines.append(f"| {r['label']} | {r['val_bpb']:.4f} | {interval} | {r['status']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -114,7 +119,6 @@ def _write_csv(path: Path, rows: list[Row], columns: list[str]) -> None:
         for row in rows:
             values = [cell(row.fields.get(c)) for c in columns] + [cell(row.metric(m)) for m in METRICS]
             writer.writerow([row.key, row.checkpoint, row.dataset, *values, row.job_id])
-
 
 
 def _markdown(

@@ -46,8 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--skip-over-budget", action="store_true",
                        help="do not run points the reference is predicted to take longer than --budget-s for")
     sweep.add_argument("--halving", action="store_true",
-                       help="successive halving: every point on a subset of the val set, the best 1/F by their "
-                            "paired intervals go on to a subset F times larger, until the full set (docs/sweeps.md)")
+                       help="successive halving: every point on a subset of the val set; the best 1/F by val_bpb, "
+                            "and any other whose paired interval against the best holds 0, go on to a subset F "
+                            "times larger, until the full set (docs/sweeps.md)")
     sweep.add_argument("--halving-start", type=int, metavar="N",
                        help="the first subset: max_tokens (max_docs for the phased protocol); default the full "
                             "set's tokens over F squared")

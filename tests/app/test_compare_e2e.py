@@ -168,6 +168,12 @@ def test_a_halving_sweep_finds_the_grids_best_for_fewer_token_evaluations(server
     assert halving["full_grid_token_evaluations"] == grid_cost
     assert halving["token_evaluations"] < grid_cost and halving["summary"] in err
     assert [r["size"] for r in halving["rungs"]] == [1024, 3072, None]
+    for rung in halving["rungs"][:-1]:  # the best goes on; a cut point's interval against it excludes 0
+        table = rung["table"]
+        assert table[0]["status"] == "kept-top" and table[0]["low"] == table[0]["high"] == 0.0
+        cut = [r for r in table if r["status"] == "cut"]
+        assert rung["fallback"] is not None or all(not r["low"] <= 0 <= r["high"] for r in cut)
+        assert [r["key"] for r in table if r["status"] != "cut"] == rung["kept"]
     report = (tmp_path / "halving" / "report.md").read_text()
     assert "## Successive halving" in report and f"{halving['token_evaluations']:,} token-evaluations" in report
     intervals = json.loads((tmp_path / "grid" / "intervals.json").read_text())
