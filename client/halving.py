@@ -4,11 +4,11 @@ Halving (``pgttt sweep --halving``): every point runs on a subset of the val set
 documents for the phased protocol); a rung keeps the ``ceil(n/factor)`` of lowest val_bpb (with any tied with
 the last of them: *kept-top*), and also every other point whose paired interval against the rung's best holds 0
 (*kept-undecided*: the rung cannot tell it from the best, so cutting it would be a guess); the rest are *cut*.
-The rung's best is always kept. Where a rung has no usable intervals (a subset of one unit, a comparison the
-server refused), it keeps by val_bpb alone and its table says why. The subset grows ``factor``-fold, until the
-survivors run on the full set: that last rung runs the spec's own points, so its results are what the full grid
-has for them. The cost is counted in token-evaluations (tokens scored, summed over every job) against the full
-grid's (every point on the full set).
+The rung's best is always kept. Where a rung has no usable intervals (too few units for a bootstrap, comparisons
+the server refused), it keeps by val_bpb alone and its table says why. The subset grows ``factor``-fold, until
+the survivors run on the full set: that last rung runs the spec's own points, so its results are what the full
+grid has for them. The cost is counted in token-evaluations (tokens scored, summed over every job) against the
+full grid's (every point on the full set).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgttt.api.compare import CONFIDENCE
 from pgttt.client.client import Client, RequestError, ServerUnreachable
 from pgttt.client.results import HALVING_FILE, INTERVALS_FILE, read_results
 from pgttt.client.sweep_runner import SweepOutcome, SweepRunner
@@ -169,9 +170,9 @@ def decide(records: list[dict[str, Any]], n: int,
     before any training, so it tells no learning rates apart). Kept-undecided: another point whose paired interval
     against the rung's best (``intervals[key]``: ``against``, ``low``, ``high``, ``units``) holds 0. The best is
     kept-top whatever the intervals say: its interval against itself is [0, 0], so ranking by an interval's
-    optimistic end would put every other point ahead of it. Intervals of a subset of fewer than 2 units have zero
-    width whatever the truth (every resample is the one unit): then, or when no point has an interval against the
-    best, the rung keeps by val_bpb alone."""
+    optimistic end would put every other point ahead of it. Intervals over fewer units than
+    :func:`bootstrap_units` asks are not intervals (their ends can be one unit's own Δ): then, or when no point
+    has an interval against the best, the rung keeps by val_bpb alone."""
     bpb = {r["key"]: r["result"]["val_bpb"] for r in records}
     ranked = sorted(bpb, key=bpb.__getitem__)
     n = max(1, n)
@@ -182,9 +183,12 @@ def decide(records: list[dict[str, Any]], n: int,
     if len(ranked) > n and not usable:
         problems = [intervals.get(k, {}).get("problem") for k in ranked[1:]]
         fallback = "no paired interval against the best" + next((f": {p}" for p in problems if p), "")
-    elif usable and min(i.get("units", 0) for i in usable.values()) < 2:
+    elif usable:
         units = min(i.get("units", 0) for i in usable.values())
-        fallback = f"the subset holds {units} unit(s): its intervals have zero width whatever the truth"
+        confidence = max(i.get("confidence", CONFIDENCE) for i in usable.values())
+        if units < bootstrap_units(confidence):
+            fallback = (f"the subset holds {units} unit(s): a {confidence:.0%} bootstrap interval needs "
+                        f"{bootstrap_units(confidence)} or more (over fewer, its ends can be one unit's own Δ)")
     status = {}
     for i, k in enumerate(ranked):
         if i < n or bpb[k] == bpb[ranked[n - 1]]:
@@ -194,6 +198,17 @@ def decide(records: list[dict[str, Any]], n: int,
         else:
             status[k] = CUT
     return status, fallback
+
+
+def bootstrap_units(confidence: float = CONFIDENCE) -> int:
+    """The fewest units whose percentile bootstrap interval at ``confidence`` is an interval: a resample draws one
+    unit n times with probability n * n**-n in all, and while that reaches a tail, (1 - confidence) / 2, the
+    interval's ends can be one unit's own Δ (over 2 chunks, the first scored alike by every setting: every
+    lower end is 0). 4 at 95%, 5 at 99%."""
+    n = 2
+    while n ** (1 - n) >= (1 - confidence) / 2:
+        n += 1
+    return n
 
 
 def _table(records: list[dict[str, Any]], intervals: dict[str, dict[str, Any]], status: dict[str, str],

@@ -18,7 +18,16 @@ import pytest
 from pgttt.api.compare import CompareError, Side, compare
 from pgttt.api.units import UnitSums
 from pgttt.client.client import Client
-from pgttt.client.halving import CUT, KEPT_TOP, KEPT_UNDECIDED, decide, run_halving, rung_sizes, subset_knob
+from pgttt.client.halving import (
+    CUT,
+    KEPT_TOP,
+    KEPT_UNDECIDED,
+    bootstrap_units,
+    decide,
+    run_halving,
+    rung_sizes,
+    subset_knob,
+)
 from pgttt.client.report import write_report
 from pgttt.client.retry import RetryPolicy
 from pgttt.client.sweep_runner import SweepRunner
@@ -205,6 +214,15 @@ def test_a_rung_without_usable_intervals_keeps_by_val_bpb_and_says_why():
                 (("a", 0.0), ("b", 0.0), ("c", 0.3))}  # zero width at Δ: b's "interval" holds 0 by accident
     status, fallback = decide(records, 1, one_unit)
     assert status == {"a": KEPT_TOP, "b": CUT, "c": CUT} and "1 unit(s)" in fallback
+    # Two chunks, the first scored alike by every setting: a quarter of the resamples are that chunk alone, so every
+    # 95% interval's lower end is 0; it tells nothing. Four units are the fewest a 95% interval is one over.
+    assert (bootstrap_units(0.95), bootstrap_units(0.99)) == (4, 5)
+    two = {k: {"against": "a", "low": 0.0, "high": 2 * d, "delta": d, "units": 2, "confidence": 0.95} for k, d in
+           (("a", 0.0), ("b", 0.01), ("c", 0.3))}
+    status, fallback = decide(records, 1, two)
+    assert status == {"a": KEPT_TOP, "b": CUT, "c": CUT} and "2 unit(s): a 95% bootstrap interval needs 4" in fallback
+    four = {k: {**i, "units": 4} for k, i in two.items()}
+    assert decide(records, 1, four) == ({"a": KEPT_TOP, "b": KEPT_UNDECIDED, "c": KEPT_UNDECIDED}, None)
     refused = {k: {"against": "a", "problem": "ran on http://b:1, the best on http://a:1"} for k in "bc"}
     status, fallback = decide(records, 1, refused)
     assert status == {"a": KEPT_TOP, "b": CUT, "c": CUT} and fallback.endswith("the best on http://a:1")
