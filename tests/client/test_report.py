@@ -217,3 +217,33 @@ def test_reference_seconds_are_the_time_axis_and_decide_the_budget(tmp_path):
     assert section(text, "Best within the 600 s budget (reference seconds on 8xH100") == ["k04"]
     assert "| ref 8xH100 s | pgttt eval s |" in text
     assert section(text, "Pareto frontier: val_bpb against reference 8xH100 seconds")[0] == "k00"
+
+
+def test_paired_intervals_beside_the_results_reach_the_csv_the_tables_and_the_plot(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    records = [record(i, *g) for i, g in enumerate(GRID)]
+    write_results(tmp_path / "results.jsonl", records)
+    best = min(records, key=lambda r: r["result"]["val_bpb"])["key"]  # k04, 1.830
+    intervals = {r["key"]: {"against": best, "delta": r["result"]["val_bpb"] - 1.830,
+                            "low": r["result"]["val_bpb"] - 1.840, "high": r["result"]["val_bpb"] - 1.820}
+                 for r in records}
+    intervals[best] = {"against": best, "delta": 0.0, "low": 0.0, "high": 0.0}
+    (tmp_path / "intervals.json").write_text(json.dumps(intervals))
+    bars = []
+    errorbar = matplotlib.axes.Axes.errorbar
+
+    def recorded(self, x, y, **kw):
+        bars.append((list(x), list(y), kw["yerr"]))
+        return errorbar(self, x, y, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", recorded)
+    report = write_report(tmp_path / "results.jsonl")
+    with report.csv.open() as f:
+        rows = {r["key"]: r for r in csv.DictReader(f)}
+    assert float(rows["k02"]["delta_bpb"]) == pytest.approx(0.02) and float(rows["k02"]["delta_low"]) == \
+        pytest.approx(0.01) and float(rows["k02"]["delta_high"]) == pytest.approx(0.03)
+    assert "| +0.0200 [+0.0100, +0.0300] |" in report.markdown.read_text()  # k02's row
+    (x, y, (below, above)), = bars  # one group: one set of error bars, the best (Δ = 0) without one
+    assert len(x) == len(GRID) - 1 and 1.830 not in y
+    assert below == pytest.approx([0.01] * 7) and above == pytest.approx([0.01] * 7)

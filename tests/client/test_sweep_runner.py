@@ -128,14 +128,14 @@ def error(status: int, code: str, message: str, **detail) -> httpx.Response:
 
 
 def runner(tmp_path, *servers: FakeServer, concurrency: int = 2, api_key: str | None = None,
-           **kwargs) -> SweepRunner:
+           progress: bool = False, **kwargs) -> SweepRunner:
     by_url = {s.url: s for s in servers}
 
     def client(url: str) -> Client:
         return Client(url, api_key=api_key, transport=httpx.MockTransport(by_url[url].handle),
                       retry=RetryPolicy(attempts=3, initial_s=0.001), sleep=lambda s: None)
 
-    return SweepRunner(list(by_url), tmp_path / "out", concurrency=concurrency, poll_s=0.001, progress=False,
+    return SweepRunner(list(by_url), tmp_path / "out", concurrency=concurrency, poll_s=0.001, progress=progress,
                        client_factory=client, **kwargs)
 
 
@@ -157,6 +157,16 @@ def test_points_spread_over_servers_within_the_concurrency_bound(tmp_path):
         assert r["request"] == job["request"] == next(p.fields for p in points if p.key == r["key"])
     assert a.submitted and b.submitted and len(a.submitted) + len(b.submitted) == 6
     assert 1 <= a.max_active <= 2 and 1 <= b.max_active <= 2
+
+
+def test_the_progress_bar_shows_done_of_total_and_the_best_so_far(tmp_path, capsys):
+    points = parse_spec(SPEC).expand()
+    runner(tmp_path, FakeServer("http://a:1"), progress=True).run(points[:2])
+    best = min(made_up_result(p.fields)["val_bpb"] for p in points[:2])
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert bar.startswith("sweep: 100%") and "2/2" in bar and f"best bpb {best:.4f}, failed 0" in bar
+    runner(tmp_path, FakeServer("http://a:1"), progress=True).run(points)  # resumed: the bar counts what is left
+    assert f"{len(points) - 2}/{len(points) - 2}" in capsys.readouterr().err.split("\r")[-1]
 
 
 def test_the_sweep_waits_for_a_warming_server_and_passes_force(tmp_path):
