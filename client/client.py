@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from pgttt.api.compare import Comparison
-from pgttt.api.schemas import FINAL_STATES
+from pgttt.api.schemas import FINAL_STATES, EvalRequest
 from pgttt.client.retry import RETRY_STATUSES, RetryPolicy, parse_retry_after
 from pgttt.client.sse import Event, iter_sse
 from pgttt.errors import PgtttError
@@ -190,11 +190,16 @@ class Client:
         'queued'
         """
         body: dict[str, Any] = {"checkpoint": checkpoint, "dataset": dataset, **config, "gpus": gpus, "force": force}
+        timeout = self._http.timeout
         if wait:
             body["wait"] = True
             if wait_timeout_s is not None:
                 body["wait_timeout_s"] = wait_timeout_s
-        return RemoteJob.from_dict(self._json("POST", "/eval", json=body, ok=(200, 201, 202)))
+            # The server answers only after up to wait_timeout_s: read for that long, plus the usual timeout.
+            waited = EvalRequest.model_fields["wait_timeout_s"].default if wait_timeout_s is None else wait_timeout_s
+            timeout = httpx.Timeout(timeout.connect, read=waited + (timeout.read or 0.0), write=timeout.write,
+                                    pool=timeout.pool)
+        return RemoteJob.from_dict(self._json("POST", "/eval", json=body, ok=(200, 201, 202), timeout=timeout))
 
     def job(self, job_id: str) -> RemoteJob:
         """``GET /jobs/{id}``."""

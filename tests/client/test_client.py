@@ -156,6 +156,16 @@ def test_a_post_cut_off_mid_answer_is_not_resent_but_a_get_is():
     assert api.job("j1").state == "running" and len(get.requests) == 2
 
 
+def test_a_submit_that_waits_reads_for_as_long_as_the_server_may_wait():
+    script = Script(httpx.Response(200, json=job_json(state="succeeded")))
+    api, _ = client(script, timeout_s=30.0)
+    api.submit("demo", "demo", ttt_epochs=1)
+    api.submit("demo", "demo", ttt_epochs=1, wait=True, wait_timeout_s=300)
+    api.submit("demo", "demo", ttt_epochs=1, wait=True)  # the server's default wait, 60 s
+    reads = [r.extensions["timeout"]["read"] for r in script.requests]
+    assert reads == [30.0, 330.0, 90.0] and json.loads(script.requests[1].content)["wait_timeout_s"] == 300
+
+
 def test_api_key_is_sent_as_bearer():
     script = Script(httpx.Response(200, json={"checkpoints": [{"name": "demo"}]}))
     api, _ = client(script, api_key="s3cret")
