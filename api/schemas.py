@@ -17,7 +17,7 @@ JOB_STATES: tuple[str, ...] = get_args(JobState)
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = frozenset(JOB_STATES) - frozenset(ACTIVE_STATES)
 
-EVAL_EXAMPLE = {
+EVAL_EXAMPLE: dict[str, Any] = {
     "checkpoint": "demo",
     "dataset": "demo",
     "ttt_epochs": 1,
@@ -45,7 +45,7 @@ class EvalRequestBase(BaseModel):
 
 
 # A report the engine sent for the demo checkpoint (ttt_epochs=1, chunk_tokens=4096, max_tokens=16384), rounded.
-PROGRESS_EXAMPLE = {
+PROGRESS_EXAMPLE: dict[str, Any] = {
     "phase": "training", "chunks_done": 1, "chunks_total": 4, "tokens_scored": 8192, "tokens_total": 16384,
     "tokens_per_s": 444.4, "eta_s": 18.4, "running_bpb": 2.129,
 }
@@ -67,7 +67,7 @@ def knob_field(knob: Knob) -> tuple[Any, Any]:
 
 def eval_request_model(settings: type = EvalSettings) -> type[EvalRequestBase]:
     """The ``POST /eval`` body: what to evaluate, and a field per declared knob that a request may set."""
-    fields = {k.name: knob_field(k) for k in request_knobs(settings)}
+    fields: dict[str, Any] = {k.name: knob_field(k) for k in request_knobs(settings)}
     return create_model("EvalRequest", __base__=EvalRequestBase, __doc__=EvalRequestBase.__doc__, **fields)
 
 

@@ -224,9 +224,15 @@ def _kind(hint: Any) -> tuple[type, bool]:
     return origin, optional
 
 
-@functools.cache
 def knobs(settings: type = EvalSettings) -> tuple[Knob, ...]:
     """The declared knobs of a settings class, in declaration order."""
+    return _knobs(settings)
+
+
+# Cached behind a plain function: mypy takes a frozen dataclass's class (``type(config)``) for an unhashable
+# argument of a functools.cache function.
+@functools.cache
+def _knobs(settings: type) -> tuple[Knob, ...]:
     hints = typing.get_type_hints(settings)
     out = []
     for f in fields(settings):

@@ -10,6 +10,7 @@ On disk the sums live beside the result's JSON as a ``.npz`` of four plain array
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import zipfile
@@ -78,7 +79,8 @@ class UnitSums:
             h.update(getattr(self, name).tobytes())
         return h.hexdigest()[:16]
 
-    def to_bytes(self) -> bytes:
+    # builtins.bytes: in the class body, ``bytes`` is the field.
+    def to_bytes(self) -> builtins.bytes:
         buf = io.BytesIO()
         np.savez(buf, kind=np.array(self.kind), **{name: getattr(self, name) for name in _FIELDS})
         return buf.getvalue()
@@ -87,7 +89,7 @@ class UnitSums:
         Path(path).write_bytes(self.to_bytes())
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, name: str = "units") -> UnitSums:
+    def from_bytes(cls, data: builtins.bytes, *, name: str = "units") -> UnitSums:
         # np.load on a zip opens members lazily; check member names and declared sizes before reading.
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as zf:

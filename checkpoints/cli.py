@@ -198,5 +198,6 @@ def run_import(args: argparse.Namespace) -> int:
         f"{parameter_count(ckpt.tensors):,} parameters in {len(ckpt.tensors)} tensors ({schemes}"
         f"{f'; {lqer} with LQER' if lqer else ''})"
     )
+    assert ckpt.tokenizer is not None  # import's --tokenizer is required
     print(f"wrote {out} ({out.stat().st_size:,} bytes), tokenizer {ckpt.tokenizer.name}")
     return 0

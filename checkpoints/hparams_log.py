@@ -86,7 +86,7 @@ def _typed(raw: str, kind: type | None) -> Any:
 
 def _field_types() -> dict[str, type]:
     hints = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
-    kinds = {}
+    kinds: dict[str, type] = {}
     for name, hint in hints.items():
         text = str(hint)
         kinds[name] = next((t for t in (bool, int, float, str) if t.__name__ in text.split(" | ")), str)
@@ -159,7 +159,7 @@ def check_quantization(log: TrainingLog, tensors: dict[str, QuantizedTensor], wh
     if o.get("lqer_enabled") is True and "lqer_top_k" in o and len(lqer) != o["lqer_top_k"]:
         problems.append(f"lqer_top_k={o['lqer_top_k']} but {len(lqer)} tensors carry LQER factors")
     if o.get("lqer_enabled") is True and "lqer_rank" in o:
-        ranks = sorted({tensors[n].lqer.rank for n in lqer})
+        ranks = sorted({qt.lqer.rank for qt in tensors.values() if qt.lqer is not None})
         if ranks and ranks != [o["lqer_rank"]]:
             problems.append(f"lqer_rank={o['lqer_rank']} but the LQER factors have rank {ranks}")
     gates = sorted({qt.scheme for n, qt in tensors.items() if n.endswith(".attn_gate_w")})

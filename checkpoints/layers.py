@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from .config import ModelConfig
 
 try:  # FlashAttention-3 (Hopper); optional, never required.
-    from flash_attn_interface import flash_attn_func as _fa3_func  # type: ignore[import-not-found]
-    from flash_attn_interface import flash_attn_varlen_func as _fa3_varlen  # type: ignore[import-not-found]
+    from flash_attn_interface import flash_attn_func as _fa3_func
+    from flash_attn_interface import flash_attn_varlen_func as _fa3_varlen
 except Exception:  # noqa: BLE001 - any import failure just means "not available"
     _fa3_func = _fa3_varlen = None
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,8 @@ class GPT(nn.Module):
         if config.smear_gate_enabled:
             self.smear_gate = CastedLinear(config.gate_window, 1)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(layers))
+        # A ModuleList of Blocks, typed as such: torch's ModuleList types its items as Module.
+        self.blocks = cast(Sequence[Block], nn.ModuleList(Block(config, i) for i in range(layers)))
         self.encoder_indices, self.decoder_indices = config.encoder_decoder()
         n_skip = config.num_skip_weights
         self.skip_weights = nn.Parameter(torch.ones(n_skip, d))

@@ -28,19 +28,19 @@ from .format import CheckpointError, byte_unshuffle, check_tensors, expected_sha
 from .inflate import InflateError, brotli_decompress, lzma_decompress
 from .pergroup import MAGIC as PGRP_MAGIC
 from .pergroup import decode_pergroup
-from .quant import Lqer, QuantizedTensor
+from .quant import Lqer, LqerKind, QuantizedTensor, Scheme
 
 SHUFFLE_MAGIC = b"BSHF"
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's own (uncompressed) container
-CATEGORIES: dict[str, str] = {
+CATEGORIES: dict[str, Scheme] = {
     "gptq (int6)": "int6",
     "gptq (int7)": "int7",
     "gptq (int8)": "int8",
     "gate_int8_row": "gate_int8_row",
     "passthrough (float16)": "float16",
 }
-LQER_SUFFIXES: dict[str, str] = {"+lqer_asym": "asym", "+lqer": "sym"}
+LQER_SUFFIXES: dict[str, LqerKind] = {"+lqer_asym": "asym", "+lqer": "sym"}
 # The tensors each kind stores, as name suffixes (spec 4.1).
 _VALUE_KEYS = {"float16": ("",), "gate_int8_row": (".gq", ".gs")}
 _LQER_KEYS = {"asym": (".lqA_a", ".lqAs_a", ".lqB_a", ".lqBs_a"), "sym": (".lqA", ".lqAs", ".lqB", ".lqBs")}
@@ -166,7 +166,7 @@ def _layout(obj: Any, fail) -> tuple[Any, Any]:
     return obj["w"], obj["m"]
 
 
-def parse_category(meta: Any) -> tuple[str, str | None] | None:
+def parse_category(meta: Any) -> tuple[Scheme, LqerKind | None] | None:
     """``"gptq (int6)+lqer_asym"`` -> ``("int6", "asym")``; None for an unknown category."""
     if not isinstance(meta, str):
         return None
@@ -203,7 +203,9 @@ def tensors_from_layout(w: Any, m: Any, fail, config: ModelConfig, where: str) -
     tensors: dict[str, QuantizedTensor] = {}
     used: set[str] = set()
     for name, meta in m.items():
-        scheme, kind = parse_category(meta)
+        parsed = parse_category(meta)
+        assert parsed is not None  # unknown categories were refused above
+        scheme, kind = parsed
         keys = [name + k for k in _VALUE_KEYS.get(scheme, (".q", ".scale"))]
         lqer_keys = [name + k for k in _LQER_KEYS[kind]] if kind else []
         absent = [k for k in keys + lqer_keys if k not in w]
@@ -211,7 +213,8 @@ def tensors_from_layout(w: Any, m: Any, fail, config: ModelConfig, where: str) -
             raise fail(f"m describes {name} as {meta!r} but w has no {', '.join(absent)}")
         used.update(keys + lqer_keys)
         lqer = Lqer(kind, *(w[k] for k in lqer_keys)) if kind else None
-        tensors[name] = QuantizedTensor(scheme, *(w[k] for k in keys), lqer=lqer)
+        values = [w[k] for k in keys]  # q, then its scales (float16 has none)
+        tensors[name] = QuantizedTensor(scheme, values[0], values[1] if len(values) > 1 else None, lqer=lqer)
     stray = [k for k in w if k not in used]
     if stray:
         raise fail(f"w holds tensors that m does not describe: {', '.join(stray[:6])}")

@@ -63,6 +63,7 @@ class Lqer:
         if self.kind == "asym":
             a = self.a.float() * self.a_scale.float()
             g = self.group
+            assert g is not None  # asymmetric with group scales: check() refuses one without
             b = (self.b.reshape(-1, g).float() * self.b_scale.float().view(-1, 1)).reshape(self.b.shape)
         else:
             a = self.a.float() * self.a_scale.float().view(-1, 1)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .quant import SCHEMES, Lqer, QuantizedTensor
+from .quant import SCHEMES, Lqer, LqerKind, QuantizedTensor, Scheme
 
 _V1_SCHEMES = ("int6", "int8", "float16")
 _KEYS = {1: {"name", "scheme", "shape", "q", "scale"}, 2: {"name", "scheme", "shape", "q", "scale", "lqer"}}
@@ -41,10 +41,10 @@ class Section:
 @dataclass(frozen=True)
 class Planned:
     name: str
-    scheme: str
+    scheme: Scheme
     shape: tuple[int, ...]
     sections: dict[str, Section]  # q, scale, lqer_a, lqer_a_scale, lqer_b, lqer_b_scale
-    lqer_kind: str | None
+    lqer_kind: LqerKind | None
 
 
 def plan_table(entries: Any, version: int, fail) -> tuple[list[Planned], int]:
@@ -97,7 +97,7 @@ def plan_table(entries: Any, version: int, fail) -> tuple[list[Planned], int]:
     return planned, cursor
 
 
-def _plan_lqer(name, scheme, shape, lqer, sections, section, fail) -> str:
+def _plan_lqer(name, scheme, shape, lqer, sections, section, fail) -> LqerKind:
     if scheme not in ("int6", "int7", "int8") or len(shape) != 2:
         raise fail(f"tensor {name}: an LQER correction needs a GPTQ'd matrix, not {scheme} {list(shape)}")
     if not isinstance(lqer, dict) or set(lqer) != _LQER_KEYS or lqer["kind"] not in ("asym", "sym"):
@@ -109,7 +109,7 @@ def _plan_lqer(name, scheme, shape, lqer, sections, section, fail) -> str:
     if lqer["kind"] == "asym":
         if not _is_int(group) or group < 1 or (rank * cols) % group:
             raise fail(f"tensor {name}: LQER group {group!r} must divide the {rank * cols} elements of B")
-        scales = ((), ((rank * cols) // group,))
+        scales: tuple[tuple[int, ...], tuple[int, ...]] = ((), ((rank * cols) // group,))
     else:
         if group is not None:
             raise fail(f"tensor {name}: a symmetric LQER has group null")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings: type = EvalSett
     """A flag per declared knob, grouped as declared, its help and default from the declaration. Every flag
     defaults to None (a list to []): only what is given reaches the config, which keeps its own defaults."""
     groups = {name: parser.add_argument_group(f"settings: {title}") for name, title in GROUPS.items()}
+    parsers: dict[type, Callable[[str], Any]] = {bool: parse_flag, int: int, float: float, str: str}
     for knob in knobs(settings):
         group = groups[knob.group]
         text = "; ".join(t for t in (knob.help, knob.range_text(), knob.default_text()) if t)
@@ -39,8 +41,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings: type = EvalSett
             group.add_argument(flag_of(knob), dest=knob.name, action="append", default=[], metavar="PATTERN",
                                help=f"{text} (repeatable)")
             continue
-        kind = {bool: parse_flag, int: int, float: float, str: str}[knob.kind]
-        group.add_argument(flag_of(knob), dest=knob.name, type=kind, choices=knob.choices, help=text,
+        group.add_argument(flag_of(knob), dest=knob.name, type=parsers[knob.kind], choices=knob.choices, help=text,
                            metavar="{true,false}" if knob.kind is bool else None)
     if any(k.name == "compile" for k in knobs(settings)):
         groups["common"].add_argument("--no-compile", dest="compile", action="store_const", const=False,

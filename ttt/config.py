@@ -89,12 +89,13 @@ class EvalConfig(EvalSettings):
         filled = tuple(k for k in PHASED_KNOBS if getattr(self, k) is None)
         values = {k: row[k] for k in filled}
         rank = values.get("ttt_lora_rank", self.ttt_lora_rank)
+        assert rank is not None  # given, or filled from the row
         if values.get("ttt_lora_alpha", self.ttt_lora_alpha) is None:
             values["ttt_lora_alpha"] = float(rank)  # the record has no alpha: scale alpha / rank = 1
         # Re-resolving a resolved config changes nothing and keeps its provenance.
         filled = tuple(k for k in PHASED_KNOBS if k in filled or k in self.defaults_filled)
         config = dataclasses.replace(self, record_defaults=record, defaults_filled=filled, **values)
-        assert config.seq_len is not None
+        assert config.seq_len is not None and config.global_ttt_chunk_tokens is not None  # given, or from the row
         trains = bool(config.phased_ttt_prefix_docs and config.global_ttt_epochs)
         if trains and config.global_ttt_chunk_tokens < config.seq_len:
             raise EvalError(

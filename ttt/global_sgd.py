@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pgttt.checkpoints.model import autocast
+from pgttt.checkpoints.model import GPT, autocast
 
 from .compliance import ComplianceLog
 from .config import EvalConfig
@@ -53,12 +53,16 @@ def spans_in_stream(a: int, b: int, offsets: np.ndarray, starts: np.ndarray, len
     return spans
 
 
-def global_sgd(model: torch.nn.Module, tokens: np.ndarray, docs: list[Doc], config: EvalConfig, *, world: World,
+def global_sgd(model: GPT, tokens: np.ndarray, docs: list[Doc], config: EvalConfig, *, world: World,
                log: ComplianceLog, order: int, precision: str) -> PhaseSGD:
     """Train ``model`` in place on the selected documents ``docs`` (in selection order)."""
     device = next(model.parameters()).device
     length, ranks = config.seq_len, config.emulate_ranks
-    assert length is not None
+    # Resolved (EvalConfig.resolved), every record knob is set.
+    assert length is not None and config.global_ttt_chunk_tokens is not None and config.global_ttt_lr is not None
+    assert config.global_ttt_warmup_chunks is not None and config.global_ttt_warmup_start_lr is not None
+    assert config.global_ttt_momentum is not None and config.global_ttt_batch_seqs is not None
+    assert config.global_ttt_epochs is not None and config.global_ttt_grad_clip is not None
     stream = np.concatenate([np.asarray(tokens[d.start : d.start + d.length]) for d in docs]) if docs else \
         np.zeros(0, dtype=np.int64)
     offsets, starts = stream_positions(docs) if docs else (np.zeros(0, np.int64), np.zeros(0, np.int64))
@@ -118,7 +122,7 @@ def global_sgd(model: torch.nn.Module, tokens: np.ndarray, docs: list[Doc], conf
     return result
 
 
-def _loss(model: torch.nn.Module, piece: Tensor, config: EvalConfig, length: int, precision: str) -> Tensor:
+def _loss(model: GPT, piece: Tensor, config: EvalConfig, length: int, precision: str) -> Tensor:
     """Mean cross-entropy of one emulated rank's slice (inputs piece[:-1], targets piece[1:])."""
     x, y = piece[:-1], piece[1:]
     with autocast(precision, x.device):

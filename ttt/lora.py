@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pgttt.checkpoints.model import GPT
+
 SITES_IN_DRAW_ORDER: tuple[str, ...] = ("q", "v", "k", "mlp", "o")
 
 
@@ -44,7 +46,7 @@ class Shapes:
         ]
 
 
-def shapes_for(model: torch.nn.Module, rank: int, *, k: bool, mlp: bool, o: bool) -> Shapes:
+def shapes_for(model: GPT, rank: int, *, k: bool, mlp: bool, o: bool) -> Shapes:
     config = model.config
     encoder, decoder = model.schedule()
     sites = tuple(s for s in SITES_IN_DRAW_ORDER if {"k": k, "mlp": mlp, "o": o}.get(s, True))

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pgttt.api.units import UnitSums
-from pgttt.checkpoints.model import autocast
+from pgttt.checkpoints.model import GPT, autocast
 
 from .compliance import ComplianceLog, check_compliance
 from .config import EvalConfig
 from .distributed import World
-from .documents import Batch, chunk_window, find_documents, make_queue, num_chunks, select_documents
+from .documents import Batch, Doc, chunk_window, find_documents, make_queue, num_chunks, select_documents
 from .errors import EvalCancelled, EvalError
 from .global_sgd import global_sgd
 from .lora import AdapterSet, DrawStream, Shapes, lora_optimizer, shapes_for
@@ -113,7 +113,7 @@ class Lane:
         return self.reusable
 
 
-def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndarray, config: EvalConfig, *,
+def run_phased(model: GPT, tokens: np.ndarray, target_bytes: np.ndarray, config: EvalConfig, *,
                world: World | None = None, progress: Callable[[PhasedProgress], None] | None = None,
                cancel: Any = None, chunk_step: Any = None) -> PhasedRun:
     """Spec 2 on ``model`` in place. ``tokens``: the cut val stream; ``target_bytes[i]``: bytes of target i
@@ -123,6 +123,11 @@ def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndar
     precision = config.precision
     if precision is None or config.seq_len is None or config.ttt_lora_rank is None:
         raise ValueError("run_phased needs a resolved EvalConfig (EvalConfig.resolved)")
+    # Resolved, every record knob is set (from the record's row, which has them all).
+    assert config.val_doc_fraction is not None and config.ttt_batch_size is not None
+    assert config.phased_ttt_prefix_docs is not None and config.phased_ttt_num_phases is not None
+    assert config.ttt_k_lora is not None and config.ttt_mlp_lora is not None and config.ttt_o_lora is not None
+    assert config.ttt_chunk_size is not None and config.ttt_eval_seq_len is not None
     if len(target_bytes) != len(tokens) - 1:
         raise EvalError(f"{len(target_bytes)} target byte counts for a stream of {len(tokens)} tokens")
     t_start = time.perf_counter()
@@ -140,7 +145,8 @@ def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndar
                 for c in range(max(num_chunks(d, config.ttt_chunk_size) for d in b.docs))) for b in queue]
     my_cost = sum(c for q, c in enumerate(cost) if virtual_rank(q, pauses, config.emulate_ranks) in lanes)
     model.eval().requires_grad_(False)
-    log, units, traces, phases = ComplianceLog(), UnitLog("document"), [], []
+    log, units, traces = ComplianceLog(), UnitLog("document"), []
+    phases: list[dict[str, Any]] = []
     done_cost = docs_done = scored = 0
     step = 2 * max(num_chunks(d, config.ttt_chunk_size) for d in docs) + 2  # ledger order: batch, chunk, kind
     scoring_s = training_s = global_s = 0.0
@@ -194,7 +200,7 @@ def run_phased(model: torch.nn.Module, tokens: np.ndarray, target_bytes: np.ndar
                    {"scoring_s": scoring_s, "training_s": training_s, "global_sgd_s": global_s})
 
 
-def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stream: Tensor, nbytes: Tensor,
+def score_batch(model: GPT, batch: Batch, adapters: AdapterSet, stream: Tensor, nbytes: Tensor,
                 config: EvalConfig, log: ComplianceLog, units: UnitLog, *, order: int,
                 chunk_step: Any = None) -> BatchTrace:
     """Spec 2.5 for one batch: for each chunk step c, score every document's chunk c in its window, then
@@ -205,6 +211,11 @@ def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stre
     per_token_loss = _per_token_loss if chunk_step is None else chunk_step
     device, docs = stream.device, batch.docs
     size, window, bsz = config.ttt_chunk_size, config.ttt_eval_seq_len, len(docs)
+    # Resolved (EvalConfig.resolved), every record knob is set.
+    assert size is not None and window is not None and config.precision is not None
+    assert config.ttt_grad_steps is not None and config.ttt_optimizer is not None and config.ttt_lora_lr is not None
+    assert config.ttt_beta1 is not None and config.ttt_beta2 is not None and config.ttt_eps is not None
+    assert config.ttt_weight_decay is not None
     chunks = [num_chunks(d, size) for d in docs]
     make_optimizer = lora_optimizer if chunk_step is None else chunk_step.optimizer
     optimizer = make_optimizer(adapters.parameters(), kind=config.ttt_optimizer, lr=config.ttt_lora_lr,
@@ -270,7 +281,7 @@ def score_batch(model: torch.nn.Module, batch: Batch, adapters: AdapterSet, stre
                       0, 0, loss_sum, int(tokens), int(nb), scoring_s=scoring_s, training_s=training_s)
 
 
-def _per_token_loss(model: torch.nn.Module, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
+def _per_token_loss(model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
                     precision: str) -> Tensor:
     """Cross-entropy (bsz, k) of the targets ``y`` at the window columns ``positions`` (bsz, k)."""
     with autocast(precision, x.device):
@@ -278,10 +289,11 @@ def _per_token_loss(model: torch.nn.Module, x: Tensor, positions: Tensor, y: Ten
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
-def _finish(world: World, log: ComplianceLog, units: UnitLog, traces: list[BatchTrace], docs: list, queue: list[Batch],
-            bounds: list[int], pauses: list[int], phases: list[dict], config: EvalConfig,
+def _finish(world: World, log: ComplianceLog, units: UnitLog, traces: list[BatchTrace], docs: list[Doc],
+            queue: list[Batch], bounds: list[int], pauses: list[int], phases: list[dict[str, Any]], config: EvalConfig,
             timings: dict[str, float]) -> PhasedRun:
     """Every rank's traces and ledger gathered; running values in queue order; the compliance check."""
+    assert config.ttt_chunk_size is not None  # resolved (EvalConfig.resolved)
     if world.distributed:
         traces = [t for part in world.all_gather(traces) for t in part]
         log = ComplianceLog.merge(world.all_gather(log))

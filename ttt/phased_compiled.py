@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pgttt.checkpoints.model import GPT
+
 from .config import EvalConfig
 from .documents import find_documents, make_queue, select_documents
 from .lora import AdapterSet, lora_optimizer, shapes_for
@@ -58,6 +60,7 @@ def step_widths(config: EvalConfig) -> list[int]:
 
 def batch_sizes(tokens: np.ndarray, config: EvalConfig) -> list[int]:
     """The document counts of the batches ``run_phased`` makes of ``tokens`` with ``config`` (resolved)."""
+    assert config.val_doc_fraction is not None and config.ttt_batch_size is not None  # resolved
     docs = select_documents(find_documents(tokens), max_docs=config.max_docs, fraction=config.val_doc_fraction,
                             seed=config.seed)
     return sorted({len(b.docs) for b in make_queue(docs, config.ttt_batch_size)}, reverse=True)
@@ -80,7 +83,7 @@ class PhasedStep:
     def optimizer(self, params: list[Tensor], **settings: Any) -> torch.optim.Optimizer:
         return lora_optimizer(params, **settings, fused=params[0].is_cuda)
 
-    def __call__(self, model: torch.nn.Module, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
+    def __call__(self, model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
                  precision: str) -> Tensor:
         width = bucket(x.size(1), _rotary_limit(model), self.smallest_width)
         key = self._key(model, x.size(0), width, positions.size(1), adapters, precision)
@@ -90,10 +93,13 @@ class PhasedStep:
             return _per_token_loss(model, x, positions, y, adapters, precision)
         return self._run(model, F.pad(x, (0, width - x.size(1))), positions, y, adapters, precision)
 
-    def warm_up(self, model: torch.nn.Module, config: EvalConfig, rows: int | None = None) -> None:
+    def warm_up(self, model: GPT, config: EvalConfig, rows: int | None = None) -> None:
         """Compile every shape a batch of ``rows`` documents (default ``ttt_batch_size``) of ``config``
         (resolved) takes; weights unchanged."""
         assert config.ttt_lora_rank is not None and config.precision is not None
+        # Resolved (EvalConfig.resolved), every record knob is set.
+        assert config.ttt_k_lora is not None and config.ttt_mlp_lora is not None and config.ttt_o_lora is not None
+        assert config.ttt_batch_size is not None and config.ttt_chunk_size is not None
         shapes = shapes_for(model, config.ttt_lora_rank, k=config.ttt_k_lora, mlp=config.ttt_mlp_lora,
                             o=config.ttt_o_lora)
         rows = rows or config.ttt_batch_size
@@ -109,11 +115,11 @@ class PhasedStep:
                 self._compile(key, model, rows, width, config.ttt_chunk_size, adapters, config.precision)
 
     @staticmethod
-    def _key(model: torch.nn.Module, rows: int, width: int, size: int, adapters: AdapterSet,
+    def _key(model: GPT, rows: int, width: int, size: int, adapters: AdapterSet,
              precision: str) -> tuple[Any, ...]:
         return (id(model), rows, width, size, adapters.shapes, adapters.scale, precision)
 
-    def _run(self, model: torch.nn.Module, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
+    def _run(self, model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
              precision: str) -> Tensor:
         if self.cuda_graphs:
             # A new step: the last replay's outputs (its losses, the gradients it made) are read no more.
@@ -123,7 +129,7 @@ class PhasedStep:
         with torch.enable_grad():  # the training graph, not one more graph for a step that does not train
             return self.compiled(model, x, positions, y, adapters, precision).detach()
 
-    def _compile(self, key: tuple[Any, ...], model: torch.nn.Module, rows: int, width: int, size: int,
+    def _compile(self, key: tuple[Any, ...], model: GPT, rows: int, width: int, size: int,
                  adapters: AdapterSet, precision: str) -> None:
         """Forward and backward on zero inputs and dummy adapters of the real ones' shapes, twice (a guard the
         first call leaves behind, a cache filled on its way, fails on the second, which compiles for good)."""
@@ -147,6 +153,6 @@ class PhasedStep:
         self.ready.add(key)
 
 
-def _rotary_limit(model: torch.nn.Module) -> int | None:
+def _rotary_limit(model: GPT) -> int | None:
     config = model.config
     return config.train_seq_len if config.rope_yarn else None
