@@ -38,8 +38,9 @@ from pgttt.ttt.data import (
     resolve_sidecar_files,
     resolve_val_files,
 )
-from pgttt.ttt.engine import EvalSession, Progress
 from pgttt.ttt.errors import EvalError
+from pgttt.ttt.protocol import Progress
+from pgttt.ttt.session import EvalSession
 
 __all__ = ["MAGIC", "VAL_PATTERN", "is_sidecar"]
 

@@ -32,7 +32,7 @@ import torch
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import load_val, open_shard, write_shard
-from pgttt.ttt.engine import EvalSession
+from pgttt.ttt.session import EvalSession
 
 # GPU kind -> where ``gpu_bf16`` in compat/expected.json keeps the reference evaluators' seconds on that kind.
 # "": the section itself (its note: "Reference evaluators on one H100"); otherwise the key of a sub-section.

@@ -124,7 +124,7 @@ def encode(sp: spm.SentencePieceProcessor, docs: list[str], max_tokens: int | No
 def evaluate_demo(folder: Path, **settings) -> dict:
     """The engine's evaluation of the folder's model.bin on its val shard, fp32 on the CPU."""
     from pgttt.ttt.config import EvalConfig
-    from pgttt.ttt.engine import EvalSession
+    from pgttt.ttt.session import EvalSession
 
     session = EvalSession.load(folder / "model.bin", tokenizer=folder / TOKENIZER_FILE)
     config = EvalConfig(precision="fp32", compile=False, **settings)

@@ -27,7 +27,7 @@ from pgttt.ttt.bytes import load_byte_tables
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import ValSet, load_val, open_shard
 from pgttt.ttt.distributed import World, process_group
-from pgttt.ttt.engine import EvalResult, EvalSession, default_device
+from pgttt.ttt.session import EvalResult, EvalSession, default_device
 
 from .config import TrainConfig, describe
 from .gptq import collect_hessians, quantize_model

@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm  # torch-heavy imports wait until the command runs
 
     from .config import EvalConfig
-    from .engine import EvalSession, Progress
+    from .protocol import Progress
+    from .session import EvalSession
 
     config = EvalConfig(**eval_settings(args))
     device = parse_device(args.device)

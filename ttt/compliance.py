@@ -158,3 +158,9 @@ def check_compliance(log: ComplianceLog, total_targets: int,
         "violations": violations[:MAX_VIOLATIONS],
         "violation_count": len(violations),
     }
+
+
+def verdict(record: dict[str, Any]) -> str:
+    """The summary line's word on a record of ``check_compliance``."""
+    ok = record["scored_exactly_once"] and record["score_before_update"]
+    return f"compliance {'ok' if ok else 'VIOLATED'}"

@@ -14,12 +14,14 @@ that start at every BOS (and at the row's start) and are cut every ``seq_len`` t
 start (``packing.build_cu_seqlens``); RoPE positions are the row's (frontier spec 3.4); SmearGate resets
 at BOS only. The bytes of a target come from the val set's byte source: the CaseOps sidecar (as the
 records do), or the tokenizer's tables for other data (where the records' ``eval_val`` cannot run).
+``DOC_MASKED`` is the pass as ``EvalSession`` runs it: eager always (graphs made for windows would not serve it).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,9 +32,18 @@ from pgttt.checkpoints.model import GPT, autocast
 from .config import EvalConfig
 from .data import ByteSource
 from .distributed import World
-from .engine import CancelEvent, ChunkTrace, Progress, ProgressFn, ProtocolRun, bits_per_byte, resolved_shape
 from .errors import EvalCancelled, EvalError
 from .packing import BOS_ID, row_cu_seqlens
+from .protocol import (
+    CancelEvent,
+    ChunkTrace,
+    Compiled,
+    Progress,
+    ProgressFn,
+    ProtocolRun,
+    bits_per_byte,
+    resolved_shape,
+)
 from .units import UnitLog
 
 GRAD_ACCUM_RANKS = 8  # the records' grad_accum_steps = 8 // world_size
@@ -211,3 +222,28 @@ def coverage(plan: DocMaskedPlan, observed: int) -> dict[str, object]:
         "violations": violations,
         "violation_count": len(violations),
     }
+
+
+class DocMasked:
+    """The document-masked pass as ``EvalSession`` runs it (``protocol.Protocol``): nothing to compile or train."""
+
+    name = "doc_masked"
+
+    def warm_up(self, model: GPT, compiled: Compiled, config: EvalConfig, world: World, *,
+                tokens: np.ndarray | None = None, static_training: bool = False) -> None:
+        pass
+
+    def run(self, model: GPT, compiled: Compiled, tokens: np.ndarray, source: ByteSource, config: EvalConfig,
+            world: World, progress: ProgressFn | None, cancel: CancelEvent | None) -> ProtocolRun:
+        return run_doc_masked(model, tokens, source, config, world=world, progress=progress, cancel=cancel)
+
+    def describe(self, config: dict[str, Any], compliance: dict[str, Any]) -> tuple[str, str]:
+        return (f"doc_masked seq_len {config['seq_len']} batches of {compliance['batch_seqs']}",
+                f"{compliance['unscored_targets']} of {compliance['targets']} targets never scored "
+                "(the records' truncation)")
+
+    def warnings(self, config: EvalConfig, run: ProtocolRun) -> list[str]:
+        return []
+
+
+DOC_MASKED = DocMasked()

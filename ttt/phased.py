@@ -6,6 +6,7 @@ and after each chunk one LoRA step (per ``ttt_grad_steps``) trains on that chunk
 (``schedule``) the base weights take a phase of global SGD on the selected scored documents. The schedule,
 the packing and the adapters' A follow ``emulate_ranks`` emulated ranks, so the numbers do not depend on
 how many real ranks share the work (real rank r takes the batches of emulated ranks v = r mod size).
+``PHASED`` is the protocol as ``EvalSession`` runs it, with the compiled chunk step of ``phased_compiled``.
 """
 
 from __future__ import annotations
@@ -18,19 +19,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pgttt.api.units import UnitSums
-from pgttt.checkpoints.model import GPT, autocast
+from pgttt.checkpoints.model import GPT
 
-from .compliance import ComplianceLog, check_compliance
+from .compliance import ComplianceLog, check_compliance, verdict
 from .config import EvalConfig
+from .data import ByteSource
 from .distributed import World
 from .documents import Batch, Doc, chunk_window, find_documents, make_queue, num_chunks, select_documents
 from .errors import EvalCancelled, EvalError
 from .global_sgd import global_sgd
 from .lora import AdapterSet, DrawStream, Shapes, lora_optimizer, shapes_for
+from .phased_compiled import PhasedStep, batch_sizes, per_token_loss
+from .protocol import CancelEvent, Compiled, Progress, ProgressFn, ProtocolRun
 from .schedule import pause_points, phase_boundaries, segments, selected_documents, virtual_rank
 from .units import UnitLog
 
@@ -206,9 +209,9 @@ def score_batch(model: GPT, batch: Batch, adapters: AdapterSet, stream: Tensor, 
     """Spec 2.5 for one batch: for each chunk step c, score every document's chunk c in its window, then
     one LoRA step (``ttt_grad_steps``) on the chunk's mean loss of the documents that have a later chunk.
     Each document's sums go to ``units`` (keyed by its index in the stream). ``chunk_step``: a twin of
-    ``_per_token_loss`` with an ``optimizer`` for ``lora_optimizer`` (``phased_compiled.PhasedStep``); None:
-    the plain ones."""
-    per_token_loss = _per_token_loss if chunk_step is None else chunk_step
+    ``phased_compiled.per_token_loss`` with an ``optimizer`` for ``lora_optimizer``
+    (``phased_compiled.PhasedStep``); None: the plain ones."""
+    loss_fn = per_token_loss if chunk_step is None else chunk_step
     device, docs = stream.device, batch.docs
     size, window, bsz = config.ttt_chunk_size, config.ttt_eval_seq_len, len(docs)
     # Resolved (EvalConfig.resolved), every record knob is set.
@@ -252,7 +255,7 @@ def score_batch(model: GPT, batch: Batch, adapters: AdapterSet, stream: Tensor, 
         positions, y, scored, index = at.expand(bsz, size), y[:, at], scored[:, at], index[:, at]
         train, trains = rows[4].bool(), any(trained)
         with torch.set_grad_enabled(trains):
-            per_token = per_token_loss(model, x, positions, y, adapters, config.precision)
+            per_token = loss_fn(model, x, positions, y, adapters, config.precision)
         with torch.no_grad():
             mask = scored.double()
             parts = (per_token.double() * mask, mask, nbytes[index.clamp(max=len(nbytes) - 1)].double() * mask)
@@ -264,7 +267,7 @@ def score_batch(model: GPT, batch: Batch, adapters: AdapterSet, stream: Tensor, 
         if trains:
             for g in range(config.ttt_grad_steps):
                 if g > 0:
-                    per_token = per_token_loss(model, x, positions, y, adapters, config.precision)
+                    per_token = loss_fn(model, x, positions, y, adapters, config.precision)
                 per_doc = per_token.mean(dim=-1)
                 optimizer.zero_grad(set_to_none=True)
                 (per_doc * train.float()).sum().backward()
@@ -279,14 +282,6 @@ def score_batch(model: GPT, batch: Batch, adapters: AdapterSet, stream: Tensor, 
         units.add(d.index, d.start + 1, int(doc_tokens), int(doc_bytes), doc_loss)
     return BatchTrace(0, batch.index, bsz, min(d.length for d in docs), max(d.length for d in docs), max(chunks),
                       0, 0, loss_sum, int(tokens), int(nb), scoring_s=scoring_s, training_s=training_s)
-
-
-def _per_token_loss(model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
-                    precision: str) -> Tensor:
-    """Cross-entropy (bsz, k) of the targets ``y`` at the window columns ``positions`` (bsz, k)."""
-    with autocast(precision, x.device):
-        logits = model.logits_from_hidden(model.forward_hidden(x, positions, adapters=adapters), adapters)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
 def _finish(world: World, log: ComplianceLog, units: UnitLog, traces: list[BatchTrace], docs: list[Doc],
@@ -320,3 +315,52 @@ def _finish(world: World, log: ComplianceLog, units: UnitLog, traces: list[Batch
 
 def trace_dicts(run: PhasedRun) -> list[dict[str, Any]]:
     return [asdict(t) for t in run.batches]
+
+
+class Phased:
+    """The phased protocol as ``EvalSession`` runs it (``protocol.Protocol``)."""
+
+    name = "phased"
+
+    @staticmethod
+    def compiled_step(compiled: Compiled) -> PhasedStep:
+        cuda_graphs = compiled.phased_cuda_graphs
+        return compiled.twin(("phased", cuda_graphs), lambda: PhasedStep(cuda_graphs=cuda_graphs))
+
+    def warm_up(self, model: GPT, compiled: Compiled, config: EvalConfig, world: World, *,
+                tokens: np.ndarray | None = None, static_training: bool = False) -> None:
+        """Every batch size of ``tokens``' queue (without them, ``ttt_batch_size``); the step's graphs are all
+        static, so ``static_training`` changes nothing."""
+        if config.compile:
+            step = self.compiled_step(compiled)
+            for rows in [config.ttt_batch_size] if tokens is None else batch_sizes(tokens, config):
+                step.warm_up(model, config, rows)
+
+    def run(self, model: GPT, compiled: Compiled, tokens: np.ndarray, source: ByteSource, config: EvalConfig,
+            world: World, progress: ProgressFn | None, cancel: CancelEvent | None) -> ProtocolRun:
+        step = self.compiled_step(compiled) if config.compile else None
+        run = run_phased(model, tokens, source.target_bytes(tokens), config, world=world,
+                         progress=None if progress is None else _progress(progress), cancel=cancel, chunk_step=step)
+        return ProtocolRun(run.loss_sum, run.tokens, run.bytes, [], run.compliance, run.timings["scoring_s"],
+                           run.timings["training_s"], run.units,
+                           other_timings={"global_sgd_s": run.timings["global_sgd_s"]}, counts=run.counts,
+                           schedule=run.schedule, batches=run.batches)
+
+    def describe(self, config: dict[str, Any], compliance: dict[str, Any]) -> tuple[str, str]:
+        mode = (f"phased {config['phased_ttt_num_phases']}x{config['phased_ttt_prefix_docs']} docs, LoRA r"
+                f"{config['ttt_lora_rank']} chunk {config['ttt_chunk_size']} ({config['record_defaults']} defaults)")
+        return mode, verdict(compliance)
+
+    def warnings(self, config: EvalConfig, run: ProtocolRun) -> list[str]:
+        return []
+
+
+def _progress(progress: ProgressFn) -> Callable[[PhasedProgress], None]:
+    """The phased loop's progress as ``Progress``: documents for chunks, and its own fields."""
+    def forward(p: PhasedProgress) -> None:
+        progress(Progress(p.stage, p.docs_done, p.docs_done, p.docs_total, p.tokens_scored, p.tokens_total, None,
+                          None, p.elapsed_s, p.docs_done, p.docs_total, p.phases_done, p.num_phases, p.eta_s))
+    return forward
+
+
+PHASED = Phased()

@@ -1,17 +1,17 @@
-"""The phased protocol's chunk step compiled: ``PhasedStep``, the fast twin ``score_batch`` takes as ``chunk_step``.
+"""The phased protocol's chunk step, plain (``per_token_loss``) and compiled (``PhasedStep``, the fast twin
+``phased.score_batch`` takes as ``chunk_step``).
 
-The plain step is ``phased._per_token_loss``; this one runs the same function through ``torch.compile`` with
-fixed shapes. A chunk step's window width (the longest window of the step, at most ``ttt_eval_seq_len``) is
-rounded up to a power of two, at least ``SMALLEST_WIDTH`` (``bucket``), the extra columns zero ids to the
-right of every row: the model is causal, so the scored columns see exactly the inputs they saw. Rows are the
-adapter set's slots (the batch's documents): every batch but the queue's first has ``ttt_batch_size`` of
-them. One graph serves each (rows, width), forward and backward; a step without training runs the training
-graph too (its backward never runs), so no inference graph is compiled. A shape is compiled on dummy
-adapters, twice, so that real calls find it ready: by ``warm_up`` (``EvalSession`` warms every batch size of
-a job's queue before the job, and ``ttt_batch_size`` in ``EvalSession.warmup``), or else when first met. A
-shape that fails to compile runs the plain step from then on (``failed`` says why). The LoRA optimizer is the
-fused one on CUDA (the same formula). With ``cuda_graphs`` the graphs replay as CUDA graphs (Inductor's
-``reduce-overhead``): off unless measured.
+``PhasedStep`` runs the plain function through ``torch.compile`` with fixed shapes. A chunk step's window
+width (the longest window of the step, at most ``ttt_eval_seq_len``) is rounded up to a power of two, at least
+``SMALLEST_WIDTH`` (``bucket``), the extra columns zero ids to the right of every row: the model is causal, so
+the scored columns see exactly the inputs they saw. Rows are the adapter set's slots (the batch's documents):
+every batch but the queue's first has ``ttt_batch_size`` of them. One graph serves each (rows, width), forward
+and backward; a step without training runs the training graph too (its backward never runs), so no inference
+graph is compiled. A shape is compiled on dummy adapters, twice, so that real calls find it ready: by
+``warm_up`` (``EvalSession`` warms every batch size of a job's queue before the job, and ``ttt_batch_size`` in
+``EvalSession.warmup``), or else when first met. A shape that fails to compile runs the plain step from then
+on (``failed`` says why). The LoRA optimizer is the fused one on CUDA (the same formula). With ``cuda_graphs``
+the graphs replay as CUDA graphs (Inductor's ``reduce-overhead``): off unless measured.
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pgttt.checkpoints.model import GPT
+from pgttt.checkpoints.model import GPT, autocast
 
 from .config import EvalConfig
 from .documents import find_documents, make_queue, select_documents
 from .lora import AdapterSet, lora_optimizer, shapes_for
-from .phased import _per_token_loss
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +65,17 @@ def batch_sizes(tokens: np.ndarray, config: EvalConfig) -> list[int]:
     return sorted({len(b.docs) for b in make_queue(docs, config.ttt_batch_size)}, reverse=True)
 
 
+def per_token_loss(model: torch.nn.Module, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
+                   precision: str) -> Tensor:
+    """The plain chunk step: cross-entropy (bsz, k) of the targets ``y`` at the window columns ``positions``
+    (bsz, k)."""
+    with autocast(precision, x.device):
+        logits = model.logits_from_hidden(model.forward_hidden(x, positions, adapters=adapters), adapters)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
 class PhasedStep:
-    """``__call__`` is ``_per_token_loss``'s signature and numbers; ``optimizer`` is ``lora_optimizer``'s."""
+    """``__call__`` is ``per_token_loss``'s signature and numbers; ``optimizer`` is ``lora_optimizer``'s."""
 
     def __init__(self, *, cuda_graphs: bool = False, backend: str | Callable = "inductor",
                  smallest_width: int = SMALLEST_WIDTH) -> None:
@@ -78,7 +86,7 @@ class PhasedStep:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # backend: "aot_eager" traces and guards as Inductor's graphs do without generating code (the CPU tests).
         mode = "reduce-overhead" if cuda_graphs else None
-        self.compiled = torch.compile(_per_token_loss, dynamic=False, backend=backend, mode=mode)
+        self.compiled = torch.compile(per_token_loss, dynamic=False, backend=backend, mode=mode)
 
     def optimizer(self, params: list[Tensor], **settings: Any) -> torch.optim.Optimizer:
         return lora_optimizer(params, **settings, fused=params[0].is_cuda)
@@ -90,7 +98,7 @@ class PhasedStep:
         if key not in self.ready and key not in self.failed:
             self._compile(key, model, x.size(0), width, positions.size(1), adapters, precision)
         if key in self.failed:
-            return _per_token_loss(model, x, positions, y, adapters, precision)
+            return per_token_loss(model, x, positions, y, adapters, precision)
         return self._run(model, F.pad(x, (0, width - x.size(1))), positions, y, adapters, precision)
 
     def warm_up(self, model: GPT, config: EvalConfig, rows: int | None = None) -> None:

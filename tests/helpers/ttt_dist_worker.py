@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pgttt.ttt.chunked import run_chunked
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import trim_stream
 from pgttt.ttt.doc_masked import run_doc_masked
-from pgttt.ttt.engine import run_protocol
 from tests.helpers.frontier import seeded, tiny
 from tests.helpers.ttt import MICRO, micro_model, random_tables
 
@@ -40,7 +40,7 @@ def stream() -> np.ndarray:
 def run_case(name: str) -> tuple[dict, torch.nn.Module]:
     cfg = CASES[name].resolved(MICRO, "cpu")
     model = copy.deepcopy(micro_model(seed=5))
-    run = run_protocol(model, trim_stream(stream(), cfg.seq_len), random_tables(MICRO.vocab_size, seed=6), cfg)
+    run = run_chunked(model, trim_stream(stream(), cfg.seq_len), random_tables(MICRO.vocab_size, seed=6), cfg)
     summary = {"loss_sum": run.loss_sum, "tokens": run.tokens, "bytes": run.bytes, "val_bpb": run.val_bpb,
                "compliance": run.compliance, "chunks": len(run.chunks), "units": units_dict(run.units)}
     return summary, model

@@ -16,7 +16,7 @@ from pgttt.training import trainer as trainer_module
 from pgttt.training.demo import DEMO_DIR, TOKENIZER_FILE, VAL_FILE
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import open_shard, write_shard
-from pgttt.ttt.engine import EvalSession
+from pgttt.ttt.session import EvalSession
 
 # A small model on 64-token sequences: a step takes milliseconds.
 SETTINGS = [

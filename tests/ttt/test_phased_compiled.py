@@ -79,7 +79,7 @@ def test_the_session_warms_every_batch_size_of_its_job_then_compiles_nothing():
     config = replace(phased(ttt_chunk_size=24, ttt_eval_seq_len=32, phased_ttt_prefix_docs=4), compile=True)
     session = EvalSession(tiny_model(seed=3))
     step = PhasedStep(backend="aot_eager", smallest_width=1)
-    session.worker(torch.device("cpu"), "fp32").phased_steps[False] = step  # the session's step, traced only
+    session.worker(torch.device("cpu"), "fp32").twins[("phased", False)] = step  # the session's step, traced only
     first = session.evaluate(val, tables, config, device="cpu")
     sizes = batch_sizes(val.trimmed(config.seq_len, None), config)
     assert len(sizes) == 2 and {key[1] for key in step.ready} == set(sizes)  # 3 documents, and the last batch's

@@ -37,7 +37,7 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape():
     # warmed batch size (static) and at any other (dynamic batch). A fifth would mean a graph guards on
     # state that changes after its first call (the rotary tables' cache did).
     assert graphs - before == 4
-    steps = session.worker(torch.device("cpu"), "fp32").steps[True]
+    steps = session.worker(torch.device("cpu"), "fp32").twins[("chunked", True)]
 
     def static_shapes() -> set[tuple[int, int]]:
         return {(count, length) for count, length, _ in steps.static_batches}
@@ -80,7 +80,7 @@ def test_warm_up_covers_the_training_shares_of_gangs():
                         compile=True)
     session = EvalSession(micro_model(seed=2))
     session.warmup(config, device="cpu", world_sizes=(1, 2))
-    steps = session.worker(torch.device("cpu"), "fp32").steps[True]
+    steps = session.worker(torch.device("cpu"), "fp32").twins[("chunked", True)]
     assert {(count, length) for count, length, _ in steps.static_batches} == {(3, 16), (2, 16), (1, 16)}
     graphs = counters["stats"]["unique_graphs"]
     session.evaluate(ValSet.from_tokens(np.arange(300) % MICRO.vocab_size), random_tables(MICRO.vocab_size, seed=1),
@@ -97,7 +97,7 @@ def test_the_cuda_graphs_option_reaches_the_training_graphs_and_leaves_the_numbe
     tables = random_tables(MICRO.vocab_size, seed=3)
     session = EvalSession(micro_model(seed=4), cuda_graphs=True)
     session.warmup(config, device="cpu")
-    steps = session.worker(torch.device("cpu"), "fp32").steps[True]
+    steps = session.worker(torch.device("cpu"), "fp32").twins[("chunked", True)]
     assert steps.cuda_graphs and steps.static_batches
     graphed = session.evaluate(val, tables, config, device="cpu")
     plain = EvalSession(micro_model(seed=4)).evaluate(val, tables, replace(config, compile=False), device="cpu")

@@ -14,7 +14,8 @@ from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.model import GPT, init_weights
 from pgttt.ttt import EvalCancelled, EvalConfig, EvalError, EvalSession, ValSet, load_val
 from pgttt.ttt.compliance import ComplianceLog, check_compliance
-from pgttt.ttt.engine import ENGINE_VERSION, project_full_eval
+from pgttt.ttt.projection import project_full_eval
+from pgttt.ttt.session import ENGINE_VERSION
 from tests.helpers.ttt import (
     MICRO,
     assert_units_add_up,

@@ -11,9 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pgttt.ttt.chunked import run_chunked
+from pgttt.ttt.chunked_compiled import Steps
 from pgttt.ttt.config import EvalConfig
 from pgttt.ttt.data import DataError, trim_stream
-from pgttt.ttt.engine import Steps, run_protocol
 from pgttt.ttt.errors import EvalError
 from tests.helpers.ttt import (
     MICRO,
@@ -38,7 +39,7 @@ def run_both(tokens: np.ndarray, cfg: EvalConfig, static_shapes: bool = False):
     cfg = cfg.resolved(MICRO, "cpu")
     engine_model, reference_model = copy.deepcopy(MODEL), copy.deepcopy(MODEL)
     steps = Steps(engine_model, compiled=False, static_shapes=static_shapes)
-    run = run_protocol(engine_model, trim_stream(tokens, cfg.seq_len, cfg.max_tokens), TABLES, cfg, steps=steps)
+    run = run_chunked(engine_model, trim_stream(tokens, cfg.seq_len, cfg.max_tokens), TABLES, cfg, steps=steps)
     ref = reference_eval(
         reference_model, trim(tokens.tolist(), cfg.seq_len, cfg.max_tokens),
         TABLES.base_bytes.tolist(), TABLES.has_leading_space.tolist(), TABLES.is_boundary.tolist(),
