@@ -65,7 +65,7 @@ def batch_sizes(tokens: np.ndarray, config: EvalConfig) -> list[int]:
     return sorted({len(b.docs) for b in make_queue(docs, config.ttt_batch_size)}, reverse=True)
 
 
-def per_token_loss(model: torch.nn.Module, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
+def per_token_loss(model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
                    precision: str) -> Tensor:
     """The plain chunk step: cross-entropy (bsz, k) of the targets ``y`` at the window columns ``positions``
     (bsz, k)."""
