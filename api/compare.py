@@ -56,9 +56,16 @@ class Side:
     def from_result(cls, label: str, result: dict[str, Any], units: UnitSums, checkpoint: str | None = None) -> Side:
         """From an engine result (``EvalResult.to_dict()``, as a job or ``pgttt eval --json`` has it)."""
         identity = result.get("identity") or {}
-        return cls(label, units, checkpoint or identity.get("checkpoint"), identity.get("checkpoint_sha256"),
-                   identity.get("val_fingerprint"), identity.get("tokenizer_sha256"), result.get("config") or {},
-                   result.get("val_bpb"))
+        return cls(
+            label,
+            units,
+            checkpoint or identity.get("checkpoint"),
+            identity.get("checkpoint_sha256"),
+            identity.get("val_fingerprint"),
+            identity.get("tokenizer_sha256"),
+            result.get("config") or {},
+            result.get("val_bpb"),
+        )
 
     @property
     def bpb(self) -> float:
@@ -130,11 +137,15 @@ class Comparison:
         if self.differs:
             lines.append("differs: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.differs.items()))
         if self.contributors:
-            lines += [f"largest contributors ({self.kind}s by |Δ| share):",
-                      f"  {'first_token':>11} {'tokens':>7} {'bytes':>7} {'bpb A':>8} {'bpb B':>8} {'Δ share':>10}"]
+            lines += [
+                f"largest contributors ({self.kind}s by |Δ| share):",
+                f"  {'first_token':>11} {'tokens':>7} {'bytes':>7} {'bpb A':>8} {'bpb B':>8} {'Δ share':>10}",
+            ]
             for c in self.contributors:
-                lines.append(f"  {c.first_token:>11} {c.tokens:>7} {c.bytes:>7} {_bpb(c.bpb_a):>8} {_bpb(c.bpb_b):>8} "
-                             f"{c.delta_bpb:>+10.6f}")
+                lines.append(
+                    f"  {c.first_token:>11} {c.tokens:>7} {c.bytes:>7} {_bpb(c.bpb_a):>8} {_bpb(c.bpb_b):>8} "
+                    f"{c.delta_bpb:>+10.6f}"
+                )
         return "\n".join(lines)
 
 
@@ -146,43 +157,68 @@ def check_comparable(a: Side, b: Side) -> None:
     """Refuse (CompareError naming the field) what a paired comparison cannot pair."""
     if a.checkpoint_sha256 and b.checkpoint_sha256:
         if a.checkpoint_sha256 != b.checkpoint_sha256:
-            raise CompareError("checkpoint", f"A is sha256 {a.checkpoint_sha256[:12]}, B is sha256 "
-                               f"{b.checkpoint_sha256[:12]}: a paired comparison needs one checkpoint",
-                               a.checkpoint_sha256, b.checkpoint_sha256)
+            raise CompareError(
+                "checkpoint",
+                f"A is sha256 {a.checkpoint_sha256[:12]}, B is sha256 "
+                f"{b.checkpoint_sha256[:12]}: a paired comparison needs one checkpoint",
+                a.checkpoint_sha256,
+                b.checkpoint_sha256,
+            )
     elif a.checkpoint != b.checkpoint:
-        raise CompareError("checkpoint", f"A is {a.checkpoint!r}, B is {b.checkpoint!r}: a paired comparison needs "
-                           "one checkpoint", a.checkpoint, b.checkpoint)
+        raise CompareError(
+            "checkpoint",
+            f"A is {a.checkpoint!r}, B is {b.checkpoint!r}: a paired comparison needs one checkpoint",
+            a.checkpoint,
+            b.checkpoint,
+        )
     for name in ("val_fingerprint", "tokenizer_sha256"):
         va, vb = getattr(a, name), getattr(b, name)
         if va != vb:
-            raise CompareError("dataset", f"A's {name} is {str(va)[:12]}, B's is {str(vb)[:12]}: the results scored "
-                               "different val sets", va, vb)
+            raise CompareError(
+                "dataset",
+                f"A's {name} is {str(va)[:12]}, B's is {str(vb)[:12]}: the results scored different val sets",
+                va,
+                vb,
+            )
     for side in (a, b):
         if len(side.units) == 0:
             raise CompareError("units", f"{side.label} has no units")
         if side.units.total[2] <= 0:
             raise CompareError("units", f"{side.label}: its units hold no bytes")
         if side.val_bpb is not None and not math.isclose(side.bpb, side.val_bpb, rel_tol=_BPB_RTOL):
-            raise CompareError("units", f"{side.label}: its units' totals give val_bpb {side.bpb:.8f}, the result "
-                               f"says {side.val_bpb:.8f}: the units file is not this result's", side.bpb, side.val_bpb)
+            raise CompareError(
+                "units",
+                f"{side.label}: its units' totals give val_bpb {side.bpb:.8f}, the result "
+                f"says {side.val_bpb:.8f}: the units file is not this result's",
+                side.bpb,
+                side.val_bpb,
+            )
     ua, ub = a.units, b.units
     if ua.kind != ub.kind:
-        raise CompareError("units.kind", f"A scored {ua.kind}s, B scored {ub.kind}s (different protocols)",
-                           ua.kind, ub.kind)
+        raise CompareError(
+            "units.kind", f"A scored {ua.kind}s, B scored {ub.kind}s (different protocols)", ua.kind, ub.kind
+        )
     if ua.identity() != ub.identity():
         if len(ua) != len(ub):
             why = f"A has {len(ua)} {ua.kind}s, B has {len(ub)}"
         else:
-            name, i = next((n, int(np.flatnonzero(getattr(ua, n) != getattr(ub, n))[0]))
-                           for n in ("first_token", "tokens", "bytes") if not np.array_equal(getattr(ua, n),
-                                                                                             getattr(ub, n)))
+            name, i = next(
+                (n, int(np.flatnonzero(getattr(ua, n) != getattr(ub, n))[0]))
+                for n in ("first_token", "tokens", "bytes")
+                if not np.array_equal(getattr(ua, n), getattr(ub, n))
+            )
             why = f"{ua.kind} {i} has {name} {getattr(ua, name)[i]} in A, {getattr(ub, name)[i]} in B"
-        raise CompareError("units", f"the results scored different {ua.kind}s ({why}; different documents, "
-                           "max_tokens/max_docs or chunking)", ua.identity(), ub.identity())
+        raise CompareError(
+            "units",
+            f"the results scored different {ua.kind}s ({why}; different documents, max_tokens/max_docs or chunking)",
+            ua.identity(),
+            ub.identity(),
+        )
 
 
-def bootstrap(delta_loss: np.ndarray, nbytes: np.ndarray, resamples: int, confidence: float,
-              seed: int) -> tuple[float, float]:
+def bootstrap(
+    delta_loss: np.ndarray, nbytes: np.ndarray, resamples: int, confidence: float, seed: int
+) -> tuple[float, float]:
     """The percentile interval of Δbpb = Σ delta_loss / (ln 2 Σ bytes) over units drawn with replacement (one draw
     for both sides: they share the units, so their bytes are the same). Vectorised in blocks of resamples."""
     n = len(delta_loss)
@@ -193,14 +229,15 @@ def bootstrap(delta_loss: np.ndarray, nbytes: np.ndarray, resamples: int, confid
         k = min(block, resamples - start)
         idx = rng.integers(0, n, size=(k, n))
         with np.errstate(divide="ignore", invalid="ignore"):  # a draw of only byte-less units: no ratio
-            stats[start:start + k] = delta_loss[idx].sum(axis=1) / nbytes[idx].sum(axis=1)
+            stats[start : start + k] = delta_loss[idx].sum(axis=1) / nbytes[idx].sum(axis=1)
     tail = (1.0 - confidence) / 2
     low, high = np.nanquantile(stats / LN2, [tail, 1.0 - tail])
     return float(low), float(high)
 
 
-def compare(a: Side, b: Side, *, resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0,
-            top: int = TOP) -> Comparison:
+def compare(
+    a: Side, b: Side, *, resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0, top: int = TOP
+) -> Comparison:
     """B against A: Δval_bpb from the totals, its paired bootstrap interval, shares, the largest contributors."""
     if not 1 <= resamples <= MAX_RESAMPLES:
         raise CompareError("resamples", f"{resamples}: must be within 1..{MAX_RESAMPLES}", resamples)
@@ -218,13 +255,43 @@ def compare(a: Side, b: Side, *, resamples: int = RESAMPLES, confidence: float =
     with np.errstate(divide="ignore", invalid="ignore"):
         unit_a = a.units.loss_sum / (LN2 * u.bytes)
         unit_b = b.units.loss_sum / (LN2 * u.bytes)
-    contributors = [Contributor(int(u.first_token[i]), int(u.tokens[i]), int(u.bytes[i]), float(d[i]),
-                                float(share[i]), _finite(unit_a[i]), _finite(unit_b[i])) for i in order]
-    differs = {k: [a.config.get(k), b.config.get(k)] for k in sorted(set(a.config) | set(b.config))
-               if a.config.get(k) != b.config.get(k)}
-    return Comparison(a.label, b.label, u.kind, len(u), tokens, nbytes, a.bpb, b.bpb, b.bpb - a.bpb, low, high,
-                      confidence, resamples, seed, float(np.mean(d < 0)), float(np.mean(d > 0)), contributors,
-                      differs)
+    contributors = [
+        Contributor(
+            int(u.first_token[i]),
+            int(u.tokens[i]),
+            int(u.bytes[i]),
+            float(d[i]),
+            float(share[i]),
+            _finite(unit_a[i]),
+            _finite(unit_b[i]),
+        )
+        for i in order
+    ]
+    differs = {
+        k: [a.config.get(k), b.config.get(k)]
+        for k in sorted(set(a.config) | set(b.config))
+        if a.config.get(k) != b.config.get(k)
+    }
+    return Comparison(
+        a.label,
+        b.label,
+        u.kind,
+        len(u),
+        tokens,
+        nbytes,
+        a.bpb,
+        b.bpb,
+        b.bpb - a.bpb,
+        low,
+        high,
+        confidence,
+        resamples,
+        seed,
+        float(np.mean(d < 0)),
+        float(np.mean(d > 0)),
+        contributors,
+        differs,
+    )
 
 
 def _finite(value: float) -> float | None:
@@ -235,7 +302,7 @@ def _finite(value: float) -> float | None:
 def units_path(json_path: str | Path) -> Path:
     """Where ``pgttt eval --json OUT.json`` puts the units: ``OUT.units.npz`` beside it."""
     json_path = Path(json_path)
-    stem = json_path.name[:-len(".json")] if json_path.name.endswith(".json") else json_path.name
+    stem = json_path.name[: -len(".json")] if json_path.name.endswith(".json") else json_path.name
     return json_path.with_name(stem + ".units.npz")
 
 

@@ -46,8 +46,14 @@ class EvalRequestBase(BaseModel):
 
 # A report the engine sent for the demo checkpoint (ttt_epochs=1, chunk_tokens=4096, max_tokens=16384), rounded.
 PROGRESS_EXAMPLE: dict[str, Any] = {
-    "phase": "training", "chunks_done": 1, "chunks_total": 4, "tokens_scored": 8192, "tokens_total": 16384,
-    "tokens_per_s": 444.4, "eta_s": 18.4, "running_bpb": 2.129,
+    "phase": "training",
+    "chunks_done": 1,
+    "chunks_total": 4,
+    "tokens_scored": 8192,
+    "tokens_total": 16384,
+    "tokens_per_s": 444.4,
+    "eta_s": 18.4,
+    "running_bpb": 2.129,
 }
 
 
@@ -55,7 +61,8 @@ def knob_field(knob: Knob) -> tuple[Any, Any]:
     """A request field for a declared knob: its type (choices as an enum), bounds and help; null, or left out,
     takes the engine's default."""
     kind: Any = {int: int, float: float, bool: bool, str: str, tuple: list[Annotated[str, Field(min_length=1)]]}[
-        knob.kind]
+        knob.kind
+    ]
     if knob.choices is not None:
         kind = Literal[knob.choices]
     bounds = {k: v for k in ("ge", "gt", "le", "lt") if (v := getattr(knob, k)) is not None}
@@ -144,8 +151,11 @@ class Job(BaseModel):
     progress: Progress | None
     result: dict[str, Any] | None = Field(None, description="the engine's EvalResult.to_dict()")
     error: JobError | None
-    stored: bool = Field(True, description="false while the job database cannot be written (disk full): the "
-                         "finished job is held in memory and written again until it is stored")
+    stored: bool = Field(
+        True,
+        description="false while the job database cannot be written (disk full): the "
+        "finished job is held in memory and written again until it is stored",
+    )
 
 
 class JobList(BaseModel):
@@ -176,10 +186,16 @@ class Checkpoint(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "name": "demo", "kind": "model.bin", "path": "/srv/pgttt/checkpoints/demo/model.bin",
-                    "sha256": "9b1c...", "size_bytes": 301234, "parameters": 331000, "config": {"vocab_size": 1024},
+                    "name": "demo",
+                    "kind": "model.bin",
+                    "path": "/srv/pgttt/checkpoints/demo/model.bin",
+                    "sha256": "9b1c...",
+                    "size_bytes": 301234,
+                    "parameters": 331000,
+                    "config": {"vocab_size": 1024},
                     "tokenizer": {"sha256": "4e5f...", "vocab_size": 1024, "name": "tokenizer.model"},
-                    "fits_16mb": True, "devices": ["cpu"],
+                    "fits_16mb": True,
+                    "devices": ["cpu"],
                 }
             ]
         }
@@ -194,7 +210,8 @@ class Checkpoint(BaseModel):
     config: dict[str, Any]
     tokenizer: dict[str, Any] | None
     fits_16mb: bool = Field(
-        description=f"artifact bytes alone <= {ARTIFACT_LIMIT_BYTES:,} (the challenge also counts code)")
+        description=f"artifact bytes alone <= {ARTIFACT_LIMIT_BYTES:,} (the challenge also counts code)"
+    )
     devices: list[str]
 
 
@@ -231,7 +248,8 @@ class Dataset(BaseModel):
     val_files: list[str]
     val_tokens: int
     val_byte_files: list[str] = Field(
-        default_factory=list, description="CaseOps byte sidecars (fineweb_val_bytes_*.bin), the bytes for bpb")
+        default_factory=list, description="CaseOps byte sidecars (fineweb_val_bytes_*.bin), the bytes for bpb"
+    )
     fingerprint: str
 
 

@@ -104,8 +104,10 @@ class Catalog:
         self.check_name(spec.name)
         info = (inspect or bridge.inspect_checkpoint)(spec)
         if spec.sha256 is not None and info.sha256 != spec.sha256:
-            raise CatalogError(f"{spec.path}: changed since it was registered (sha256 {info.sha256[:12]}, recorded "
-                               f"{spec.sha256[:12]}): a damaged or replaced file; register it again if intended")
+            raise CatalogError(
+                f"{spec.path}: changed since it was registered (sha256 {info.sha256[:12]}, recorded "
+                f"{spec.sha256[:12]}): a damaged or replaced file; register it again if intended"
+            )
         entry = CheckpointEntry(spec, info)
         self.checkpoints[spec.name] = entry
         return entry
@@ -113,8 +115,9 @@ class Catalog:
     def check_name(self, name: str) -> None:
         """A new checkpoint's name, found at start or given in a request: well formed and not served yet."""
         if not NAME_RE.fullmatch(name):
-            raise InvalidField("name", "name: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
-                               "or digit", name)
+            raise InvalidField(
+                "name", "name: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit", name
+            )
         if name in self.checkpoints:
             raise NameTaken(name, self.checkpoints[name].spec.path)
 
@@ -250,8 +253,9 @@ def ptz_spec(path: Path) -> bridge.CheckpointSpec:
     meta = _read_json(sidecar)
     unknown = sorted(set(meta) - {"preset", "overrides", "tokenizer", "sha256"})
     if unknown:
-        raise CatalogError(f"{sidecar}: unknown key(s) {', '.join(unknown)} (known: preset, overrides, tokenizer, "
-                           "sha256)")
+        raise CatalogError(
+            f"{sidecar}: unknown key(s) {', '.join(unknown)} (known: preset, overrides, tokenizer, sha256)"
+        )
     sha256 = meta.get("sha256")
     if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
         raise CatalogError(f"{sidecar}: 'sha256' must be the file's sha256 in hex (64 characters)")
@@ -266,8 +270,9 @@ def ptz_spec(path: Path) -> bridge.CheckpointSpec:
             raise CatalogError(f"{sidecar}: 'tokenizer' must be a path")
         tokenizer = str((sidecar.parent / tokenizer).resolve())
     name = path.name[: -len(".ptz")]
-    return bridge.CheckpointSpec(name=name, path=str(path), preset=meta["preset"], overrides=overrides,
-                                 tokenizer=tokenizer, sha256=sha256)
+    return bridge.CheckpointSpec(
+        name=name, path=str(path), preset=meta["preset"], overrides=overrides, tokenizer=tokenizer, sha256=sha256
+    )
 
 
 def _dataset_tokenizer(folder: Path) -> Path:
@@ -284,9 +289,7 @@ def _dataset_tokenizer(folder: Path) -> Path:
     if len(models) == 1:
         return models[0].resolve()
     if len(models) > 1:
-        raise CatalogError(
-            f"{len(models)} tokenizers ({', '.join(m.name for m in models)}): name one in dataset.json"
-        )
+        raise CatalogError(f"{len(models)} tokenizers ({', '.join(m.name for m in models)}): name one in dataset.json")
     match = re.search(r"_sp(\d+)$", folder.name)
     if match:
         wanted = f"fineweb_{match.group(1)}_bpe.model"
@@ -295,6 +298,6 @@ def _dataset_tokenizer(folder: Path) -> Path:
             if path.is_file():
                 return path.resolve()
     raise CatalogError(
-        "no tokenizer: put its .model in the folder, name it in dataset.json ({\"tokenizer\": \"path\"}), "
+        'no tokenizer: put its .model in the folder, name it in dataset.json ({"tokenizer": "path"}), '
         "or use the challenge layout data/datasets/NAME_sp{V}/ beside data/tokenizers/fineweb_{V}_bpe.model"
     )

@@ -16,13 +16,25 @@ PGTTT_DEVICES=cuda:0,cuda:1. See docs/service.md."""
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "serve", help="run the evaluation server",
-        description="Run the evaluation server (uvicorn); flags override PGTTT_* variables.", epilog=EPILOG
+        "serve",
+        help="run the evaluation server",
+        description="Run the evaluation server (uvicorn); flags override PGTTT_* variables.",
+        epilog=EPILOG,
     )
-    p.add_argument("--checkpoint-dir", action="append", dest="checkpoint_dirs", metavar="DIR",
-                   help="folder with *.bin / *.ptz checkpoints (repeatable; default: the demo)")
-    p.add_argument("--data-dir", action="append", dest="data_dirs", metavar="DIR",
-                   help="folder with datasets (fineweb_val_*.bin + tokenizer; repeatable; default: the demo)")
+    p.add_argument(
+        "--checkpoint-dir",
+        action="append",
+        dest="checkpoint_dirs",
+        metavar="DIR",
+        help="folder with *.bin / *.ptz checkpoints (repeatable; default: the demo)",
+    )
+    p.add_argument(
+        "--data-dir",
+        action="append",
+        dest="data_dirs",
+        metavar="DIR",
+        help="folder with datasets (fineweb_val_*.bin + tokenizer; repeatable; default: the demo)",
+    )
     p.add_argument("--devices", help="cpu, cuda, or cuda:0,cuda:1 (default: all visible GPUs, else cpu)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
@@ -31,12 +43,21 @@ def register(subparsers: Any) -> None:
     p.add_argument("--database", help="SQLite job database (default STATE_DIR/jobs.sqlite)")
     p.add_argument("--queue-limit", type=int, help="queued jobs accepted before 429 (default 256)")
     p.add_argument("--max-upload-bytes", type=int, help="largest request body (default 64 MiB)")
-    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="warm up each checkpoint before /readyz says ready (default on)")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay compiled static training graphs as CUDA graphs (default on)")
-    p.add_argument("--compile-cache", help="torch.compile's caches, reused after a restart (default "
-                   "STATE_DIR/compile-cache)")
+    p.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="warm up each checkpoint before /readyz says ready (default on)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay compiled static training graphs as CUDA graphs (default on)",
+    )
+    p.add_argument(
+        "--compile-cache", help="torch.compile's caches, reused after a restart (default STATE_DIR/compile-cache)"
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.set_defaults(func=run)
 
@@ -70,8 +91,9 @@ def listen(host: str, port: int) -> socket.socket:
     from .settings import SettingsError
 
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
     except socket.gaierror as exc:
         raise SettingsError(f"--host {host!r}: {exc.strerror}") from None
     sock = socket.socket(family, kind, proto)
@@ -101,8 +123,13 @@ def run(args: argparse.Namespace) -> int:
             asyncio.get_running_loop().call_soon_threadsafe(service.close_streams)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
     try:
         Server(config).run(sockets=[sock])
     finally:

@@ -144,7 +144,8 @@ def resolve_eval_config(
         )
     try:
         config = EvalConfig.from_dict(dict(fields), where="request").resolved(
-            checkpoint.config, device, preset=checkpoint.preset)
+            checkpoint.config, device, preset=checkpoint.preset
+        )
         config.adapted(list(checkpoint.parameter_names))
     except EvalError as exc:
         raise FieldError(str(exc), field=exc.field or "config", value=exc.value) from None
@@ -158,14 +159,22 @@ def _check_stream(seq_len: int, stride: int, max_tokens: int | None, val_tokens:
     than ``seq_len - stride``)."""
     usable = ((val_tokens - 1) // seq_len) * seq_len if val_tokens else 0
     if usable <= 0:
-        raise FieldError(f"seq_len={seq_len}: the dataset's {val_tokens} tokens are too few "
-                         f"(at least {seq_len + 1} needed)", field="seq_len", value=seq_len)
+        raise FieldError(
+            f"seq_len={seq_len}: the dataset's {val_tokens} tokens are too few (at least {seq_len + 1} needed)",
+            field="seq_len",
+            value=seq_len,
+        )
     targets = usable if max_tokens is None else min(usable, max_tokens)
     if targets <= seq_len - stride:
-        field, value = ("max_tokens", max_tokens) if max_tokens is not None and max_tokens < usable else \
-            ("seq_len", seq_len)
-        raise FieldError(f"{field}={value}: {targets} targets leave no window; more than seq_len - stride = "
-                         f"{seq_len - stride} are needed", field=field, value=value)
+        field, value = (
+            ("max_tokens", max_tokens) if max_tokens is not None and max_tokens < usable else ("seq_len", seq_len)
+        )
+        raise FieldError(
+            f"{field}={value}: {targets} targets leave no window; more than seq_len - stride = "
+            f"{seq_len - stride} are needed",
+            field=field,
+            value=value,
+        )
 
 
 def cache_key(checkpoint: CheckpointInfo, dataset: DatasetInfo, config: dict[str, Any]) -> str:
@@ -186,11 +195,24 @@ def progress_to_api(p: Progress) -> dict[str, Any]:
     eta = (p.tokens_total - p.tokens_scored) / rate if rate else None
     phased = {}
     if p.docs_total is not None:  # the phased protocol: documents, phases, and its own estimate
-        phased = dict(docs_done=p.docs_done, docs_total=p.docs_total, phases_done=p.phases_done,
-                      num_phases=p.num_phases, eta_s=p.eta_s)
-    return _api_progress(phase=p.phase, chunks_done=p.chunks_done, chunks_total=p.num_chunks,
-                         tokens_scored=p.tokens_scored, tokens_total=p.tokens_total, tokens_per_s=rate,
-                         eta_s=eta, running_bpb=p.bpb, **phased)
+        phased = dict(
+            docs_done=p.docs_done,
+            docs_total=p.docs_total,
+            phases_done=p.phases_done,
+            num_phases=p.num_phases,
+            eta_s=p.eta_s,
+        )
+    return _api_progress(
+        phase=p.phase,
+        chunks_done=p.chunks_done,
+        chunks_total=p.num_chunks,
+        tokens_scored=p.tokens_scored,
+        tokens_total=p.tokens_total,
+        tokens_per_s=rate,
+        eta_s=eta,
+        running_bpb=p.bpb,
+        **phased,
+    )
 
 
 def _api_progress(**fields: Any) -> dict[str, Any]:
@@ -208,8 +230,13 @@ class DeviceEngine:
     """In a worker process: every checkpoint's ``EvalSession`` with its working model on this device,
     val sets and byte tables loaded once per dataset."""
 
-    def __init__(self, device: str, world_sizes: tuple[int, ...] = (1,), cuda_graphs: bool = True,
-                 compile_cache: Path | None = None) -> None:
+    def __init__(
+        self,
+        device: str,
+        world_sizes: tuple[int, ...] = (1,),
+        cuda_graphs: bool = True,
+        compile_cache: Path | None = None,
+    ) -> None:
         if compile_cache is not None:  # in the worker process, before it compiles anything
             use_compile_cache(compile_cache)
         self.device = torch.device(device)
@@ -241,12 +268,23 @@ class DeviceEngine:
             self._val[key] = load_val(dataset.path, vocab)
         tables = load_byte_tables(dataset.tokenizer, vocab)
         result = session.evaluate(
-            self._val[key], tables, EvalConfig.from_dict(order.config), device=self.device,
-            progress=lambda p: progress(progress_to_api(p)), cancel=cancel,
+            self._val[key],
+            tables,
+            EvalConfig.from_dict(order.config),
+            device=self.device,
+            progress=lambda p: progress(progress_to_api(p)),
+            cancel=cancel,
         )
-        done = _api_progress(phase="done", chunks_done=len(result.chunks), chunks_total=len(result.chunks),
-                             tokens_scored=result.tokens_scored, tokens_total=result.tokens_scored,
-                             tokens_per_s=result.tokens_per_second, eta_s=0.0, running_bpb=result.val_bpb)
+        done = _api_progress(
+            phase="done",
+            chunks_done=len(result.chunks),
+            chunks_total=len(result.chunks),
+            tokens_scored=result.tokens_scored,
+            tokens_total=result.tokens_scored,
+            tokens_per_s=result.tokens_per_second,
+            eta_s=0.0,
+            running_bpb=result.val_bpb,
+        )
         progress(done, final=True)
         # The units travel to the server as a units file's bytes; it keeps them in a file of their own.
         return {**result.to_dict(), "units": result.units.to_bytes()}

@@ -159,8 +159,11 @@ async def _storage_error(_request: Request, exc: StorageError) -> JSONResponse:
     # Nothing was changed: a client may retry; finished jobs are kept in memory meanwhile.
     code = "storage_full" if exc.full else "storage_unavailable"
     log.error("%s", exc)
-    return SafeJSONResponse(error_body(code, f"the server cannot store jobs now: {exc}", None), status_code=503,
-                            headers={"Retry-After": "30"})
+    return SafeJSONResponse(
+        error_body(code, f"the server cannot store jobs now: {exc}", None),
+        status_code=503,
+        headers={"Retry-After": "30"},
+    )
 
 
 async def _user_error(_request: Request, exc: PgtttError) -> JSONResponse:

@@ -56,8 +56,7 @@ def run_isolated(spec: Any, *, memory_bytes: int, timeout_s: float, target: str 
     come back with an answer, PgtttError with the child's message if the file was refused."""
     what = Path(getattr(spec, "path", str(spec))).name
     receiver, sender = SPAWN.Pipe(duplex=False)
-    child = SPAWN.Process(target=_child, args=(target, spec, memory_bytes, sender), daemon=True,
-                          name="pgttt-validate")
+    child = SPAWN.Process(target=_child, args=(target, spec, memory_bytes, sender), daemon=True, name="pgttt-validate")
     child.start()
     sender.close()
     try:

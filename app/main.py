@@ -47,8 +47,12 @@ class KeyCheck:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and self.key is not None and path not in PUBLIC_PATHS \
-                and not path.startswith(DOCS_ASSETS + "/"):
+        if (
+            scope["type"] == "http"
+            and self.key is not None
+            and path not in PUBLIC_PATHS
+            and not path.startswith(DOCS_ASSETS + "/")
+        ):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             error = key_error(self.key, headers.get("x-api-key"), headers.get("authorization"))
             if error is not None:
@@ -71,8 +75,9 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             too_large = BodyTooLarge(self.limit)
-            body = errors.error_body("too_large", too_large.detail, {"limit": self.limit, "content_length":
-                                                                      int(declared)})
+            body = errors.error_body(
+                "too_large", too_large.detail, {"limit": self.limit, "content_length": int(declared)}
+            )
             await JSONResponse(body, status_code=413)(scope, receive, send)
             return
         received = 0
@@ -102,8 +107,14 @@ def create_app(settings: Settings | None = None, *, engine_factory: Callable[[st
         finally:
             await service.stop()
 
-    app = FastAPIOffline(title="pgttt", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-                         static_url=DOCS_ASSETS, default_response_class=errors.SafeJSONResponse)
+    app = FastAPIOffline(
+        title="pgttt",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        static_url=DOCS_ASSETS,
+        default_response_class=errors.SafeJSONResponse,
+    )
     app.state.service = service
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)

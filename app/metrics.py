@@ -34,10 +34,12 @@ class _Live(Collector):
             jobs.add_metric([state], count)
         yield jobs
         yield GaugeMetricFamily("pgttt_queue_depth", "Jobs waiting for a worker", value=len(service.scheduler.pending))
-        states = GaugeMetricFamily("pgttt_worker_state", "1 for each worker's current state",
-                                   labels=["worker", "device", "state"])
-        memory = GaugeMetricFamily("pgttt_gpu_memory_bytes", "GPU memory of each worker's device",
-                                   labels=["device", "kind"])
+        states = GaugeMetricFamily(
+            "pgttt_worker_state", "1 for each worker's current state", labels=["worker", "device", "state"]
+        )
+        memory = GaugeMetricFamily(
+            "pgttt_gpu_memory_bytes", "GPU memory of each worker's device", labels=["device", "kind"]
+        )
         for worker in service.pool.workers:
             for state in WORKER_STATES:
                 states.add_metric([str(worker.index), worker.device, state], float(worker.state == state))
@@ -50,12 +52,19 @@ class _Live(Collector):
 class Metrics:
     def __init__(self, service: Service) -> None:
         self.registry = CollectorRegistry()
-        self.tokens_scored = Counter("pgttt_tokens_scored", "Tokens scored by finished evaluations",
-                                     registry=self.registry)
-        self.cache_hits = Counter("pgttt_cache_hits", "Submissions answered from the result cache",
-                                  registry=self.registry)
-        self.eval_seconds = Histogram("pgttt_eval_seconds", "Wall time of evaluations that ran, by final state",
-                                      ["state"], buckets=EVAL_BUCKETS, registry=self.registry)
+        self.tokens_scored = Counter(
+            "pgttt_tokens_scored", "Tokens scored by finished evaluations", registry=self.registry
+        )
+        self.cache_hits = Counter(
+            "pgttt_cache_hits", "Submissions answered from the result cache", registry=self.registry
+        )
+        self.eval_seconds = Histogram(
+            "pgttt_eval_seconds",
+            "Wall time of evaluations that ran, by final state",
+            ["state"],
+            buckets=EVAL_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_Live(service))
 
     def job_finished(self, job: JobRecord) -> None:

@@ -54,8 +54,11 @@ class Registrar:
             catalog = self._check_new_name(req.name)
             try:
                 path = catalog.checkpoint_path(req.path)
-                tokenizer = None if req.tokenizer is None else str(
-                    safe_path(req.tokenizer, [*catalog.data_dirs, *catalog.checkpoint_dirs], "tokenizer"))
+                tokenizer = (
+                    None
+                    if req.tokenizer is None
+                    else str(safe_path(req.tokenizer, [*catalog.data_dirs, *catalog.checkpoint_dirs], "tokenizer"))
+                )
             except PathError as exc:
                 raise InvalidField(exc.field, str(exc), getattr(req, exc.field)) from None
             model_bin = bridge.is_model_bin(path)
@@ -80,8 +83,9 @@ class Registrar:
             quarantined = self.incoming / f"{name}{suffix}"
             await asyncio.to_thread(_write, file.file, quarantined)
             try:
-                spec = bridge.CheckpointSpec(name, str(quarantined), None if model_bin else preset,
-                                             None if model_bin else overrides or {})
+                spec = bridge.CheckpointSpec(
+                    name, str(quarantined), None if model_bin else preset, None if model_bin else overrides or {}
+                )
                 info = await self._validate(spec, "file")
                 path = self.service.settings.upload_dir / f"{name}{suffix}"
                 meta = None if model_bin else {"preset": preset, "overrides": overrides or {}, "sha256": info.sha256}
@@ -93,8 +97,13 @@ class Registrar:
 
     async def _validate(self, spec: bridge.CheckpointSpec, field: str) -> bridge.CheckpointInfo:
         settings = self.service.settings
-        run = functools.partial(run_isolated, spec, memory_bytes=settings.validate_memory_bytes,
-                                timeout_s=settings.validate_timeout_s, target=self.inspect_target)
+        run = functools.partial(
+            run_isolated,
+            spec,
+            memory_bytes=settings.validate_memory_bytes,
+            timeout_s=settings.validate_timeout_s,
+            target=self.inspect_target,
+        )
         try:
             return await asyncio.to_thread(run)
         except PgtttError as exc:
@@ -118,12 +127,17 @@ def _check_architecture(model_bin: bool, preset: str | None, overrides: Any) -> 
     """The loader's rule (``architecture_problem``), checked before the file is read, worded for HTTP."""
     problem = architecture_problem(model_bin, preset=preset, overrides=overrides)
     if problem == "extra":
-        raise InvalidField("preset", "preset: a model.bin carries its own architecture; give no preset or "
-                            "overrides", preset)
+        raise InvalidField(
+            "preset", "preset: a model.bin carries its own architecture; give no preset or overrides", preset
+        )
     if problem == "missing":
-        raise InvalidField("preset", "preset: not a model.bin, so read as a challenge .ptz, which carries no "
-                            "architecture: name a preset (e.g. pg-2026-04-09) and the overrides from its "
-                            "training log", preset)
+        raise InvalidField(
+            "preset",
+            "preset: not a model.bin, so read as a challenge .ptz, which carries no "
+            "architecture: name a preset (e.g. pg-2026-04-09) and the overrides from its "
+            "training log",
+            preset,
+        )
     if overrides is not None and not isinstance(overrides, dict):
         raise InvalidField("overrides", "overrides: must be an object of architecture keys", overrides)
 

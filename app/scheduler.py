@@ -60,8 +60,15 @@ class Scheduler:
     """Live jobs (queued and running) and the workers that run them. ``served(checkpoint, dataset)`` says
     whether a job's inputs are still served: the dataset's spec for its workers, or None."""
 
-    def __init__(self, store: JobStore, metrics: Metrics, *, queue_limit: int,
-                 served: Callable[[str, str], Any | None], **pool: Any) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        metrics: Metrics,
+        *,
+        queue_limit: int,
+        served: Callable[[str, str], Any | None],
+        **pool: Any,
+    ) -> None:
         self.store, self.metrics, self.queue_limit, self._served = store, metrics, queue_limit, served
         self.pool = WorkerPool(**pool, on_report=self._on_report, on_exit=self._on_exit)
         self.live: dict[str, JobRecord] = {}  # queued and running jobs, progress current
@@ -200,15 +207,23 @@ class Scheduler:
             alive = self.alive
             if job.gpus > alive:
                 self.pending.popleft()
-                self._finish(job.id, "failed", error={
-                    "code": "no_workers", "message": f"needs {job.gpus} workers; {alive} are alive"})
+                self._finish(
+                    job.id,
+                    "failed",
+                    error={"code": "no_workers", "message": f"needs {job.gpus} workers; {alive} are alive"},
+                )
                 continue
             dataset = self._served(job.checkpoint, job.dataset)
             if dataset is None:
                 self.pending.popleft()
-                self._finish(job.id, "failed", error={
-                    "code": "not_served",
-                    "message": f"checkpoint {job.checkpoint!r} or dataset {job.dataset!r} is no longer served"})
+                self._finish(
+                    job.id,
+                    "failed",
+                    error={
+                        "code": "not_served",
+                        "message": f"checkpoint {job.checkpoint!r} or dataset {job.dataset!r} is no longer served",
+                    },
+                )
                 continue
             idle = self.pool.idle()
             if len(idle) < job.gpus:
@@ -260,8 +275,10 @@ class Scheduler:
         except (UnitsError, StoreError) as exc:
             log.error("job %s: its per-unit sums are not kept: %s", job_id, exc)
             return result
-        return {**result, "units": {"kind": units.kind, "count": len(units), "identity": units.identity(),
-                                    "job": job_id}}
+        return {
+            **result,
+            "units": {"kind": units.kind, "count": len(units), "identity": units.identity(), "job": job_id},
+        }
 
     def _on_exit(self, worker: Worker, job_id: str | None, reason: str) -> None:
         if job_id is not None:
@@ -297,16 +314,32 @@ class Scheduler:
         kept in memory, shown with ``stored: false``, and written again every STORE_RETRY_S."""
         job = self.live[job_id]
         try:
-            self.store.finish(job_id, job.state, result=job.result, error=job.error, progress=job.progress,
-                              finished_at=job.finished_at)
+            self.store.finish(
+                job_id,
+                job.state,
+                result=job.result,
+                error=job.error,
+                progress=job.progress,
+                finished_at=job.finished_at,
+            )
         except StorageError as exc:
             if last:
-                log.error("job %s %s but could not be stored (%s); it is lost with this process. Its result: %s",
-                          job_id, job.state, exc, json.dumps(finite(job.result)))
+                log.error(
+                    "job %s %s but could not be stored (%s); it is lost with this process. Its result: %s",
+                    job_id,
+                    job.state,
+                    exc,
+                    json.dumps(finite(job.result)),
+                )
                 return
             if job_id not in self.unsaved:
-                log.error("job %s %s but could not be stored: %s; kept in memory, retried every %g s", job_id,
-                          job.state, exc, STORE_RETRY_S)
+                log.error(
+                    "job %s %s but could not be stored: %s; kept in memory, retried every %g s",
+                    job_id,
+                    job.state,
+                    exc,
+                    STORE_RETRY_S,
+                )
             job.stored = False
             self.unsaved[job_id] = None
             self._retry_later()

@@ -53,11 +53,18 @@ class Service:
         self.catalog_error: str | None = None
         self.metrics = Metrics(self)
         self.scheduler = Scheduler(
-            self.store, self.metrics, queue_limit=settings.queue_limit, served=self._served,
+            self.store,
+            self.metrics,
+            queue_limit=settings.queue_limit,
+            served=self._served,
             devices=self.devices,
-            engine_factory=engine_factory or functools.partial(
-                bridge.DeviceEngine, world_sizes=bridge.warmed_world_sizes(len(self.devices)),
-                cuda_graphs=settings.cuda_graphs, compile_cache=settings.compile_cache_dir),
+            engine_factory=engine_factory
+            or functools.partial(
+                bridge.DeviceEngine,
+                world_sizes=bridge.warmed_world_sizes(len(self.devices)),
+                cuda_graphs=settings.cuda_graphs,
+                compile_cache=settings.compile_cache_dir,
+            ),
             checkpoints=lambda: self.catalog.specs() if self.catalog else [],
             warmup=settings.warmup,
         )
@@ -85,8 +92,14 @@ class Service:
             self.catalog_error = f"{type(exc).__name__}: {exc}"
             log.exception("discovery failed")
             return
-        log.info("serving %d checkpoint(s) %s and %d dataset(s) %s on %s", len(catalog.checkpoints),
-                 sorted(catalog.checkpoints), len(catalog.datasets), sorted(catalog.datasets), self.devices)
+        log.info(
+            "serving %d checkpoint(s) %s and %d dataset(s) %s on %s",
+            len(catalog.checkpoints),
+            sorted(catalog.checkpoints),
+            len(catalog.datasets),
+            sorted(catalog.datasets),
+            self.devices,
+        )
         self.catalog = catalog
         self.scheduler.start()
 
@@ -113,8 +126,10 @@ class Service:
         if self.catalog_error:
             problems.append(self.catalog_error)
         if self.scheduler.unsaved:
-            problems.append(f"the job database cannot be written: {len(self.scheduler.unsaved)} finished job(s) "
-                            f"are held in memory (stored: false) and written again every {STORE_RETRY_S:g} s")
+            problems.append(
+                f"the job database cannot be written: {len(self.scheduler.unsaved)} finished job(s) "
+                f"are held in memory (stored: false) and written again every {STORE_RETRY_S:g} s"
+            )
         return {"ready": ready, "workers": workers, "problems": problems}
 
     def require_catalog(self) -> Catalog:
@@ -137,8 +152,9 @@ class Service:
         if alive == 0:
             raise NoWorkers("no worker is alive: every one failed to start (see the server log)", self.readiness())
         if req.gpus > alive:
-            raise InvalidField("gpus", f"gpus: asks for {req.gpus} workers; this server has {alive} ({self.devices})",
-                               req.gpus)
+            raise InvalidField(
+                "gpus", f"gpus: asks for {req.gpus} workers; this server has {alive} ({self.devices})", req.gpus
+            )
         fields = {k: v for k in bridge.EVAL_FIELDS if (v := getattr(req, k)) is not None}
         try:
             config = bridge.resolve_eval_config(fields, ckpt.info, dataset.info, self.devices[0])
@@ -146,11 +162,27 @@ class Service:
             raise InvalidField(exc.field or "config", str(exc), exc.value) from None
         key = bridge.cache_key(ckpt.info, dataset.info, config)
         now = utc_now()
-        job = JobRecord(id=new_job_id(), state="queued", checkpoint=req.checkpoint, dataset=req.dataset,
-                        request=fields, gpus=req.gpus, created_at=now, config=config, cache_key=key)
+        job = JobRecord(
+            id=new_job_id(),
+            state="queued",
+            checkpoint=req.checkpoint,
+            dataset=req.dataset,
+            request=fields,
+            gpus=req.gpus,
+            created_at=now,
+            config=config,
+            cache_key=key,
+        )
         if not req.force and (hit := self.store.find_cached(key)) is not None:
-            job = dataclasses.replace(job, state="succeeded", cached=True, started_at=now, finished_at=now,
-                                      progress=hit.progress, result=hit.result)
+            job = dataclasses.replace(
+                job,
+                state="succeeded",
+                cached=True,
+                started_at=now,
+                finished_at=now,
+                progress=hit.progress,
+                result=hit.result,
+            )
             self.store.create(job)
             self.metrics.cache_hits.inc()
             return job, True

@@ -37,8 +37,9 @@ class NameTaken(ServiceError):
     """A checkpoint of that name is already served, from ``path``."""
 
     def __init__(self, name: str, path: str) -> None:
-        super().__init__(f"name: {name!r} is taken by {path}, a checkpoint already served",
-                         {"field": "name", "value": name})
+        super().__init__(
+            f"name: {name!r} is taken by {path}, a checkpoint already served", {"field": "name", "value": name}
+        )
 
 
 class JobFinished(ServiceError):
@@ -67,8 +68,10 @@ class JobNotSucceeded(ServiceError):
     """Only a succeeded job has a result to compare."""
 
     def __init__(self, job_id: str, state: str) -> None:
-        super().__init__(f"job {job_id} is {state}: only succeeded jobs can be compared",
-                         {"field": "job", "value": job_id, "state": state})
+        super().__init__(
+            f"job {job_id} is {state}: only succeeded jobs can be compared",
+            {"field": "job", "value": job_id, "state": state},
+        )
 
 
 class NoUnits(ServiceError):
@@ -76,8 +79,10 @@ class NoUnits(ServiceError):
 
     def __init__(self, job_id: str, unreadable: str | None = None) -> None:
         if unreadable is None:
-            message = (f"job {job_id} kept no per-unit sums (it ran before pgttt kept them, or they could not be "
-                       "written): run it again with force to compare it")
+            message = (
+                f"job {job_id} kept no per-unit sums (it ran before pgttt kept them, or they could not be "
+                "written): run it again with force to compare it"
+            )
         else:
             message = f"job {job_id}: its units file is unreadable: {unreadable}"
         super().__init__(message, {"field": "units", "value": job_id})

@@ -59,10 +59,14 @@ class Settings(BaseSettings):
     queue_limit: int = Field(256, ge=1, description="queued jobs accepted before 429")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1)
     validate_memory_bytes: int = Field(
-        4 * 1024**3, ge=64 * 1024**2, description="memory a checkpoint from a request may take to validate, in its "
-        "own process, above the process's own (PGTTT_VALIDATE_MEMORY_BYTES)")
+        4 * 1024**3,
+        ge=64 * 1024**2,
+        description="memory a checkpoint from a request may take to validate, in its "
+        "own process, above the process's own (PGTTT_VALIDATE_MEMORY_BYTES)",
+    )
     validate_timeout_s: float = Field(
-        300.0, gt=0, description="seconds a checkpoint from a request may take to validate (PGTTT_VALIDATE_TIMEOUT_S)")
+        300.0, gt=0, description="seconds a checkpoint from a request may take to validate (PGTTT_VALIDATE_TIMEOUT_S)"
+    )
     warmup: bool = True
     compile_cache: Path | None = Field(
         None, description="torch.compile's on-disk caches, reused across restarts; default STATE_DIR/compile-cache"

@@ -88,8 +88,10 @@ def lock_state_dir(state_dir: Path) -> Any:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise StoreError(f"state dir {state_dir} is in use by another pgttt serve (pid {holder}); stop it, "
-                         "or give this one another --state-dir") from None
+        raise StoreError(
+            f"state dir {state_dir} is in use by another pgttt serve (pid {holder}); stop it, "
+            "or give this one another --state-dir"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -264,8 +266,12 @@ class JobStore:
         """queued/running -> a final state, once; False if the job was already final."""
         if state not in FINAL_STATES:
             raise ValueError(f"finish: {state!r} is not a final state")
-        values: dict[str, Any] = {"state": state, "finished_at": finished_at or utc_now(), "result": result,
-                                  "error": error}
+        values: dict[str, Any] = {
+            "state": state,
+            "finished_at": finished_at or utc_now(),
+            "result": result,
+            "error": error,
+        }
         if progress is not None:
             values["progress"] = progress
         return self._update(job_id, ACTIVE_STATES, **values)
@@ -350,4 +356,3 @@ class JobStore:
             data[key] = None if data[key] is None else json.loads(data[key])
         data["cached"], data["cancel_requested"] = bool(data["cached"]), bool(data["cancel_requested"])
         return JobRecord(**data)
-

@@ -157,9 +157,15 @@ def _run(engine: Any, order: RunOrder, report: _Reporter, cancel: Any, device: s
         with contextlib.ExitStack() as group:
             group_s = None
             if order.world_size > 1:
-                group_s = group.enter_context(process_group(
-                    torch.device(device), init_method=order.init_method, rank=order.rank,
-                    world_size=order.world_size, timeout=GANG_TIMEOUT))
+                group_s = group.enter_context(
+                    process_group(
+                        torch.device(device),
+                        init_method=order.init_method,
+                        rank=order.rank,
+                        world_size=order.world_size,
+                        timeout=GANG_TIMEOUT,
+                    )
+                )
             result = engine.evaluate(order, progress, cancel)
             if group_s is not None:
                 result["timings"]["group_s"] = group_s
@@ -237,8 +243,13 @@ class WorkerPool:
         worker.process = SPAWN.Process(
             target=worker_main,
             args=(
-                worker.device, child_conn, worker.cancel, self._engine_factory, self._checkpoints(),
-                self._warmup, self._threads if worker.device == "cpu" else None,
+                worker.device,
+                child_conn,
+                worker.cancel,
+                self._engine_factory,
+                self._checkpoints(),
+                self._warmup,
+                self._threads if worker.device == "cpu" else None,
             ),
             name=f"pgttt-worker-{worker.index}-{worker.device}",
             daemon=True,
@@ -297,8 +308,9 @@ class WorkerPool:
         self._on_exit(worker, job_id, reason)
         if worker.start_failures >= len(self.restart_delays):
             worker.state = "failed"
-            log.error("worker %d (%s) gave up after %d failed starts", worker.index, worker.device,
-                      worker.start_failures)
+            log.error(
+                "worker %d (%s) gave up after %d failed starts", worker.index, worker.device, worker.start_failures
+            )
             return
         worker.state = "restarting"
         assert self._loop is not None

@@ -36,8 +36,9 @@ def worker(rank: int, world: int, port: int, sizes: list[int], reps: int) -> Non
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     if rank == 0:
         peers = [torch.cuda.can_device_access_peer(0, j) for j in range(1, world)]
-        print(f"{world} GPUs, {torch.cuda.get_device_name(0)}; GPU 0 can access its peers directly: {peers}",
-              flush=True)
+        print(
+            f"{world} GPUs, {torch.cuda.get_device_name(0)}; GPU 0 can access its peers directly: {peers}", flush=True
+        )
     for n in sizes:
         buf = torch.ones(n, device="cuda", dtype=torch.float32)
         for _ in range(3):
@@ -54,8 +55,11 @@ def worker(rank: int, world: int, port: int, sizes: list[int], reps: int) -> Non
         if rank == 0:
             ms = statistics.median(times) * 1e3
             bus = 2 * (world - 1) / world * n * 4 / (ms / 1e3) / 1e9
-            print(f"all-reduce {n:>11,} float32 ({n * 4 / 2**20:7.1f} MiB): {ms:8.2f} ms median of {reps}, "
-                  f"bus bandwidth {bus:6.1f} GB/s", flush=True)
+            print(
+                f"all-reduce {n:>11,} float32 ({n * 4 / 2**20:7.1f} MiB): {ms:8.2f} ms median of {reps}, "
+                f"bus bandwidth {bus:6.1f} GB/s",
+                flush=True,
+            )
     dist.destroy_process_group()
 
 

@@ -136,11 +136,18 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--skip-stream", action="store_true", help="only the compat cases")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--quick", action="store_true",
-                        help="short lease: warm the default config only; 2M TTT 3/32K first, then the compat "
-                             "cases, sliding windows and the second request")
-    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                        help="replay the static training graphs as CUDA graphs (default on, as in the service)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short lease: warm the default config only; 2M TTT 3/32K first, then the compat "
+        "cases, sliding windows and the second request",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay the static training graphs as CUDA graphs (default on, as in the service)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
@@ -154,9 +161,11 @@ def main() -> int:
     ref_seconds = reference_seconds(gpu, kind)
     log(f"device {device_name}, torch {torch.__version__}")
     if ref_seconds is None:
-        log(f"expected.json has no reference seconds for GPU kind {kind or device_name!r} (it has: "
+        log(
+            f"expected.json has no reference seconds for GPU kind {kind or device_name!r} (it has: "
             f"{', '.join(k for k in REFERENCE_SECTIONS if reference_seconds(gpu, k) is not None)}): "
-            "no 'x ref' ratios will be printed")
+            "no 'x ref' ratios will be printed"
+        )
         ref_seconds = {}
     else:
         log(f"'x ref': the reference evaluators' seconds on one {kind} (expected.json), over ours")
@@ -165,8 +174,9 @@ def main() -> int:
     log(f"measured bf16 matmul rate (8192^3): {rate:.0f} TFLOP/s")
 
     t0 = time.perf_counter()
-    session = EvalSession.load(artifact, preset=expected["architecture"]["preset"], tokenizer=tokenizer,
-                               cuda_graphs=args.cuda_graphs)
+    session = EvalSession.load(
+        artifact, preset=expected["architecture"]["preset"], tokenizer=tokenizer, cuda_graphs=args.cuda_graphs
+    )
     load_s = time.perf_counter() - t0
     model_cfg = session.config
     rows: list[dict] = []
@@ -179,14 +189,22 @@ def main() -> int:
         ref_s = ref_seconds.get(name)
         fl = flops_per_token(model_cfg, rc["seq_len"], rc["stride"], rc["ttt_epochs"])
         row = {
-            "case": name, "tokens": result.tokens_scored, "seconds": secs, "tokens_per_s": tps,
-            "ref_seconds": ref_s, "speedup": (ref_s / secs) if ref_s else None,
-            "val_bpb": result.val_bpb, "ref_bpb": ref_bpb,
+            "case": name,
+            "tokens": result.tokens_scored,
+            "seconds": secs,
+            "tokens_per_s": tps,
+            "ref_seconds": ref_s,
+            "speedup": (ref_s / secs) if ref_s else None,
+            "val_bpb": result.val_bpb,
+            "ref_bpb": ref_bpb,
             "bpb_diff": (result.val_bpb - ref_bpb) if ref_bpb is not None else None,
             "within_tol": (abs(result.val_bpb - ref_bpb) <= tol) if ref_bpb is not None else None,
-            "peak_gib": (result.peak_gpu_memory_bytes or 0) / 2**30, "warmup_s": result.timings["warmup_s"],
-            "scoring_s": result.timings["scoring_s"], "training_s": result.timings["training_s"],
-            "tflops": fl * tps / 1e12, "compliance": result.compliance,
+            "peak_gib": (result.peak_gpu_memory_bytes or 0) / 2**30,
+            "warmup_s": result.timings["warmup_s"],
+            "scoring_s": result.timings["scoring_s"],
+            "training_s": result.timings["training_s"],
+            "tflops": fl * tps / 1e12,
+            "compliance": result.compliance,
         }
         log(json.dumps({k: v for k, v in row.items() if k != "compliance"}))
         rows.append(row)
@@ -214,9 +232,15 @@ def main() -> int:
             cfg = EvalConfig(seq_len=case["seq_len"], stride=case["stride"], ttt_epochs=0)
             tol = gpu["tolerance_bpb"]["sliding"]
         else:
-            cfg = EvalConfig(seq_len=case["seq_len"], stride=case["stride"], ttt_epochs=case["epochs"],
-                             chunk_tokens=case["chunk_tokens"], ttt_lr=case["lr"], ttt_momentum=case["momentum"],
-                             batch_seqs=case["batch_seqs"])
+            cfg = EvalConfig(
+                seq_len=case["seq_len"],
+                stride=case["stride"],
+                ttt_epochs=case["epochs"],
+                chunk_tokens=case["chunk_tokens"],
+                ttt_lr=case["lr"],
+                ttt_momentum=case["momentum"],
+                batch_seqs=case["batch_seqs"],
+            )
             tol = gpu["tolerance_bpb"]["ttt"]
         run(case_name(case), data_dir, cfg, case["val_bpb"], tol)
 
@@ -227,30 +251,49 @@ def main() -> int:
         run("2M stream sliding", stream_set, EvalConfig(ttt_epochs=0), None, None)
     if not args.skip_stream:
         # A request with another config after warm-up: its warmup_s shows whether it compiled.
-        second = run("2nd request ttt 2/48K lr .01", stream_set,
-                     replace(EvalConfig(), ttt_epochs=2, chunk_tokens=49152, ttt_lr=0.01, max_tokens=400_000),
-                     None, None)
+        second = run(
+            "2nd request ttt 2/48K lr .01",
+            stream_set,
+            replace(EvalConfig(), ttt_epochs=2, chunk_tokens=49152, ttt_lr=0.01, max_tokens=400_000),
+            None,
+            None,
+        )
         log(f"second request warm-up (compile) seconds: {second['warmup_s']:.2f}")
 
     first_call = reference_first_call_seconds(gpu, kind)
-    summary = {"matmul_tflops": rate, "load_s": load_s, "warmup_s": warm_s, "cuda_graphs": args.cuda_graphs,
-               "device": device_name, "gpu_kind": kind, "reference_first_call_s": first_call,
-               "torch": torch.__version__, "rows": rows}
+    summary = {
+        "matmul_tflops": rate,
+        "load_s": load_s,
+        "warmup_s": warm_s,
+        "cuda_graphs": args.cuda_graphs,
+        "device": device_name,
+        "gpu_kind": kind,
+        "reference_first_call_s": first_call,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     (args.out / "bench.json").write_text(json.dumps(summary, indent=2))
     log("")
-    log(f"{'case':32} {'tokens':>9} {'s':>7} {'tok/s':>9} {'x ref':>6} {'val_bpb':>10} {'diff':>9} "
-        f"{'ok':>3} {'TFLOP/s':>8} {'%mm':>4} {'GiB':>5}")
+    log(
+        f"{'case':32} {'tokens':>9} {'s':>7} {'tok/s':>9} {'x ref':>6} {'val_bpb':>10} {'diff':>9} "
+        f"{'ok':>3} {'TFLOP/s':>8} {'%mm':>4} {'GiB':>5}"
+    )
     for r in rows:
         diff = f"{r['bpb_diff']:+.1e}" if r["bpb_diff"] is not None else "-"
         ok = {True: "yes", False: "NO", None: "-"}[r["within_tol"]]
         speed = f"{r['speedup']:.2f}" if r["speedup"] else "-"
-        log(f"{r['case']:32} {r['tokens']:>9} {r['seconds']:>7.1f} {r['tokens_per_s']:>9.0f} {speed:>6} "
+        log(
+            f"{r['case']:32} {r['tokens']:>9} {r['seconds']:>7.1f} {r['tokens_per_s']:>9.0f} {speed:>6} "
             f"{r['val_bpb']:>10.6f} {diff:>9} {ok:>3} {r['tflops']:>8.0f} {100 * r['tflops'] / rate:>4.0f} "
-            f"{r['peak_gib']:>5.1f}")
+            f"{r['peak_gib']:>5.1f}"
+        )
     first = f" (the reference's first call on one {kind}, compile included: {first_call:.1f}s)" if first_call else ""
     log(f"matmul {rate:.0f} TFLOP/s; load {load_s:.1f}s; warm-up {warm_s:.1f}s{first}")
-    log(f"x ref: against the reference's seconds on one {kind} from expected.json" if ref_seconds
-        else "x ref: none printed, expected.json has no reference seconds for this GPU kind")
+    log(
+        f"x ref: against the reference's seconds on one {kind} from expected.json"
+        if ref_seconds
+        else "x ref: none printed, expected.json has no reference seconds for this GPU kind"
+    )
     if args.profile:  # last: the table above is already out if the lease runs short
         profile(session, tmp, tokenizer, args.out, device)
     bad = [r["case"] for r in rows if r["within_tol"] is False or not r["compliance"]["score_before_update"]]

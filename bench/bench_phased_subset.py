@@ -28,13 +28,24 @@ def main() -> None:
     tokenizer = args.frontier / "data/tokenizers" / CASEOPS_TOKENIZER
     rows = []
     for name, compiled in (("eager", False), ("compiled first", True), ("compiled", True)):
-        cfg = EvalConfig(protocol="phased", precision="bf16", compile=compiled, max_docs=args.docs,
-                         phased_ttt_prefix_docs=args.docs // 2)
+        cfg = EvalConfig(
+            protocol="phased",
+            precision="bf16",
+            compile=compiled,
+            max_docs=args.docs,
+            phased_ttt_prefix_docs=args.docs // 2,
+        )
         t0 = time.perf_counter()
         result = session.evaluate(valset, tokenizer, cfg, device="cuda")
-        row = {"case": name, "docs": args.docs, "tokens": result.tokens_scored, "bpb": result.val_bpb,
-               "eval_s": result.timings["eval_s"], "warmup_s": result.timings["warmup_s"],
-               "call_s": time.perf_counter() - t0}
+        row = {
+            "case": name,
+            "docs": args.docs,
+            "tokens": result.tokens_scored,
+            "bpb": result.val_bpb,
+            "eval_s": result.timings["eval_s"],
+            "warmup_s": result.timings["warmup_s"],
+            "call_s": time.perf_counter() - t0,
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
         (args.out / "phased_subset.json").write_text(json.dumps(rows, indent=1) + "\n")

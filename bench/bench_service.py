@@ -48,8 +48,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--devices", default="cuda:0,cuda:1")
     parser.add_argument("--dry", action="store_true", help="plumbing check on CPUs: 4K tokens, stride 1024")
-    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                        help="serve with --cuda-graphs (the default) or --no-cuda-graphs")
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve with --cuda-graphs (the default) or --no-cuda-graphs",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     expected = json.loads((args.shared / "compat" / "expected.json").read_text())
@@ -64,8 +68,12 @@ def main() -> int:
     (ckpt_dir / "compat.ptz.json").write_text(json.dumps({"preset": "pg-2026-04-09", "tokenizer": str(tokenizer)}))
     for name, tokens in (
         ("compat", open_shard(data / "fineweb_val_000000.bin")),
-        ("stream2m", np.concatenate([open_shard(data / "fineweb_val_000000.bin"),
-                                     open_shard(data / "fineweb_train_000000.bin")])[:stream_tokens]),
+        (
+            "stream2m",
+            np.concatenate(
+                [open_shard(data / "fineweb_val_000000.bin"), open_shard(data / "fineweb_train_000000.bin")]
+            )[:stream_tokens],
+        ),
     ):
         (data_dir / name).mkdir(parents=True)
         write_shard(data_dir / name / "fineweb_val_000000.bin", tokens)
@@ -73,8 +81,22 @@ def main() -> int:
 
     port = free_port()
     server_log = open(args.out / "server.log", "w")
-    cmd = [sys.executable, "-m", "pgttt.main", "serve", "--checkpoint-dir", str(ckpt_dir), "--data-dir",
-           str(data_dir), "--devices", args.devices, "--port", str(port), "--state-dir", str(work / "state")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pgttt.main",
+        "serve",
+        "--checkpoint-dir",
+        str(ckpt_dir),
+        "--data-dir",
+        str(data_dir),
+        "--devices",
+        args.devices,
+        "--port",
+        str(port),
+        "--state-dir",
+        str(work / "state"),
+    ]
     cmd.append("--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs")
     t0 = time.perf_counter()
     server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, env=os.environ.copy())
@@ -95,11 +117,20 @@ def main() -> int:
             if job.state != "succeeded":
                 raise RuntimeError(f"{label}: job {job.id} {job.state}: {job.error}")
             r = job.result
-            row = {"case": label, "gpus": gpus, "wall_s": wall, "eval_s": r["timings"]["eval_s"],
-                   "warmup_s": r["timings"]["warmup_s"], "scoring_s": r["timings"]["scoring_s"],
-                   "training_s": r["timings"]["training_s"], "tokens": r["tokens_scored"],
-                   "tokens_per_s": r["tokens_per_second"], "val_bpb": r["val_bpb"], "world_size": r["world_size"],
-                   "group_s": r["timings"].get("group_s")}
+            row = {
+                "case": label,
+                "gpus": gpus,
+                "wall_s": wall,
+                "eval_s": r["timings"]["eval_s"],
+                "warmup_s": r["timings"]["warmup_s"],
+                "scoring_s": r["timings"]["scoring_s"],
+                "training_s": r["timings"]["training_s"],
+                "tokens": r["tokens_scored"],
+                "tokens_per_s": r["tokens_per_second"],
+                "val_bpb": r["val_bpb"],
+                "world_size": r["world_size"],
+                "group_s": r["timings"].get("group_s"),
+            }
             log(json.dumps(row))
             # Per chunk (rank 0's view): where a gang loses time against one GPU. Kept in service.json only.
             row["chunk_s"] = [[c["scoring_s"], c["training_s"]] for c in r["chunks"]]
@@ -112,8 +143,13 @@ def main() -> int:
                 row = run("compat sliding", "compat", ttt_epochs=0)
                 tol = gpu["tolerance_bpb"]["sliding"]
             else:
-                row = run(f"compat ttt {case['epochs']}/{case['chunk_tokens'] // 1024}K", "compat",
-                          ttt_epochs=case["epochs"], chunk_tokens=case["chunk_tokens"], ttt_lr=case["lr"])
+                row = run(
+                    f"compat ttt {case['epochs']}/{case['chunk_tokens'] // 1024}K",
+                    "compat",
+                    ttt_epochs=case["epochs"],
+                    chunk_tokens=case["chunk_tokens"],
+                    ttt_lr=case["lr"],
+                )
                 tol = gpu["tolerance_bpb"]["ttt"]
             row["ref_bpb"], row["bpb_diff"] = case["val_bpb"], row["val_bpb"] - case["val_bpb"]
             row["within_tol"] = abs(row["bpb_diff"]) <= tol or args.dry
@@ -139,13 +175,17 @@ def main() -> int:
         }
         (args.out / "service.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
         log("")
-        log(f"{'case':34} {'gpus':>4} {'wall s':>7} {'eval s':>7} {'score s':>7} {'train s':>7} {'warm s':>7} "
-            f"{'tok/s':>8} {'val_bpb':>10} {'diff':>9}")
+        log(
+            f"{'case':34} {'gpus':>4} {'wall s':>7} {'eval s':>7} {'score s':>7} {'train s':>7} {'warm s':>7} "
+            f"{'tok/s':>8} {'val_bpb':>10} {'diff':>9}"
+        )
         for r in rows:
             diff = f"{r['bpb_diff']:+.1e}" if "bpb_diff" in r else "-"
-            log(f"{r['case']:34} {r['gpus']:>4} {r['wall_s']:>7.1f} {r['eval_s']:>7.1f} {r['scoring_s']:>7.1f} "
+            log(
+                f"{r['case']:34} {r['gpus']:>4} {r['wall_s']:>7.1f} {r['eval_s']:>7.1f} {r['scoring_s']:>7.1f} "
                 f"{r['training_s']:>7.1f} {r['warmup_s']:>7.2f} "
-                f"{r['tokens_per_s']:>8.0f} {r['val_bpb']:>10.6f} {diff:>9}")
+                f"{r['tokens_per_s']:>8.0f} {r['val_bpb']:>10.6f} {diff:>9}"
+            )
         for key, value in summary.items():
             log(f"{key}: {value}")
         return 0 if all(checks) else 1

@@ -60,27 +60,37 @@ def position_flops(cfg: ModelConfig, lora_rank: int = 0, sites: tuple[str, ...] 
 def phased_flops(cfg: ModelConfig, tokens: np.ndarray, rc: dict[str, Any], schedule: dict[str, Any] | None) -> float:
     apps = len(cfg.layer_schedule())
     rank = rc["ttt_lora_rank"]
-    sites = ("q", "v") + tuple(s for s, on in (("k", rc["ttt_k_lora"]), ("mlp", rc["ttt_mlp_lora"]),
-                                               ("o", rc["ttt_o_lora"])) if on)
+    sites = ("q", "v") + tuple(
+        s for s, on in (("k", rc["ttt_k_lora"]), ("mlp", rc["ttt_mlp_lora"]), ("o", rc["ttt_o_lora"])) if on
+    )
     per_pos = position_flops(cfg, rank, sites)
     head = 2.0 * cfg.model_dim * cfg.vocab_size + 2.0 * rank * (cfg.model_dim + cfg.vocab_size)
     attn = 4.0 * cfg.num_heads * cfg.head_dim  # per (query, key) pair: scores and values
     size, window = rc["ttt_chunk_size"], rc["ttt_eval_seq_len"]
-    docs = select_documents(find_documents(tokens), max_docs=rc["max_docs"], fraction=rc["val_doc_fraction"],
-                            seed=rc["seed"])
+    docs = select_documents(
+        find_documents(tokens), max_docs=rc["max_docs"], fraction=rc["val_doc_fraction"], seed=rc["seed"]
+    )
     total = 0.0
     for doc in docs:
         n = num_chunks(doc, size)
         for c in range(n):
             w = chunk_window(c, doc.targets, size, window)
             k, length = w.chunk_length, w.length
-            forward = ((apps - 1) * (length * per_pos + attn * length * (length + 1) / 2)
-                       + k * per_pos + attn * k * length + k * head)
+            forward = (
+                (apps - 1) * (length * per_pos + attn * length * (length + 1) / 2)
+                + k * per_pos
+                + attn * k * length
+                + k * head
+            )
             total += forward * (3 * rc["ttt_grad_steps"] if c < n - 1 else 1)  # each step: forward, backward
     seq = rc["seq_len"]
     sgd_tokens = sum(p["stream_tokens"] or 0 for p in (schedule or {}).get("phases", []))
-    total += 3.0 * rc["global_ttt_epochs"] * sgd_tokens * (apps * (position_flops(cfg) + attn * (seq + 1) / 2)
-                                                           + 2.0 * cfg.model_dim * cfg.vocab_size)
+    total += (
+        3.0
+        * rc["global_ttt_epochs"]
+        * sgd_tokens
+        * (apps * (position_flops(cfg) + attn * (seq + 1) / 2) + 2.0 * cfg.model_dim * cfg.vocab_size)
+    )
     return total
 
 
@@ -116,13 +126,21 @@ class Bench:
         return row
 
     def save(self) -> None:
-        summary = {"matmul_tflops": self.rate, "gpu_kind": self.kind, "device": torch.cuda.get_device_name(),
-                   "torch": torch.__version__, "compile_cache": cache_counts(), "rows": self.rows}
+        summary = {
+            "matmul_tflops": self.rate,
+            "gpu_kind": self.kind,
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "compile_cache": cache_counts(),
+            "rows": self.rows,
+        }
         (self.args.out / "speed.json").write_text(json.dumps(summary, indent=1, default=str))
 
     def table(self) -> None:
-        log(f"\n{'case':34} {'tokens':>8} {'s':>7} {'tok/s':>8} {'x ref':>6} {'bpb':>9} {'diff':>9} "
-            f"{'TFLOP/s':>7} {'%mm':>4} {'GiB':>6} {'warm s':>7} {'graphs':>6}")
+        log(
+            f"\n{'case':34} {'tokens':>8} {'s':>7} {'tok/s':>8} {'x ref':>6} {'bpb':>9} {'diff':>9} "
+            f"{'TFLOP/s':>7} {'%mm':>4} {'GiB':>6} {'warm s':>7} {'graphs':>6}"
+        )
         for r in self.rows:
             if "failed" in r:
                 log(f"{r['case']:34} FAILED (traceback above)")
@@ -131,9 +149,11 @@ class Bench:
             diff = f"{r['diff']:+.1e}" if r.get("diff") is not None else "-"
             tf = f"{r['tflops']:.0f}" if r.get("tflops") is not None else "-"
             pct = f"{r['pct_matmul']:.1f}" if r.get("pct_matmul") is not None else "-"
-            log(f"{r['case']:34} {r['tokens']:>8} {r['s']:>7.1f} {r['tokens'] / r['s']:>8.0f} {ref:>6} "
+            log(
+                f"{r['case']:34} {r['tokens']:>8} {r['s']:>7.1f} {r['tokens'] / r['s']:>8.0f} {ref:>6} "
                 f"{r['bpb']:>9.6f} {diff:>9} {tf:>7} {pct:>4} {r['peak_gib']:>6.1f} {r['warmup_s']:>7.1f} "
-                f"{r['graphs']:>6}")
+                f"{r['graphs']:>6}"
+            )
         log(f"bf16 matmul rate {self.rate:.0f} TFLOP/s; GPU kind {self.kind}; compile cache {cache_counts()}")
 
 
@@ -144,8 +164,9 @@ def chunked_cases(bench: Bench, shared: Path) -> None:
     refs = reference_seconds(gpu, bench.kind) or {}
     tokenizer = shared / "data/tokenizers/fineweb_8192_bpe.model"
     data_dir = shared / "data/gutenberg_sp8192"
-    session = EvalSession.load(shared / "compat" / expected["artifact"], preset=expected["architecture"]["preset"],
-                               tokenizer=tokenizer)
+    session = EvalSession.load(
+        shared / "compat" / expected["artifact"], preset=expected["architecture"]["preset"], tokenizer=tokenizer
+    )
     t0 = time.perf_counter()
     session.warmup(EvalConfig(), device="cuda", seq_lens=[2048])
     log(f"chunked warm-up (default config) {time.perf_counter() - t0:.1f} s")
@@ -153,19 +174,33 @@ def chunked_cases(bench: Bench, shared: Path) -> None:
     def run(name: str, val: Any, cfg: EvalConfig, ref_bpb: float | None) -> dict[str, Any]:
         result = session.evaluate(val, tokenizer, cfg, device="cuda")
         rc, s = result.config, result.timings["eval_s"]
-        return {"tokens": result.tokens_scored, "s": s, "ref_s": refs.get(name), "bpb": result.val_bpb,
-                "diff": None if ref_bpb is None else result.val_bpb - ref_bpb,
-                "tflops": flops_per_token(session.config, rc["seq_len"], rc["stride"], rc["ttt_epochs"])
-                * result.tokens_per_second / 1e12,
-                "peak_gib": peak_gib(result), "warmup_s": result.timings["warmup_s"], "timings": result.timings}
+        return {
+            "tokens": result.tokens_scored,
+            "s": s,
+            "ref_s": refs.get(name),
+            "bpb": result.val_bpb,
+            "diff": None if ref_bpb is None else result.val_bpb - ref_bpb,
+            "tflops": flops_per_token(session.config, rc["seq_len"], rc["stride"], rc["ttt_epochs"])
+            * result.tokens_per_second
+            / 1e12,
+            "peak_gib": peak_gib(result),
+            "warmup_s": result.timings["warmup_s"],
+            "timings": result.timings,
+        }
 
     for case in gpu["cases"]:
         if case["kind"] == "sliding":
             cfg = EvalConfig(seq_len=case["seq_len"], stride=case["stride"], ttt_epochs=0)
         else:
-            cfg = EvalConfig(seq_len=case["seq_len"], stride=case["stride"], ttt_epochs=case["epochs"],
-                             chunk_tokens=case["chunk_tokens"], ttt_lr=case["lr"], ttt_momentum=case["momentum"],
-                             batch_seqs=case["batch_seqs"])
+            cfg = EvalConfig(
+                seq_len=case["seq_len"],
+                stride=case["stride"],
+                ttt_epochs=case["epochs"],
+                chunk_tokens=case["chunk_tokens"],
+                ttt_lr=case["lr"],
+                ttt_momentum=case["momentum"],
+                batch_seqs=case["batch_seqs"],
+            )
         bench.case(case_name(case), lambda cfg=cfg, case=case: run(case_name(case), data_dir, cfg, case["val_bpb"]))
     name = "2M stream ttt 3/32K"
     if bench.wanted(name):
@@ -194,32 +229,47 @@ def frontier_cases(bench: Bench, shared: Path, checkpoint: Path) -> None:
         result = session.evaluate(valset, tokenizer, cfg, device="cuda")
         rc, s = result.config, result.timings["eval_s"]
         if rc["protocol"] == "phased":
-            flops = phased_flops(session.config, valset.trimmed(rc["seq_len"], rc["max_tokens"]), rc,
-                                 result.schedule)
+            flops = phased_flops(session.config, valset.trimmed(rc["seq_len"], rc["max_tokens"]), rc, result.schedule)
         else:  # doc_masked: one forward per target
-            flops = result.tokens_scored * (len(session.config.layer_schedule()) * position_flops(session.config)
-                                            + 2.0 * session.config.model_dim * session.config.vocab_size)
+            flops = result.tokens_scored * (
+                len(session.config.layer_schedule()) * position_flops(session.config)
+                + 2.0 * session.config.model_dim * session.config.vocab_size
+            )
         if isinstance(ref_s, dict):
             ref_s = ref_s.get("seconds")
-        return {"tokens": result.tokens_scored, "s": s, "ref_s": ref_s, "bpb": result.val_bpb,
-                "diff": None if ref_bpb is None else result.val_bpb - ref_bpb, "tflops": flops / s / 1e12,
-                "peak_gib": peak_gib(result), "warmup_s": result.timings["warmup_s"], "timings": result.timings,
-                "within_tol": None if ref_bpb is None else abs(result.val_bpb - ref_bpb) <= GPU_TOLERANCE}
+        return {
+            "tokens": result.tokens_scored,
+            "s": s,
+            "ref_s": ref_s,
+            "bpb": result.val_bpb,
+            "diff": None if ref_bpb is None else result.val_bpb - ref_bpb,
+            "tflops": flops / s / 1e12,
+            "peak_gib": peak_gib(result),
+            "warmup_s": result.timings["warmup_s"],
+            "timings": result.timings,
+            "within_tol": None if ref_bpb is None else abs(result.val_bpb - ref_bpb) <= GPU_TOLERANCE,
+        }
 
     full = EvalConfig(protocol="phased", precision="bf16")
     # The first call compiles (its warm-up s); the second shows that a job after it compiles nothing (graphs 0).
-    bench.case("full val phased compiled first", lambda: run(replace(full, compile=True), None,
-                                                             refs.get("full_val_pr1855_defaults")))
-    compiled = bench.case("full val phased compiled", lambda: run(replace(full, compile=True), None,
-                                                                  refs.get("full_val_pr1855_defaults")))
-    eager = bench.case("full val phased eager", lambda: run(replace(full, compile=False), None,
-                                                            refs.get("full_val_pr1855_defaults")))
+    bench.case(
+        "full val phased compiled first",
+        lambda: run(replace(full, compile=True), None, refs.get("full_val_pr1855_defaults")),
+    )
+    compiled = bench.case(
+        "full val phased compiled", lambda: run(replace(full, compile=True), None, refs.get("full_val_pr1855_defaults"))
+    )
+    eager = bench.case(
+        "full val phased eager", lambda: run(replace(full, compile=False), None, refs.get("full_val_pr1855_defaults"))
+    )
     if compiled is not None and eager is not None:
         compiled["diff"] = compiled["bpb"] - eager["bpb"]
     if bench.args.phased_cuda_graphs:
         session.phased_cuda_graphs = True
-        graphs = bench.case("full val phased compiled+cudagraphs",
-                            lambda: run(replace(full, compile=True), None, refs.get("full_val_pr1855_defaults")))
+        graphs = bench.case(
+            "full val phased compiled+cudagraphs",
+            lambda: run(replace(full, compile=True), None, refs.get("full_val_pr1855_defaults")),
+        )
         session.phased_cuda_graphs = False
         if graphs is not None and eager is not None:
             graphs["diff"] = graphs["bpb"] - eager["bpb"]
@@ -228,8 +278,9 @@ def frontier_cases(bench: Bench, shared: Path, checkpoint: Path) -> None:
         if case.get("role", "").startswith("diagnostic"):
             continue
         cfg = replace(case_config(case), compile=bench.args.compat_compiled)
-        bench.case(f"pr1855 {case['case']} {how}", lambda cfg=cfg, case=case: run(cfg, case["val_bpb"],
-                                                                                  refs.get(case["case"])))
+        bench.case(
+            f"pr1855 {case['case']} {how}", lambda cfg=cfg, case=case: run(cfg, case["val_bpb"], refs.get(case["case"]))
+        )
     if bench.args.profile:
         try:
             profile_phased(session, valset, tokenizer, bench.args.out)
@@ -253,18 +304,36 @@ def profile_phased(session: EvalSession, valset: Any, tokenizer: Path, out: Path
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="pr1855.model.bin")
-    parser.add_argument("--frontier", type=Path, default=Path("../shared"),
-                        help="holds compat/pr1855/expected.json, data/gutenberg_caseops, data/tokenizers")
-    parser.add_argument("--chunked", type=Path, default=Path("../shared"),
-                        help="holds compat/expected.json and its artifact, data/gutenberg_sp8192, data/tokenizers")
+    parser.add_argument(
+        "--frontier",
+        type=Path,
+        default=Path("../shared"),
+        help="holds compat/pr1855/expected.json, data/gutenberg_caseops, data/tokenizers",
+    )
+    parser.add_argument(
+        "--chunked",
+        type=Path,
+        default=Path("../shared"),
+        help="holds compat/expected.json and its artifact, data/gutenberg_sp8192, data/tokenizers",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--compile-cache", type=Path, default=None,
-                        help="torch.compile's on-disk caches (a second run with the same folder reuses them)")
+    parser.add_argument(
+        "--compile-cache",
+        type=Path,
+        default=None,
+        help="torch.compile's on-disk caches (a second run with the same folder reuses them)",
+    )
     parser.add_argument("--only", nargs="*", default=[], help="run only the cases whose names contain one of these")
-    parser.add_argument("--phased-cuda-graphs", action="store_true",
-                        help="one more row: the compiled phased step replayed as CUDA graphs")
-    parser.add_argument("--compat-compiled", action="store_true",
-                        help="the pr1855 compat cases compiled (each compiles its own shapes); default eager")
+    parser.add_argument(
+        "--phased-cuda-graphs",
+        action="store_true",
+        help="one more row: the compiled phased step replayed as CUDA graphs",
+    )
+    parser.add_argument(
+        "--compat-compiled",
+        action="store_true",
+        help="the pr1855 compat cases compiled (each compiles its own shapes); default eager",
+    )
     parser.add_argument("--no-chunked", action="store_true", help="the frontier family only")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()

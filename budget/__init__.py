@@ -7,18 +7,30 @@ judged by this prediction (``estimate``), from a cost model calibrated on the re
 
 from .oracle import BUDGET_S, Estimate, calibration_rows, estimate, leave_one_out
 from .settings import (
-                       FAMILIES,
-                       BudgetError,
-                       ChunkedSettings,
-                       ModelShape,
-                       PhasedSettings,
-                       ValFamily,
-                       family_for,
-                       make_settings,
-                       settings_from_dict,
+    FAMILIES,
+    BudgetError,
+    ChunkedSettings,
+    ModelShape,
+    PhasedSettings,
+    ValFamily,
+    family_for,
+    make_settings,
+    settings_from_dict,
 )
 
 __all__ = [
-    "BUDGET_S", "FAMILIES", "BudgetError", "ChunkedSettings", "Estimate", "ModelShape", "PhasedSettings",
-    "ValFamily", "calibration_rows", "estimate", "family_for", "leave_one_out", "make_settings", "settings_from_dict",
+    "BUDGET_S",
+    "FAMILIES",
+    "BudgetError",
+    "ChunkedSettings",
+    "Estimate",
+    "ModelShape",
+    "PhasedSettings",
+    "ValFamily",
+    "calibration_rows",
+    "estimate",
+    "family_for",
+    "leave_one_out",
+    "make_settings",
+    "settings_from_dict",
 ]

@@ -18,8 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "val set, with a 90%% band and the 600-second verdict. See docs/budget.md.",
     )
     p.add_argument("--protocol", choices=("chunked", "phased"), default="chunked")
-    p.add_argument("--dataset", default="sp8192", metavar="NAME",
-                   help=f"a family ({', '.join(FAMILIES)}) or a dataset name that contains one (default sp8192)")
+    p.add_argument(
+        "--dataset",
+        default="sp8192",
+        metavar="NAME",
+        help=f"a family ({', '.join(FAMILIES)}) or a dataset name that contains one (default sp8192)",
+    )
     p.add_argument("--budget-s", type=float, default=BUDGET_S, metavar="S")
     p.add_argument("--json", action="store_true", help="print the whole estimate as JSON")
     knobs = {f.name: f for cls in (ChunkedSettings, PhasedSettings) for f in fields(cls) if f.init}

@@ -51,8 +51,15 @@ def document_targets(family: ValFamily, lengths: tuple[int, ...] | None = None) 
 
 
 # ---- chunked -------------------------------------------------------------------------------------------------
-def chunked_features(s: ChunkedSettings, family: ValFamily, shape: ModelShape, gpus: int = REFERENCE_GPUS,
-                     targets: int | None = None, compile_in_timer: bool = True, sdpa: bool = False) -> np.ndarray:
+def chunked_features(
+    s: ChunkedSettings,
+    family: ValFamily,
+    shape: ModelShape,
+    gpus: int = REFERENCE_GPUS,
+    targets: int | None = None,
+    compile_in_timer: bool = True,
+    sdpa: bool = False,
+) -> np.ndarray:
     """Features of the slowest rank for score-first chunked TTT over ``targets`` (default the family's).
     The records' stage timer includes compiling ``forward_logits`` (records.md 1.3): one fixed term. ``sdpa``:
     the one-GPU reference timings ran PyTorch SDPA attention instead of FlashAttention-3, a kernel with its
@@ -72,8 +79,16 @@ def chunked_features(s: ChunkedSettings, family: ValFamily, shape: ModelShape, g
     # Step counts are not scaled by layer applications here: a chunked training step's fixed cost is one
     # all-reduce and one SGD update per parameter tensor (11 physical layers in every record).
     attention = shape.attention_flops(s.seq_len / 2) * s.seq_len * (chunks * per_chunk + 3 * trained * seqs) / 1e12
-    return np.array([score_tflop, float(steps), train_tflop, float(train_steps), float(compile_in_timer),
-                     attention if sdpa else 0.0])
+    return np.array(
+        [
+            score_tflop,
+            float(steps),
+            train_tflop,
+            float(train_steps),
+            float(compile_in_timer),
+            attention if sdpa else 0.0,
+        ]
+    )
 
 
 # ---- phased --------------------------------------------------------------------------------------------------
@@ -96,12 +111,13 @@ def _width_sums(n: np.ndarray, chunk: int, seq_len: int) -> tuple[np.ndarray, np
     return s1, s2
 
 
-def phased_work(s: PhasedSettings, family: ValFamily, shape: ModelShape,
-                lengths: tuple[int, ...] | None = None) -> PhasedWork:
+def phased_work(
+    s: PhasedSettings, family: ValFamily, shape: ModelShape, lengths: tuple[int, ...] | None = None
+) -> PhasedWork:
     """Batches of ``ttt_batch_size`` documents by ascending length, queued by descending longest document."""
     targets = document_targets(family, lengths)
     bsz = s.ttt_batch_size
-    groups = [targets[i:i + bsz] for i in range(0, len(targets), bsz)]
+    groups = [targets[i : i + bsz] for i in range(0, len(targets), bsz)]
     order = sorted(range(len(groups)), key=lambda b: (-groups[b][-1], b))  # stable on equal maxima
     rows = np.array([len(groups[b]) for b in order], dtype=np.float64)
     n = np.ceil(np.array([groups[b][-1] for b in order]) / s.ttt_chunk_size)
@@ -115,12 +131,15 @@ def phased_work(s: PhasedSettings, family: ValFamily, shape: ModelShape,
 
     trained = np.maximum(n - 1, 0)  # the last chunk of the longest document is never trained on
     g = s.ttt_grad_steps
-    features = np.stack([
-        fwd(n) + (g - 1) * fwd(trained),
-        g * 2 * fwd(trained),  # backward through the frozen base: about two forwards
-        (n + (g - 1) * trained) * shape.applications / STEP_SCALE_APPLICATIONS,
-        g * trained * rows * LORA_PARAMS_PER_RANK * s.ttt_lora_rank / 1e9,
-    ], axis=1)
+    features = np.stack(
+        [
+            fwd(n) + (g - 1) * fwd(trained),
+            g * 2 * fwd(trained),  # backward through the frozen base: about two forwards
+            (n + (g - 1) * trained) * shape.applications / STEP_SCALE_APPLICATIONS,
+            g * trained * rows * LORA_PARAMS_PER_RANK * s.ttt_lora_rank / 1e9,
+        ],
+        axis=1,
+    )
     tokens = [groups[b] + 1 for b in order]  # a document's slice holds its targets and its own BOS
     return PhasedWork(features, rows, tokens, np.array(order))
 
@@ -144,8 +163,9 @@ class PhasedRun:
     pauses: tuple[int, ...]  # documents completed at each pause
 
 
-def simulate_phased(s: PhasedSettings, work: PhasedWork, theta: np.ndarray, theta_global: float,
-                    gpus: int = REFERENCE_GPUS) -> PhasedRun:
+def simulate_phased(
+    s: PhasedSettings, work: PhasedWork, theta: np.ndarray, theta_global: float, gpus: int = REFERENCE_GPUS
+) -> PhasedRun:
     """The reference's schedule (frontier spec 2.3, 2.8, 2.11): ranks claim the next queued batch when free;
     after a batch completes the count of finished documents, and once it reaches the next phase boundary
     every rank finishes the batch it holds and waits; then global SGD on the shortest ``b_p`` documents of

@@ -39,15 +39,15 @@ BAND_Z = 1.645  # a 90 % interval
 FIT_ROUNDS = 5
 COUNTED = {
     "chunked": "the quantized_ttt stage's timer: every sliding window scored and every chunk but the last trained "
-               "on, on 8 ranks; the torch.compile of forward_logits runs inside that timer and is counted",
+    "on, on 8 ranks; the torch.compile of forward_logits runs inside that timer and is counted",
     "phased": "total_eval_time: eval_val_ttt_phased, i.e. LoRA scoring and training of every document on 8 ranks "
-              "claiming batches first-come-first-served, the global-SGD phases and the barrier waits before them",
+    "claiming batches first-come-first-served, the global-SGD phases and the barrier waits before them",
 }
 NOT_COUNTED = {
     "chunked": "artifact loading, and the stages the 04-09 family times separately and adds to its total: the "
-               "quantized roundtrip eval (8-27 s in the logs) and the sliding-window eval (84-129 s)",
+    "quantized roundtrip eval (8-27 s in the logs) and the sliding-window eval (84-129 s)",
     "phased": "the compile warm-up before the timer (82-305 s in the logs), deserializing the artifact (16-24 s for "
-              "lrzip) and the diagnostic quantized eval",
+    "lrzip) and the diagnostic quantized eval",
 }
 
 
@@ -73,8 +73,16 @@ class Row:
     @property
     def config(self) -> tuple[Any, ...]:
         """What makes a configuration: rows with the same key are more seeds of it (other runs, nodes, stacks)."""
-        return (self.protocol, self.family.name, self.settings, self.shape, self.gpus, self.targets,
-                self.compile_in_timer, self.sdpa)
+        return (
+            self.protocol,
+            self.family.name,
+            self.settings,
+            self.shape,
+            self.gpus,
+            self.targets,
+            self.compile_in_timer,
+            self.sdpa,
+        )
 
 
 @lru_cache(maxsize=1)
@@ -84,11 +92,24 @@ def calibration_rows() -> tuple[Row, ...]:
     rows = []
     for r in data["rows"]:
         shape = ModelShape(**{**{"vocab_size": FAMILIES[r["dataset"]].vocab_size}, **r.get("model", {})})
-        rows.append(Row(r["id"], r["protocol"], FAMILIES[r["dataset"]], make_settings(r["protocol"], r["settings"]),
-                        shape, int(r.get("gpus", REFERENCE_GPUS)), r.get("targets"), tuple(r["seconds"]),
-                        statistics.fmean(r["global_s"]) if r.get("global_s") else None, bool(r["use"]), r["source"],
-                        bool(r.get("compile_in_timer", True)), r.get("attention") == "sdpa",
-                        statistics.fmean(r["tail_s"]) if r.get("tail_s") else None))
+        rows.append(
+            Row(
+                r["id"],
+                r["protocol"],
+                FAMILIES[r["dataset"]],
+                make_settings(r["protocol"], r["settings"]),
+                shape,
+                int(r.get("gpus", REFERENCE_GPUS)),
+                r.get("targets"),
+                tuple(r["seconds"]),
+                statistics.fmean(r["global_s"]) if r.get("global_s") else None,
+                bool(r["use"]),
+                r["source"],
+                bool(r.get("compile_in_timer", True)),
+                r.get("attention") == "sdpa",
+                statistics.fmean(r["tail_s"]) if r.get("tail_s") else None,
+            )
+        )
     return tuple(rows)
 
 
@@ -147,12 +168,14 @@ def _work(settings: PhasedSettings, family: ValFamily, shape: ModelShape, length
     return phased_work(settings, family, shape, lengths)
 
 
-def _features(row: Row, fit_: Fit | None, lengths: tuple[int, ...] | None = None
-              ) -> tuple[np.ndarray, float, np.ndarray | None]:
+def _features(
+    row: Row, fit_: Fit | None, lengths: tuple[int, ...] | None = None
+) -> tuple[np.ndarray, float, np.ndarray | None]:
     """Features of the critical path, the global-SGD units and (phased) the last segment's features."""
     if isinstance(row.settings, ChunkedSettings):
-        feats = chunked_features(row.settings, row.family, row.shape, row.gpus, row.targets,
-                                 row.compile_in_timer, row.sdpa)
+        feats = chunked_features(
+            row.settings, row.family, row.shape, row.gpus, row.targets, row.compile_in_timer, row.sdpa
+        )
         return feats, 0.0, None
     theta, tg = (fit_.theta, fit_.theta_global) if fit_ is not None else (_PRIOR, _PRIOR_GLOBAL)
     run = simulate_phased(row.settings, _work(row.settings, row.family, row.shape, lengths), theta, tg, row.gpus)
@@ -223,8 +246,16 @@ def leave_one_out(protocol: str | None = None) -> list[dict[str, Any]]:
     out = []
     for c in configurations(protocol):
         seconds, _ = predict(c.first, fit(c.first.protocol, exclude=c.id))
-        out.append({"id": c.id, "protocol": c.first.protocol, "predicted_s": seconds, "logged_s": c.mean_s,
-                    "seeds": sum(len(r.seconds) for r in c.rows), "error": seconds / c.mean_s - 1.0})
+        out.append(
+            {
+                "id": c.id,
+                "protocol": c.first.protocol,
+                "predicted_s": seconds,
+                "logged_s": c.mean_s,
+                "seeds": sum(len(r.seconds) for r in c.rows),
+                "error": seconds / c.mean_s - 1.0,
+            }
+        )
     return out
 
 
@@ -254,14 +285,22 @@ class Estimate:
 
     def summary(self) -> str:
         verdict = "fits" if self.fits_budget else "over"
-        return (f"reference {self.protocol} on 8xH100: ~{self.seconds:.0f} s "
-                f"(90 % band {self.low:.0f}-{self.high:.0f} s); {verdict} the {self.budget_s:g} s budget "
-                f"({self.confidence:.0%} confident)")
+        return (
+            f"reference {self.protocol} on 8xH100: ~{self.seconds:.0f} s "
+            f"(90 % band {self.low:.0f}-{self.high:.0f} s); {verdict} the {self.budget_s:g} s budget "
+            f"({self.confidence:.0%} confident)"
+        )
 
 
-def estimate(settings: Settings, *, dataset: str | None = None, family: ValFamily | None = None,
-             shape: ModelShape | None = None, budget_s: float = BUDGET_S,
-             lengths: tuple[int, ...] | None = None) -> Estimate:
+def estimate(
+    settings: Settings,
+    *,
+    dataset: str | None = None,
+    family: ValFamily | None = None,
+    shape: ModelShape | None = None,
+    budget_s: float = BUDGET_S,
+    lengths: tuple[int, ...] | None = None,
+) -> Estimate:
     """Predict the reference evaluator's timed TTT loop for ``settings`` on the full val set of ``dataset``."""
     fam = family or family_for(dataset)
     shape = shape or ModelShape(vocab_size=fam.vocab_size)
@@ -280,8 +319,28 @@ def estimate(settings: Settings, *, dataset: str | None = None, family: ValFamil
         f"band: seed-to-seed spread {node_spread():.1%} (node speed) and fit residuals {f.rel_rms:.1%}, 90 %",
     ]
     if isinstance(settings, PhasedSettings):
-        assumptions.append("document lengths: " + ("the dataset's own" if lengths else
-                           "a skewed log-normal fitted to the logged longest batch and phase pauses (budget/cost.py)"))
-    return Estimate(seconds, low, high, budget_s, fits, p_within if fits else 1.0 - p_within, settings.protocol,
-                    fam.name, fam.targets, REFERENCE_GPUS, as_dict(settings), parts, COUNTED[settings.protocol],
-                    NOT_COUNTED[settings.protocol], assumptions)
+        assumptions.append(
+            "document lengths: "
+            + (
+                "the dataset's own"
+                if lengths
+                else "a skewed log-normal fitted to the logged longest batch and phase pauses (budget/cost.py)"
+            )
+        )
+    return Estimate(
+        seconds,
+        low,
+        high,
+        budget_s,
+        fits,
+        p_within if fits else 1.0 - p_within,
+        settings.protocol,
+        fam.name,
+        fam.targets,
+        REFERENCE_GPUS,
+        as_dict(settings),
+        parts,
+        COUNTED[settings.protocol],
+        NOT_COUNTED[settings.protocol],
+        assumptions,
+    )

@@ -82,9 +82,14 @@ class ModelShape:
         looped = max(0, end - start + 1) * loops if loops else 0
         dim, heads = int(config.get("model_dim", base.model_dim)), int(config.get("num_heads", 8) or 8)
         kv_heads = int(config.get("num_kv_heads", heads // 2) or heads)
-        return cls(model_dim=dim, num_layers=layers, applications=layers + looped,
-                   mlp_mult=float(config.get("mlp_mult", base.mlp_mult)), kv_dim=dim // heads * kv_heads,
-                   vocab_size=int(config.get("vocab_size", base.vocab_size)))
+        return cls(
+            model_dim=dim,
+            num_layers=layers,
+            applications=layers + looped,
+            mlp_mult=float(config.get("mlp_mult", base.mlp_mult)),
+            kv_dim=dim // heads * kv_heads,
+            vocab_size=int(config.get("vocab_size", base.vocab_size)),
+        )
 
 
 @dataclass(frozen=True)
@@ -127,14 +132,18 @@ def make_settings(protocol: str, values: dict[str, Any]) -> Settings:
     """Settings of ``protocol`` from ``values`` (unknown keys are an error; None keeps the default)."""
     classes = {"chunked": ChunkedSettings, "phased": PhasedSettings}
     if protocol not in classes:
-        raise BudgetError(f"protocol={protocol!r}: expected one of {', '.join(classes)}", field="protocol",
-                          value=protocol)
+        raise BudgetError(
+            f"protocol={protocol!r}: expected one of {', '.join(classes)}", field="protocol", value=protocol
+        )
     cls = classes[protocol]
     known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise BudgetError(f"{', '.join(unknown)}: not a knob of the {protocol} protocol "
-                          f"(knobs: {', '.join(sorted(known))})", field=unknown[0], value=values[unknown[0]])
+        raise BudgetError(
+            f"{', '.join(unknown)}: not a knob of the {protocol} protocol (knobs: {', '.join(sorted(known))})",
+            field=unknown[0],
+            value=values[unknown[0]],
+        )
     given = {k: v for k, v in values.items() if v is not None}
     for key, value in given.items():
         why = KNOBS[key].problem(value)
@@ -144,11 +153,17 @@ def make_settings(protocol: str, values: dict[str, Any]) -> Settings:
             raise BudgetError(f"{key}={value!r}: {why}", field=key, value=value)
     settings = cls(**given)
     if isinstance(settings, PhasedSettings) and settings.ttt_chunk_size > settings.ttt_eval_seq_len:
-        raise BudgetError(f"ttt_chunk_size={settings.ttt_chunk_size}: must not exceed ttt_eval_seq_len="
-                          f"{settings.ttt_eval_seq_len}", field="ttt_chunk_size", value=settings.ttt_chunk_size)
+        raise BudgetError(
+            f"ttt_chunk_size={settings.ttt_chunk_size}: must not exceed ttt_eval_seq_len={settings.ttt_eval_seq_len}",
+            field="ttt_chunk_size",
+            value=settings.ttt_chunk_size,
+        )
     if isinstance(settings, ChunkedSettings) and settings.stride > settings.seq_len:
-        raise BudgetError(f"stride={settings.stride}: must not exceed seq_len={settings.seq_len}", field="stride",
-                          value=settings.stride)
+        raise BudgetError(
+            f"stride={settings.stride}: must not exceed seq_len={settings.seq_len}",
+            field="stride",
+            value=settings.stride,
+        )
     return settings
 
 

@@ -33,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_architecture_args(p, required=False, with_log=True)
     p.add_argument("--tokenizer", type=Path, help="a SentencePiece .model to check against the checkpoint")
     p.add_argument(
-        "--code-bytes", type=_non_negative_int, default=None, metavar="N",
+        "--code-bytes",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
         help="bytes of the submission's code, added to the artifact for the size check (default: the record's "
         "logged code-wrapper size when the training log or a known record gives one, else 0)",
     )
@@ -57,15 +60,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_architecture_args(p: argparse.ArgumentParser, *, required: bool, with_log: bool = False) -> None:
     if with_log:
         p.add_argument(
-            "--log", type=Path, default=None, metavar="TRAIN_LOG",
+            "--log",
+            type=Path,
+            default=None,
+            metavar="TRAIN_LOG",
             help="the record's training log (train_seed42.log): a .ptz's architecture from its Hyperparameters block",
         )
     p.add_argument(
-        "--preset", required=required, choices=list(PRESETS),
+        "--preset",
+        required=required,
+        choices=list(PRESETS),
         help="architecture preset of a .ptz artifact (with --log: the base for what a log does not print)",
     )
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help=f"override a key of the preset or log (keys: {known_keys()})",
     )
 
@@ -100,8 +112,11 @@ def inspect_report(ckpt: LoadedCheckpoint, code_bytes: int | None) -> dict[str, 
     preset = next((name for name, cfg in PRESETS.items() if cfg == ckpt.config), None)
     code, rule = code_size_rule(ckpt, preset, code_bytes)
     total = ckpt.size_bytes + code
-    lqer = [{"name": n, "kind": qt.lqer.kind, "rank": qt.lqer.rank, "group": qt.lqer.group, "category": category(qt)}
-            for n, qt in ckpt.tensors.items() if qt.lqer is not None]
+    lqer = [
+        {"name": n, "kind": qt.lqer.kind, "rank": qt.lqer.rank, "group": qt.lqer.group, "category": category(qt)}
+        for n, qt in ckpt.tensors.items()
+        if qt.lqer is not None
+    ]
     return {
         "file": str(ckpt.path),
         "kind": ckpt.kind,
@@ -138,31 +153,41 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     for i, (scheme, s) in enumerate(r["quantization"].items()):
         lines.append(
-            ("quantization" if i == 0 else "",
-             f"{scheme:<13} {s['tensors']:>4} tensors {s['parameters']:>12,} params {s['bytes']:>12,} bytes raw")
+            (
+                "quantization" if i == 0 else "",
+                f"{scheme:<13} {s['tensors']:>4} tensors {s['parameters']:>12,} params {s['bytes']:>12,} bytes raw",
+            )
         )
     lines.append(("lqer", ", ".join(f"{e['name']} ({e['kind']}, rank {e['rank']})" for e in r["lqer"]) or "none"))
     tok = r["tokenizer"]
-    lines.append(("tokenizer", "none recorded" if tok is None else
-                  f"{tok['name']} (vocab {tok['vocab_size']}, sha256 {tok['sha256']})"))
+    lines.append(
+        (
+            "tokenizer",
+            "none recorded" if tok is None else f"{tok['name']} (vocab {tok['vocab_size']}, sha256 {tok['sha256']})",
+        )
+    )
     lines.append(("provenance", json.dumps(r["provenance"], sort_keys=True)))
     sc = r["size_check"]
     code_note = "" if sc["code_bytes_given"] else f" ({sc['code_bytes_rule']})"
     verdict = (
-        f"within the limit by {sc['limit_bytes'] - sc['total_bytes']:,}" if sc["within_limit"]
+        f"within the limit by {sc['limit_bytes'] - sc['total_bytes']:,}"
+        if sc["within_limit"]
         else f"OVER the limit by {sc['total_bytes'] - sc['limit_bytes']:,}"
     )
-    lines.append((
-        "size check",
-        f"{sc['artifact_bytes']:,} artifact + {sc['code_bytes']:,} code{code_note} = {sc['total_bytes']:,} bytes; "
-        f"limit {sc['limit_bytes']:,}: {verdict}",
-    ))
+    lines.append(
+        (
+            "size check",
+            f"{sc['artifact_bytes']:,} artifact + {sc['code_bytes']:,} code{code_note} = {sc['total_bytes']:,} bytes; "
+            f"limit {sc['limit_bytes']:,}: {verdict}",
+        )
+    )
     return "\n".join(f"{key:<13} {value}" for key, value in lines)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.file, preset=args.preset, overrides=args.overrides, tokenizer=args.tokenizer,
-                           log=args.log)
+    ckpt = load_checkpoint(
+        args.file, preset=args.preset, overrides=args.overrides, tokenizer=args.tokenizer, log=args.log
+    )
     report = inspect_report(ckpt, args.code_bytes)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -175,8 +200,9 @@ def run_import(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{out}: already exists (use --force to overwrite)")
     if out.exists() and out.resolve() == args.artifact.resolve():
         raise CheckpointError(f"{out}: the output would overwrite the artifact being imported")
-    ckpt = load_checkpoint(args.artifact, preset=args.preset, overrides=args.overrides, tokenizer=args.tokenizer,
-                           log=args.log)
+    ckpt = load_checkpoint(
+        args.artifact, preset=args.preset, overrides=args.overrides, tokenizer=args.tokenizer, log=args.log
+    )
     provenance = {
         **ckpt.provenance,
         "source": "import",

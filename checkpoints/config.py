@@ -133,8 +133,11 @@ class ModelConfig:
     @property
     def attn_gate(self) -> str | None:
         """The attention output gate: "attn_out", "dense", "sparse" or None."""
-        for name, on in (("attn_out", self.attn_out_gate_enabled), ("dense", self.gated_attn_enabled),
-                         ("sparse", self.sparse_attn_gate_enabled)):
+        for name, on in (
+            ("attn_out", self.attn_out_gate_enabled),
+            ("dense", self.gated_attn_enabled),
+            ("sparse", self.sparse_attn_gate_enabled),
+        ):
             if on:
                 return name
         return None
@@ -178,12 +181,18 @@ class ModelConfig:
         need(self.num_kv_heads >= 1, "num_kv_heads", "must be at least 1")
         need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"must divide num_heads={self.num_heads}")
         need(self.head_dim % 2 == 0, "num_heads", f"head dim model_dim/num_heads={self.head_dim} must be even")
-        need(1 <= self.mlp_hidden <= MAX_MLP_HIDDEN, "mlp_mult",
-             f"must give an MLP width int(mlp_mult * model_dim) within 1..{MAX_MLP_HIDDEN}")
+        need(
+            1 <= self.mlp_hidden <= MAX_MLP_HIDDEN,
+            "mlp_mult",
+            f"must give an MLP width int(mlp_mult * model_dim) within 1..{MAX_MLP_HIDDEN}",
+        )
         need(self.logit_softcap > 0, "logit_softcap", "must be positive")
         need(self.rope_base > 0, "rope_base", "must be positive")
-        need(self.rope_dims <= 0 or (self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0), "rope_dims",
-             f"must be even and at most head_dim={self.head_dim} (0 or less: every head dim)")
+        need(
+            self.rope_dims <= 0 or (self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0),
+            "rope_dims",
+            f"must be even and at most head_dim={self.head_dim} (0 or less: every head dim)",
+        )
         need(1 <= self.train_seq_len <= MAX_SEQ_LEN, "train_seq_len", f"must be within 1..{MAX_SEQ_LEN}")
         need(self.num_loops <= MAX_LOOPS, "num_loops", f"must be at most {MAX_LOOPS} (0 or less: no recurrence)")
         for key in ("loop_start", "loop_end", "xsa_last_n", "parallel_residual_start", "parallel_start_layer"):
@@ -192,29 +201,49 @@ class ModelConfig:
             need(value is None or abs(value) <= bound, key, f"must be within -{bound}..{bound}")
         if self.num_loops > 0:
             # Any schedule the scripts can run is fine; an index outside the layers would crash them.
-            need(0 <= self.loop_start <= self.num_layers, "loop_start",
-                 f"must be within 0..num_layers={self.num_layers}")
+            need(
+                0 <= self.loop_start <= self.num_layers, "loop_start", f"must be within 0..num_layers={self.num_layers}"
+            )
             need(self.loop_end < self.num_layers, "loop_end", f"must be at most num_layers-1={self.num_layers - 1}")
-            need(len(self.layer_schedule()) <= MAX_APPLICATIONS, "num_loops",
-                 f"gives {len(self.layer_schedule())} layer applications, more than {MAX_APPLICATIONS}")
+            need(
+                len(self.layer_schedule()) <= MAX_APPLICATIONS,
+                "num_loops",
+                f"gives {len(self.layer_schedule())} layer applications, more than {MAX_APPLICATIONS}",
+            )
         if self.frontier:
-            need(self.parallel_residual_start is None, "parallel_residual_start",
-                 "is the 2026-04-09 family's; the frontier decoder uses parallel_start_layer (set this to null)")
+            need(
+                self.parallel_residual_start is None,
+                "parallel_residual_start",
+                "is the 2026-04-09 family's; the frontier decoder uses parallel_start_layer (set this to null)",
+            )
             need(self.parallel_start_layer is not None, "parallel_start_layer", "must be set in the frontier family")
-            need(self.parallel_final_lane in PARALLEL_FINAL_LANES, "parallel_final_lane",
-                 f"must be one of {', '.join(PARALLEL_FINAL_LANES)}")
+            need(
+                self.parallel_final_lane in PARALLEL_FINAL_LANES,
+                "parallel_final_lane",
+                f"must be one of {', '.join(PARALLEL_FINAL_LANES)}",
+            )
         else:
-            need(self.parallel_residual_start is not None, "parallel_residual_start",
-                 "must be set in the 2026-04-09 family")
+            need(
+                self.parallel_residual_start is not None,
+                "parallel_residual_start",
+                "must be set in the 2026-04-09 family",
+            )
             for key in ("parallel_start_layer", "parallel_final_lane"):
                 need(getattr(self, key) is None, key, "is the frontier family's (family=frontier); must be null here")
         need(0 <= self.gate_window <= self.model_dim, "gate_window", f"must be within 0..model_dim={self.model_dim}")
-        need(self.attn_out_gate_src in ATTN_OUT_GATE_SOURCES, "attn_out_gate_src",
-             f"must be one of {', '.join(ATTN_OUT_GATE_SOURCES)}")
-        gates = [k for k in ("attn_out_gate_enabled", "gated_attn_enabled", "sparse_attn_gate_enabled")
-                 if getattr(self, k)]
-        need(len(gates) <= 1, gates[-1] if gates else "family",
-             f"the attention gates are mutually exclusive ({', '.join(gates)} are on)")
+        need(
+            self.attn_out_gate_src in ATTN_OUT_GATE_SOURCES,
+            "attn_out_gate_src",
+            f"must be one of {', '.join(ATTN_OUT_GATE_SOURCES)}",
+        )
+        gates = [
+            k for k in ("attn_out_gate_enabled", "gated_attn_enabled", "sparse_attn_gate_enabled") if getattr(self, k)
+        ]
+        need(
+            len(gates) <= 1,
+            gates[-1] if gates else "family",
+            f"the attention gates are mutually exclusive ({', '.join(gates)} are on)",
+        )
 
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -294,45 +323,91 @@ PRESETS: dict[str, ModelConfig] = {
     "pg-2026-04-09": _PG0409,
     "pr1493": _PG0409,
     "tiny": ModelConfig(
-        vocab_size=1024, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
-        rope_dims=8, train_seq_len=128, num_loops=1, loop_start=1, loop_end=2,
-        parallel_residual_start=2, xsa_last_n=4,
+        vocab_size=1024,
+        num_layers=4,
+        model_dim=64,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_mult=2.0,
+        rope_dims=8,
+        train_seq_len=128,
+        num_loops=1,
+        loop_start=1,
+        loop_end=2,
+        parallel_residual_start=2,
+        xsa_last_n=4,
     ),
     "tiny-flat": ModelConfig(
-        vocab_size=1024, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2.0,
-        rope_dims=16, train_seq_len=64, num_loops=0, parallel_residual_start=3, xsa_last_n=0,
-        skip_gates_enabled=False, ln_scale=False, tie_embeddings=False,
+        vocab_size=1024,
+        num_layers=3,
+        model_dim=32,
+        num_heads=2,
+        num_kv_heads=1,
+        mlp_mult=2.0,
+        rope_dims=16,
+        train_seq_len=64,
+        num_loops=0,
+        parallel_residual_start=3,
+        xsa_last_n=0,
+        skip_gates_enabled=False,
+        ln_scale=False,
+        tie_embeddings=False,
     ),
 }
 # The frontier records, by pull request, as their logs ran them (spec sections 1a and 3); the 04-10
 # model is shared by #1530, #1610, #1626 and #1729 (CaseOps changes the data, not the net).
-_FRONTIER = _PG0409.with_overrides({
-    "family": "frontier", "parallel_residual_start": None, "parallel_start_layer": 8,
-    "parallel_final_lane": "mean", "rope_yarn": False, "qk_gain_init": 5.0,
-})
+_FRONTIER = _PG0409.with_overrides(
+    {
+        "family": "frontier",
+        "parallel_residual_start": None,
+        "parallel_start_layer": 8,
+        "parallel_final_lane": "mean",
+        "rope_yarn": False,
+        "qk_gain_init": 5.0,
+    }
+)
 PRESETS |= {
     "pr1530": _FRONTIER,
     "pr1610": _FRONTIER,
     "pr1626": _FRONTIER,
     "pr1729": _FRONTIER,
-    "pr1667": _FRONTIER.with_overrides({"qk_gain_init": 5.25, "smear_gate_enabled": True,
-                                        "smear_gate_bos_mask": False, "attn_out_gate_enabled": True}),
+    "pr1667": _FRONTIER.with_overrides(
+        {"qk_gain_init": 5.25, "smear_gate_enabled": True, "smear_gate_bos_mask": False, "attn_out_gate_enabled": True}
+    ),
     "pr1736": _FRONTIER.with_overrides({"gated_attn_enabled": True}),
     "pr1769": _FRONTIER.with_overrides({"gated_attn_enabled": True}),  # 04-22: the 04-19 model
     "pr1787": _FRONTIER.with_overrides({"sparse_attn_gate_enabled": True, "sparse_attn_gate_scale": 1.0}),
-    "pr1851": _FRONTIER.with_overrides({"smear_gate_enabled": True, "sparse_attn_gate_enabled": True,
-                                        "sparse_attn_gate_scale": 1.0}),
-    "pr1868": _FRONTIER.with_overrides({"smear_gate_enabled": True, "sparse_attn_gate_enabled": True,
-                                        "sparse_attn_gate_scale": 1.0}),  # 04-29: #1851's code
-    "pr1855": _FRONTIER.with_overrides({"smear_gate_enabled": True, "sparse_attn_gate_enabled": True,
-                                        "sparse_attn_gate_scale": 0.5}),
+    "pr1851": _FRONTIER.with_overrides(
+        {"smear_gate_enabled": True, "sparse_attn_gate_enabled": True, "sparse_attn_gate_scale": 1.0}
+    ),
+    "pr1868": _FRONTIER.with_overrides(
+        {"smear_gate_enabled": True, "sparse_attn_gate_enabled": True, "sparse_attn_gate_scale": 1.0}
+    ),  # 04-29: #1851's code
+    "pr1855": _FRONTIER.with_overrides(
+        {"smear_gate_enabled": True, "sparse_attn_gate_enabled": True, "sparse_attn_gate_scale": 0.5}
+    ),
     # Tiny frontier models for tests: every knob of section 3 at a size that runs in milliseconds.
-    "tiny-frontier": _FRONTIER.with_overrides({
-        "vocab_size": 1024, "num_layers": 4, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2,
-        "mlp_mult": 2.0, "rope_dims": 8, "train_seq_len": 128, "num_loops": 1, "loop_start": 1,
-        "loop_end": 2, "parallel_start_layer": 2, "xsa_last_n": 4, "smear_gate_enabled": True,
-        "sparse_attn_gate_enabled": True, "sparse_attn_gate_scale": 0.5, "gate_window": 6,
-    }),
+    "tiny-frontier": _FRONTIER.with_overrides(
+        {
+            "vocab_size": 1024,
+            "num_layers": 4,
+            "model_dim": 64,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "mlp_mult": 2.0,
+            "rope_dims": 8,
+            "train_seq_len": 128,
+            "num_loops": 1,
+            "loop_start": 1,
+            "loop_end": 2,
+            "parallel_start_layer": 2,
+            "xsa_last_n": 4,
+            "smear_gate_enabled": True,
+            "sparse_attn_gate_enabled": True,
+            "sparse_attn_gate_scale": 0.5,
+            "gate_window": 6,
+        }
+    ),
 }
 
 
@@ -340,8 +415,9 @@ def preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}", field="preset",
-                          value=name) from None
+        raise ConfigError(
+            f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}", field="preset", value=name
+        ) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

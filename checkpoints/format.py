@@ -151,11 +151,7 @@ def shape_problems(shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> l
     expected = expected_shapes(config)
     missing = [n for n in expected if n not in shapes]
     unexpected = [n for n in shapes if n not in expected]
-    mismatched = [
-        f"{n} {shapes[n]} vs {shape}"
-        for n, shape in expected.items()
-        if n in shapes and shapes[n] != shape
-    ]
+    mismatched = [f"{n} {shapes[n]} vs {shape}" for n, shape in expected.items() if n in shapes and shapes[n] != shape]
     problems = []
     if missing:
         problems.append(f"missing keys: {_listing(missing)}")
@@ -270,7 +266,7 @@ def parse_model_bin(path: Path, data: bytes) -> ModelBin:
     if len(data) != expected_size:
         state = "truncated" if len(data) < expected_size else "has trailing bytes"
         raise fail(f"{state}: the prefix announces {expected_size} bytes, the file has {len(data)} (corrupt?)")
-    body = data[: -_DIGEST_BYTES]
+    body = data[:-_DIGEST_BYTES]
     if hashlib.sha256(body).digest() != data[-_DIGEST_BYTES:]:
         raise fail("checksum mismatch: the file is corrupt (damaged or modified after writing)")
 
@@ -291,8 +287,10 @@ def parse_model_bin(path: Path, data: bytes) -> ModelBin:
     planned, table_bytes = plan_table(header["tensors"], version, fail)
     problems = shape_problems({p.name: p.shape for p in planned}, config)
     if problems:
-        raise fail(f"tensors do not match the architecture: {'; '.join(problems)} "
-                   "(the header's config and its tensors disagree)")
+        raise fail(
+            f"tensors do not match the architecture: {'; '.join(problems)} "
+            "(the header's config and its tensors disagree)"
+        )
     raw = _decode_payload(header["payload"], body[_PREFIX.size + header_len :], table_bytes, fail)
     tensors = build_tensors(planned, raw)
     check_tensors(tensors, config, str(path), hint=" (the header's config and its tensors disagree)")

@@ -59,8 +59,9 @@ class TrainingLog:
         try:
             config = base.with_overrides(values | (overrides or {}))
         except ConfigError as exc:
-            raise CheckpointError(f"{self.path}: the log's hyperparameters are not a valid architecture: {exc}") \
-                from None
+            raise CheckpointError(
+                f"{self.path}: the log's hyperparameters are not a valid architecture: {exc}"
+            ) from None
         if self.model_params is not None and self.model_params != config.num_parameters():
             raise CheckpointError(
                 f"{self.path}: the log says model_params:{self.model_params}, the architecture it describes has "
@@ -128,7 +129,8 @@ def read_training_log(path: str | os.PathLike) -> TrainingLog:
             raise CheckpointError(f"{path}:{number}: {key}={raw!r} is not a valid {kinds[key].__name__}") from None
     if not architecture:
         raise CheckpointError(
-            f"{path}: the Hyperparameters block names no architecture key (known: {', '.join(kinds)})")
+            f"{path}: the Hyperparameters block names no architecture key (known: {', '.join(kinds)})"
+        )
     params = _MODEL_PARAMS.search(text)
     code = _CODE_BYTES.search(text)
     return TrainingLog(
@@ -149,8 +151,9 @@ def check_quantization(log: TrainingLog, tensors: dict[str, QuantizedTensor], wh
     if "embed_bits" in o and embed is not None and embed.scheme not in ("float16", f"int{o['embed_bits']}"):
         problems.append(f"embed_bits={o['embed_bits']} but tok_emb.weight is {embed.scheme}")
     if "matrix_bits" in o:
-        others = sorted({qt.scheme for n, qt in tensors.items()
-                         if n != "tok_emb.weight" and qt.scheme.startswith("int")})
+        others = sorted(
+            {qt.scheme for n, qt in tensors.items() if n != "tok_emb.weight" and qt.scheme.startswith("int")}
+        )
         if others and others != [f"int{o['matrix_bits']}"]:
             problems.append(f"matrix_bits={o['matrix_bits']} but the matrices are {', '.join(others)}")
     lqer = [n for n, qt in tensors.items() if qt.lqer is not None]
@@ -168,5 +171,7 @@ def check_quantization(log: TrainingLog, tensors: dict[str, QuantizedTensor], wh
         if gates != [want]:
             problems.append(f"gated_attn_quant_gate={o['gated_attn_quant_gate']} but the gates are {', '.join(gates)}")
     if problems:
-        raise CheckpointError(f"{where}: the artifact disagrees with the training log {log.path.name}: "
-                              f"{'; '.join(problems)} (a log from another record?)")
+        raise CheckpointError(
+            f"{where}: the artifact disagrees with the training log {log.path.name}: "
+            f"{'; '.join(problems)} (a log from another record?)"
+        )

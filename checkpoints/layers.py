@@ -142,8 +142,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None)
     if fa3 and _fa3_varlen is not None and q.size(0) == 1:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         longest = int((cu[1:] - cu[:-1]).max())
-        out = _fa3_varlen(q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
-                          max_seqlen_k=longest, causal=True)
+        out = _fa3_varlen(
+            q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, causal=True
+        )
         return (out[0] if isinstance(out, tuple) else out)[None]
     # One causal attention per segment: exactly the block-diagonal causal mask, in memory per segment.
     y = torch.empty_like(q)
@@ -156,8 +157,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None)
 
 def _sdpa_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        is_causal=True, enable_gqa=q.size(2) != k.size(2),
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=True,
+        enable_gqa=q.size(2) != k.size(2),
     )
     return y.transpose(1, 2)
 
@@ -216,8 +220,9 @@ class CausalSelfAttention(nn.Module):
             width = d if self.gate == "dense" else config.gate_window
             self.attn_gate_w = nn.Parameter(torch.zeros(heads, width))
 
-    def forward(self, x: Tensor, positions: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                hook: Hook | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, positions: Tensor | None = None, cu_seqlens: Tensor | None = None, hook: Hook | None = None
+    ) -> Tensor:
         """Attention over all positions; with ``positions`` (batch, k), queries (and output) only there: keys
         and values still come from every position. ``cu_seqlens``: document masks; ``hook``: adapters."""
         bsz, seq, dim = x.shape

@@ -43,8 +43,9 @@ def declared_size(data: bytes) -> int | None:
     return int.from_bytes(data[6:14], "little")
 
 
-def decode(data: bytes, expected_size: int, *, timeout_s: float | None = None,
-           memory_limit: int | None = None) -> bytes:
+def decode(
+    data: bytes, expected_size: int, *, timeout_s: float | None = None, memory_limit: int | None = None
+) -> bytes:
     """The decoded bytes of one lrzip file, which must be exactly ``expected_size`` long."""
     timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
     memory_limit = MEMORY_LIMIT_BYTES if memory_limit is None else memory_limit
@@ -65,7 +66,11 @@ def decode(data: bytes, expected_size: int, *, timeout_s: float | None = None,
         # Its own session, so that a timeout kills lrzip and anything it started, and no pipe stays open.
         proc = subprocess.Popen(
             _limited(expected_size + 1, memory_limit) + [program, "-q", "-d", "-f", "-o", str(dst), str(src)],
-            cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=tmp,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             start_new_session=True,
         )
         try:
@@ -85,8 +90,9 @@ def decode(data: bytes, expected_size: int, *, timeout_s: float | None = None,
         return dst.read_bytes()
 
 
-def decode_all(jobs: list[tuple[bytes, int]], *, workers: int | None = None,
-               decoder: Callable[[bytes, int], bytes] | None = None) -> list[bytes]:
+def decode_all(
+    jobs: list[tuple[bytes, int]], *, workers: int | None = None, decoder: Callable[[bytes, int], bytes] | None = None
+) -> list[bytes]:
     """Decode several streams in parallel (one lrzip process each); the first failure is raised."""
     decoder = decoder or decode
     if not jobs:

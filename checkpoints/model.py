@@ -38,7 +38,6 @@ __all__ = ["GPT", "Block", "Adapters", "CastedLinear", "PRECISIONS", "apply_prec
 Precision = Literal["bf16", "fp32"]
 
 
-
 class Block(nn.Module):
     """One layer. ``forward``: the sequential block (or, 04-09 family, the single-stream parallel one);
     ``lanes``: its two outputs in the frontier's two-lane decoder, which ``GPT`` mixes (spec 3.5)."""
@@ -55,8 +54,14 @@ class Block(nn.Module):
         start = config.parallel_residual_start
         self.parallel = start is not None and index >= start
 
-    def forward(self, x: Tensor, x0: Tensor, positions: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                hook: Hook | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        x0: Tensor,
+        positions: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        hook: Hook | None = None,
+    ) -> Tensor:
         """The block at every position, or (keys and values still from every position) only at ``positions``."""
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
@@ -69,8 +74,15 @@ class Block(nn.Module):
         h = x_in + attn_scale * a
         return h + mlp_scale * self.mlp(rms_norm(h) * self.norm_scale, hook)
 
-    def lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, positions: Tensor | None = None,
-              cu_seqlens: Tensor | None = None, hook: Hook | None = None) -> tuple[Tensor, Tensor]:
+    def lanes(
+        self,
+        lane0: Tensor,
+        lane1: Tensor,
+        x0: Tensor,
+        positions: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        hook: Hook | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """A = attn_scale * Attn(norm(m0 lane0 + m1 x0) f) and M = mlp_scale * MLP(norm(lane1) f), both from
         the old lanes (at ``positions`` only, when given)."""
         mix = self.resid_mix.to(lane0.dtype)
@@ -120,8 +132,14 @@ class GPT(nn.Module):
             e = smear(e, ids, self.smear_gate, self.smear_lambda, self.config.smear_gate_bos_mask)
         return rms_norm(e)
 
-    def forward_hidden(self, ids: Tensor, positions: Tensor | None = None, *, cu_seqlens: Tensor | None = None,
-                       adapters: Adapters | None = None) -> Tensor:
+    def forward_hidden(
+        self,
+        ids: Tensor,
+        positions: Tensor | None = None,
+        *,
+        cu_seqlens: Tensor | None = None,
+        adapters: Adapters | None = None,
+    ) -> Tensor:
         """Token ids (batch, seq) -> final-normed hidden states (batch, seq, model_dim).
 
         ``positions`` (batch, k): the hidden states at those positions only, (batch, k, model_dim); the
@@ -135,8 +153,10 @@ class GPT(nn.Module):
         x = self.embed(ids)
         x0 = x
         encoder, decoder = self.schedule()
-        hooks = [None if adapters is None else functools.partial(adapters.delta, slot)
-                 for slot in range(len(encoder) + len(decoder))]
+        hooks = [
+            None if adapters is None else functools.partial(adapters.delta, slot)
+            for slot in range(len(encoder) + len(decoder))
+        ]
         skips: list[Tensor] = []
         for slot, i in enumerate(encoder):
             x = self.blocks[i](x, x0, None, cu_seqlens, hooks[slot])
@@ -154,8 +174,9 @@ class GPT(nn.Module):
                 if skip is not None:
                     lane0 = self.add_skip(j, lane0, skip)
                 pos = positions if last else None
-                lanes = self.mix_lanes(i, lane0, lane1, *self.blocks[i].lanes(lane0, lane1, x0, pos, cu_seqlens, hook),
-                                       positions=pos)
+                lanes = self.mix_lanes(
+                    i, lane0, lane1, *self.blocks[i].lanes(lane0, lane1, x0, pos, cu_seqlens, hook), positions=pos
+                )
             else:
                 if skip is not None:
                     x = self.add_skip(j, x, skip)
@@ -176,15 +197,15 @@ class GPT(nn.Module):
             return x + s
         return s + torch.sigmoid(self.skip_gates[j].to(x.dtype)) * (x - s)
 
-    def mix_lanes(self, i: int, lane0: Tensor, lane1: Tensor, a: Tensor, m: Tensor,
-                  positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def mix_lanes(
+        self, i: int, lane0: Tensor, lane1: Tensor, a: Tensor, m: Tensor, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """lane_k <- rho_{i,k} lane_k + pi_{i,0,k} A + pi_{i,1,k} M (spec 3.5)."""
         if positions is not None:
             lane0, lane1 = gather_positions(lane0, positions), gather_positions(lane1, positions)
         rho = self.parallel_resid_lambdas[i].to(lane0.dtype)
         post = self.parallel_post_lambdas[i].to(lane0.dtype)  # post[0]: attention -> lanes, post[1]: MLP
-        return (rho[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
-                rho[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+        return (rho[0] * lane0 + post[0, 0] * a + post[1, 0] * m, rho[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
     def final_lane(self, lane0: Tensor, lane1: Tensor) -> Tensor:
         lane = self.config.parallel_final_lane

@@ -25,8 +25,12 @@ from .inflate import InflateError, brotli_decompress
 MAGIC = b"PGRP"
 GROUP_ORDER: tuple[str, ...] = (
     "_tok_emb.weight.q",
-    "attn.c_k.weight.q", "attn.c_q.weight.q", "attn.c_v.weight.q", "attn.proj.weight.q",
-    "mlp.fc.weight.q", "mlp.proj.weight.q",
+    "attn.c_k.weight.q",
+    "attn.c_q.weight.q",
+    "attn.c_v.weight.q",
+    "attn.proj.weight.q",
+    "mlp.fc.weight.q",
+    "mlp.proj.weight.q",
 )
 SIMSORT_GROUPS = frozenset({"_tok_emb.weight.q", "attn.c_q.weight.q", "mlp.fc.weight.q"})
 NUM_STREAMS = len(GROUP_ORDER) + 2
@@ -93,8 +97,9 @@ def decode_pergroup(
     plan = _plan(manifest, streams, fail, expected, num_layers)
     inverses = _inverse_permutations(streams[-1], plan, fail)
     if any(data for data, _ in plan.values()) and lrzip.lrzip_program() is None:
-        raise fail(f"this is a PGRP (per-group lrzip) artifact and the lrzip program is not installed; "
-                   f"{lrzip.INSTALL_HINT}")
+        raise fail(
+            f"this is a PGRP (per-group lrzip) artifact and the lrzip program is not installed; {lrzip.INSTALL_HINT}"
+        )
     jobs = [(stream, sum(int(np.prod(shape)) for _, shape in entries)) for stream, entries in plan.values()]
     try:
         decoded = dict(zip(plan, decoder(jobs), strict=True))
@@ -133,9 +138,14 @@ def _plan(manifest: Any, streams: list[bytes], fail: Fail, expected, num_layers)
             if shapes:
                 raise fail(f"PGRP group {group} declares {len(shapes)} shapes but its stream is empty")
             continue
-        if not isinstance(shapes, (list, tuple)) or not shapes or not all(
-            isinstance(s, (list, tuple)) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
-            for s in shapes
+        if (
+            not isinstance(shapes, (list, tuple))
+            or not shapes
+            or not all(
+                isinstance(s, (list, tuple))
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
+                for s in shapes
+            )
         ):
             raise fail(f"PGRP group {group}: shape manifest entry {shapes!r} is not a list of shapes")
         count = 1 if group.startswith("_") else (num_layers if num_layers is not None else len(shapes))
@@ -146,8 +156,10 @@ def _plan(manifest: Any, streams: list[bytes], fail: Fail, expected, num_layers)
             weight = name[: -len(".q")]
             if expected is not None and expected.get(weight) != shape:
                 have = "no such tensor" if weight not in expected else f"shape {expected[weight]}"
-                raise fail(f"PGRP declares {name} with shape {shape}; the architecture has {have}"
-                           " (wrong preset, log or overrides?)")
+                raise fail(
+                    f"PGRP declares {name} with shape {shape}; the architecture has {have}"
+                    " (wrong preset, log or overrides?)"
+                )
             if expected is None and int(np.prod(shape)) > MAX_GROUP_BYTES_UNCHECKED:
                 raise fail(f"PGRP declares {name} with shape {shape}, beyond any record")
             if len(shape) == 2 and group in SIMSORT_GROUPS and shape[0] > 65536:
@@ -160,8 +172,13 @@ def _plan(manifest: Any, streams: list[bytes], fail: Fail, expected, num_layers)
 
 def _inverse_permutations(stream: bytes, plan: dict[str, tuple[bytes, list]], fail: Fail) -> list[np.ndarray]:
     """The inverse of every stored row order, in stream order, each checked to be a permutation."""
-    named = [(name, shape[0]) for g, (_, entries) in plan.items() if g in SIMSORT_GROUPS
-             for name, shape in entries if len(shape) == 2]
+    named = [
+        (name, shape[0])
+        for g, (_, entries) in plan.items()
+        if g in SIMSORT_GROUPS
+        for name, shape in entries
+        if len(shape) == 2
+    ]
     rows = [r for _, r in named]
     need = 2 * sum(rows)
     if not stream:

@@ -80,8 +80,12 @@ def parse_ptz(path: Path, data: bytes, config: ModelConfig) -> tuple[dict[str, Q
     limit = raw_limit(config)
     if data.startswith(PGRP_MAGIC):
         w, m = decode_pergroup(
-            data, fail, load_remainder=lambda raw: _load_weights_only(raw, fail), remainder_limit=limit,
-            expected=expected_shapes(config), num_layers=config.num_layers,
+            data,
+            fail,
+            load_remainder=lambda raw: _load_weights_only(raw, fail),
+            remainder_limit=limit,
+            expected=expected_shapes(config),
+            num_layers=config.num_layers,
         )
         compression, stride = "pergroup", None
     else:
@@ -104,8 +108,10 @@ def _decompress(data: bytes, limit: int, fail) -> tuple[bytes, str]:
             return fn(data, limit, **kwargs)
         except InflateError as exc:
             if exc.too_large:
-                raise fail(f"{what} data {exc}, more than any artifact of this architecture "
-                           "(a decompression bomb, or the wrong architecture)") from None
+                raise fail(
+                    f"{what} data {exc}, more than any artifact of this architecture "
+                    "(a decompression bomb, or the wrong architecture)"
+                ) from None
             raise
 
     if data.startswith(_XZ_MAGIC):
@@ -181,8 +187,10 @@ def _check_view(key: str, t: torch.Tensor, fail) -> None:
     need = t.numel() * t.element_size()
     have = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
     if need > max(have, 0):
-        raise fail(f"tensor {key} of shape {tuple(t.shape)} claims {need:,} bytes but its storage holds {have:,} "
-                   "(a view larger than its data)")
+        raise fail(
+            f"tensor {key} of shape {tuple(t.shape)} claims {need:,} bytes but its storage holds {have:,} "
+            "(a view larger than its data)"
+        )
 
 
 def tensors_from_layout(w: Any, m: Any, fail, config: ModelConfig, where: str) -> dict[str, QuantizedTensor]:

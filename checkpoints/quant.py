@@ -145,9 +145,7 @@ class QuantizedTensor:
         if self.scale is None or self.scale.dtype != torch.float16:
             raise ValueError(f"{name}: {self.scheme} needs float16 per-row scales")
         if self.q.ndim < 1 or self.scale.shape != (self.q.shape[0],):
-            raise ValueError(
-                f"{name}: scale shape {tuple(self.scale.shape)} does not match {self.q.shape[0]} rows"
-            )
+            raise ValueError(f"{name}: scale shape {tuple(self.scale.shape)} does not match {self.q.shape[0]} rows")
         qmax = QMAX[self.scheme]
         _check_range(name, self.scheme, self.q, -qmax, qmax)
         if self.lqer is not None:

@@ -157,9 +157,16 @@ def table_for(tensors: dict[str, QuantizedTensor], order: list[str]) -> tuple[li
         lqer = None
         if qt.lqer is not None:
             lq = qt.lqer
-            lqer = {"kind": lq.kind, "rank": lq.rank, "group": lq.group, "a": section(lq.a, _INT8),
-                    "a_scale": section(lq.a_scale, _F16), "b": section(lq.b, _INT8),
-                    "b_scale": section(lq.b_scale, _F16)}
-        entries.append({"name": name, "scheme": qt.scheme, "shape": list(qt.shape), "q": values, "scale": scale,
-                        "lqer": lqer})
+            lqer = {
+                "kind": lq.kind,
+                "rank": lq.rank,
+                "group": lq.group,
+                "a": section(lq.a, _INT8),
+                "a_scale": section(lq.a_scale, _F16),
+                "b": section(lq.b, _INT8),
+                "b_scale": section(lq.b_scale, _F16),
+            }
+        entries.append(
+            {"name": name, "scheme": qt.scheme, "shape": list(qt.shape), "q": values, "scale": scale, "lqer": lqer}
+        )
     return entries, b"".join(sections)

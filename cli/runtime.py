@@ -19,9 +19,13 @@ THREADS_ENV = "PGTTT_THREADS"
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help=f"CPU threads for torch (default: ${THREADS_ENV}, else $OMP_NUM_THREADS, else the physical "
-                        "cores this process may run on)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help=f"CPU threads for torch (default: ${THREADS_ENV}, else $OMP_NUM_THREADS, else the physical "
+        "cores this process may run on)",
+    )
 
 
 def physical_cores() -> int:
@@ -32,8 +36,12 @@ def physical_cores() -> int:
     for cpu in cpus:
         topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
         try:
-            cores.add((topology.joinpath("physical_package_id").read_text().strip(),
-                       topology.joinpath("core_id").read_text().strip()))
+            cores.add(
+                (
+                    topology.joinpath("physical_package_id").read_text().strip(),
+                    topology.joinpath("core_id").read_text().strip(),
+                )
+            )
         except OSError:
             cores.add(("cpu", str(cpu)))  # no topology: count the CPU as a core
     count = len(cores) or 1
@@ -50,8 +58,11 @@ def resolve_threads(flag: int | None, environ: dict[str, str] | None = None) -> 
     """The thread count and where it came from: ``--threads``, ``$PGTTT_THREADS``, ``$OMP_NUM_THREADS``, or
     the physical cores available."""
     env = os.environ if environ is None else environ
-    for value, where in ((flag, "--threads"), (env.get(THREADS_ENV), THREADS_ENV), (env.get("OMP_NUM_THREADS"),
-                                                                                    "OMP_NUM_THREADS")):
+    for value, where in (
+        (flag, "--threads"),
+        (env.get(THREADS_ENV), THREADS_ENV),
+        (env.get("OMP_NUM_THREADS"), "OMP_NUM_THREADS"),
+    ):
         if value is None or value == "":
             continue
         try:

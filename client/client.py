@@ -197,8 +197,9 @@ class Client:
                 body["wait_timeout_s"] = wait_timeout_s
             # The server answers only after up to wait_timeout_s: read for that long, plus the usual timeout.
             waited = EvalRequest.model_fields["wait_timeout_s"].default if wait_timeout_s is None else wait_timeout_s
-            timeout = httpx.Timeout(timeout.connect, read=waited + (timeout.read or 0.0), write=timeout.write,
-                                    pool=timeout.pool)
+            timeout = httpx.Timeout(
+                timeout.connect, read=waited + (timeout.read or 0.0), write=timeout.write, pool=timeout.pool
+            )
         return RemoteJob.from_dict(self._json("POST", "/eval", json=body, ok=(200, 201, 202), timeout=timeout))
 
     def job(self, job_id: str) -> RemoteJob:
@@ -349,5 +350,6 @@ def _api_error(response: httpx.Response) -> RequestError:
     except (ValueError, KeyError, TypeError):
         code, message, detail = f"http_{status}", response.text[:200] or response.reason_phrase, None
     field_name = detail.get("field") if isinstance(detail, dict) else None
-    return RequestError(message, status=status, code=code, field=field_name, detail=detail,
-                        url=str(response.request.url))
+    return RequestError(
+        message, status=status, code=code, field=field_name, detail=detail, url=str(response.request.url)
+    )

@@ -22,10 +22,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("b", metavar="B", help="the same for the other result")
     p.add_argument("--server", metavar="URL", help="A and B are job ids of this pgttt serve")
     p.add_argument("--api-key", metavar="K", help="the server's API key (or set PGTTT_API_KEY)")
-    p.add_argument("--resamples", type=int, default=RESAMPLES, metavar="N",
-                   help=f"bootstrap resamples (default {RESAMPLES})")
-    p.add_argument("--confidence", type=float, default=CONFIDENCE, metavar="C",
-                   help=f"the interval's confidence (default {CONFIDENCE})")
+    p.add_argument(
+        "--resamples", type=int, default=RESAMPLES, metavar="N", help=f"bootstrap resamples (default {RESAMPLES})"
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=CONFIDENCE,
+        metavar="C",
+        help=f"the interval's confidence (default {CONFIDENCE})",
+    )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="the bootstrap's seed (default 0)")
     p.add_argument("--top", type=int, default=TOP, metavar="K", help=f"largest contributors shown (default {TOP})")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")

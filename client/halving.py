@@ -29,8 +29,9 @@ from pgttt.client.sweep_spec import Point, SweepError
 
 
 # ---- paired intervals against the best -----------------------------------------------------------------------
-def paired_intervals(records: list[dict[str, Any]], client_for: Callable[[str], Client],
-                     **params: Any) -> dict[str, dict[str, Any]]:
+def paired_intervals(
+    records: list[dict[str, Any]], client_for: Callable[[str], Client], **params: Any
+) -> dict[str, dict[str, Any]]:
     """Per record key: ``delta``, ``low``, ``high`` of its val_bpb minus the best of its (checkpoint, dataset)
     group, from the server that ran both (``GET /jobs/{best}/compare/{it}``), or ``problem`` saying why none."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -92,8 +93,10 @@ class Halving:
     def summary(self) -> str:
         used, full = self.token_evaluations, self.full_grid_token_evaluations
         sizes = " -> ".join("full" if r.size is None else f"{r.size}" for r in self.rungs)
-        return (f"successive halving over {self.knob} {sizes}: {' -> '.join(str(r.points) for r in self.rungs)} "
-                f"point(s); {used:,} token-evaluations, the full grid {full:,} ({used / full:.0%} of it)")
+        return (
+            f"successive halving over {self.knob} {sizes}: {' -> '.join(str(r.points) for r in self.rungs)} "
+            f"point(s); {used:,} token-evaluations, the full grid {full:,} ({used / full:.0%} of it)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -105,8 +108,10 @@ def subset_knob(points: list[Point]) -> str:
     """max_docs for the phased protocol, max_tokens otherwise; one of them for every point."""
     kinds = {p.fields.get("protocol") == "phased" for p in points}
     if len(kinds) > 1:
-        raise SweepError("--halving: the spec mixes the phased protocol with others; their subsets differ "
-                         "(documents, tokens): halve them in separate sweeps")
+        raise SweepError(
+            "--halving: the spec mixes the phased protocol with others; their subsets differ "
+            "(documents, tokens): halve them in separate sweeps"
+        )
     return "max_docs" if kinds == {True} else "max_tokens"
 
 
@@ -123,9 +128,17 @@ def rung_sizes(start: int, factor: float, full: int | None) -> list[int]:
     return sizes
 
 
-def run_halving(points: list[Point], out_dir: Path, make_runner: Callable[[Path], SweepRunner],
-                client_for: Callable[[str], Client], *, start: int, factor: float = 3.0,
-                full: int | None = None, **compare_params: Any) -> Halving:
+def run_halving(
+    points: list[Point],
+    out_dir: Path,
+    make_runner: Callable[[Path], SweepRunner],
+    client_for: Callable[[str], Client],
+    *,
+    start: int,
+    factor: float = 3.0,
+    full: int | None = None,
+    **compare_params: Any,
+) -> Halving:
     """Run the rungs (each resumable in ``OUT/rungs/KNOB-SIZE/``), then the survivors' own points in ``OUT``."""
     knob = subset_knob(points)
     fixed = {json.dumps(p.fields.get(knob)) for p in points}
@@ -145,8 +158,16 @@ def run_halving(points: list[Point], out_dir: Path, make_runner: Callable[[Path]
         intervals = paired_intervals(records, client_for, **compare_params)
         status, fallback = decide(records, math.ceil(len(alive) / factor), intervals)
         kept = [k for k, s in status.items() if s != CUT]
-        rungs.append(Rung(size, len(alive), [subset[k].key for k in kept], _token_evals(records),
-                          _table(records, intervals, status, subset), fallback))
+        rungs.append(
+            Rung(
+                size,
+                len(alive),
+                [subset[k].key for k in kept],
+                _token_evals(records),
+                _table(records, intervals, status, subset),
+                fallback,
+            )
+        )
         alive = [subset[k] for k in kept]
         if knob == "max_docs" and records and all(_units(r) < size for r in records):
             break  # the subset already held every document: the next rung is the full set
@@ -161,8 +182,9 @@ def run_halving(points: list[Point], out_dir: Path, make_runner: Callable[[Path]
     return halving
 
 
-def decide(records: list[dict[str, Any]], n: int,
-           intervals: dict[str, dict[str, Any]]) -> tuple[dict[str, str], str | None]:
+def decide(
+    records: list[dict[str, Any]], n: int, intervals: dict[str, dict[str, Any]]
+) -> tuple[dict[str, str], str | None]:
     """Each record's key -> KEPT_TOP, KEPT_UNDECIDED or CUT (in val_bpb order), and why the intervals were not
     used (None when they were).
 
@@ -177,8 +199,11 @@ def decide(records: list[dict[str, Any]], n: int,
     ranked = sorted(bpb, key=bpb.__getitem__)
     n = max(1, n)
     best = ranked[0]
-    usable = {k: i for k, i in intervals.items()
-              if k in bpb and k != best and i.get("against") == best and "low" in i and "high" in i}
+    usable = {
+        k: i
+        for k, i in intervals.items()
+        if k in bpb and k != best and i.get("against") == best and "low" in i and "high" in i
+    }
     fallback = None
     if len(ranked) > n and not usable:
         problems = [intervals.get(k, {}).get("problem") for k in ranked[1:]]
@@ -187,8 +212,10 @@ def decide(records: list[dict[str, Any]], n: int,
         units = min(i.get("units", 0) for i in usable.values())
         confidence = max(i.get("confidence", CONFIDENCE) for i in usable.values())
         if units < bootstrap_units(confidence):
-            fallback = (f"the subset holds {units} unit(s): a {confidence:.0%} bootstrap interval needs "
-                        f"{bootstrap_units(confidence)} or more (over fewer, its ends can be one unit's own Δ)")
+            fallback = (
+                f"the subset holds {units} unit(s): a {confidence:.0%} bootstrap interval needs "
+                f"{bootstrap_units(confidence)} or more (over fewer, its ends can be one unit's own Δ)"
+            )
     status = {}
     for i, k in enumerate(ranked):
         if i < n or bpb[k] == bpb[ranked[n - 1]]:
@@ -211,13 +238,24 @@ def bootstrap_units(confidence: float = CONFIDENCE) -> int:
     return n
 
 
-def _table(records: list[dict[str, Any]], intervals: dict[str, dict[str, Any]], status: dict[str, str],
-           subset: dict[str, Point]) -> list[dict[str, Any]]:
+def _table(
+    records: list[dict[str, Any]],
+    intervals: dict[str, dict[str, Any]],
+    status: dict[str, str],
+    subset: dict[str, Point],
+) -> list[dict[str, Any]]:
     rows = []
     for r in sorted(records, key=lambda r: r["result"]["val_bpb"]):
         i = intervals.get(r["key"], {})
-        rows.append({"key": subset[r["key"]].key, "label": subset[r["key"]].label(), "val_bpb": r["result"]["val_bpb"],
-                     **{k: i[k] for k in ("delta", "low", "high", "problem") if k in i}, "status": status[r["key"]]})
+        rows.append(
+            {
+                "key": subset[r["key"]].key,
+                "label": subset[r["key"]].label(),
+                "val_bpb": r["result"]["val_bpb"],
+                **{k: i[k] for k in ("delta", "low", "high", "problem") if k in i},
+                "status": status[r["key"]],
+            }
+        )
     return rows
 
 

@@ -89,13 +89,19 @@ def _halving(halving: dict[str, Any]) -> str:
     lines = ["## Successive halving", "", f"{halving['summary']}.", ""]
     for rung in halving["rungs"]:
         if rung["size"] is None:
-            lines += [f"Full set: {rung['points']} point(s), {rung['token_evaluations']:,} token-evaluations "
-                      "(the tables above).", ""]
+            lines += [
+                f"Full set: {rung['points']} point(s), {rung['token_evaluations']:,} token-evaluations "
+                "(the tables above).",
+                "",
+            ]
             continue
         decisions = [r["status"] for r in rung["table"]]
-        lines += [f"### {halving['knob']}={rung['size']}: {rung['points']} point(s), "
-                  f"{rung['token_evaluations']:,} token-evaluations, {len(rung['kept'])} kept "
-                  f"({decisions.count('kept-top')} top, {decisions.count('kept-undecided')} undecided)", ""]
+        lines += [
+            f"### {halving['knob']}={rung['size']}: {rung['points']} point(s), "
+            f"{rung['token_evaluations']:,} token-evaluations, {len(rung['kept'])} kept "
+            f"({decisions.count('kept-top')} top, {decisions.count('kept-undecided')} undecided)",
+            "",
+        ]
         if rung.get("fallback"):
             lines += [f"Kept by val_bpb alone: {rung['fallback']}.", ""]
         lines += ["| setting | val_bpb | Δ vs best [interval] | decision |", "|---|---|---|---|"]
@@ -121,9 +127,7 @@ def _write_csv(path: Path, rows: list[Row], columns: list[str]) -> None:
             writer.writerow([row.key, row.checkpoint, row.dataset, *values, row.job_id])
 
 
-def _markdown(
-    rows: list[Row], columns: list[str], budget_s: float, source: Path, png: str
-) -> tuple[str, str]:
+def _markdown(rows: list[Row], columns: list[str], budget_s: float, source: Path, png: str) -> tuple[str, str]:
     """The report text, and a short summary (the best setting within budget per group) for the terminal."""
     lines = [
         "# Sweep report",
@@ -160,8 +164,11 @@ def _markdown(
                 f"{checkpoint} on {dataset}: best within {budget_s:g} s ({how}): val_bpb {best.val_bpb:.4f}{gain} "
                 f"at {_fmt(best.metric(time))} s with {settings_label(best, shown)}"
             )
-        for front_time, title in (("reference_s", "reference 8xH100 seconds"), ("eval_s", "eval seconds"),
-                                  ("projected_8gpu_s", "projected 8-GPU seconds")):
+        for front_time, title in (
+            ("reference_s", "reference 8xH100 seconds"),
+            ("eval_s", "eval seconds"),
+            ("projected_8gpu_s", "projected 8-GPU seconds"),
+        ):
             front = pareto_front(group, front_time)
             if front:
                 lines += [f"### Pareto frontier: val_bpb against {title}", "", *_table(front, shown), ""]
@@ -195,7 +202,8 @@ def _table(rows: list[Row], fields: list[str]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [cell(r.fields.get(f)) for f in fields] + [
-            fmt(r.metric(m)) if fmt else _interval(r.delta_bpb, r.delta_low, r.delta_high) for m, _, fmt in numbers]
+            fmt(r.metric(m)) if fmt else _interval(r.delta_bpb, r.delta_low, r.delta_high) for m, _, fmt in numbers
+        ]
         out.append("| " + " | ".join([*cells, f"`{r.key}`"]) + " |")
     return out
 
@@ -220,4 +228,3 @@ def _repeats(rows: list[Row], columns: list[str]) -> list[str]:
 
 def _fmt(value: Any, digits: int = 1) -> str:
     return "" if value is None else f"{value:,.{digits}f}"
-

@@ -36,26 +36,52 @@ def plot_pareto(path: Path, rows: list[Row], columns: list[str], budget_s: float
             if not timed:
                 continue
             name = f"{checkpoint} / {dataset}" if len(groups) > 1 else "points"
-            dots = ax.scatter([r.metric(time) for r in timed], [r.val_bpb for r in timed], s=22, alpha=0.6,
-                              label=name)
+            dots = ax.scatter([r.metric(time) for r in timed], [r.val_bpb for r in timed], s=22, alpha=0.6, label=name)
             color = dots.get_facecolor()[0]
             paired = [r for r in timed if r.delta_low is not None and r.delta_high is not None and r.delta_bpb]
             if paired:  # the best of the group is the reference of every interval: it has none
                 below = [max(r.delta_bpb - r.delta_low, 0.0) for r in paired]
                 above = [max(r.delta_high - r.delta_bpb, 0.0) for r in paired]
-                ax.errorbar([r.metric(time) for r in paired], [r.val_bpb for r in paired], yerr=[below, above],
-                            fmt="none", ecolor=color, elinewidth=0.8, capsize=2, alpha=0.7,
-                            label="paired interval vs the best")
+                ax.errorbar(
+                    [r.metric(time) for r in paired],
+                    [r.val_bpb for r in paired],
+                    yerr=[below, above],
+                    fmt="none",
+                    ecolor=color,
+                    elinewidth=0.8,
+                    capsize=2,
+                    alpha=0.7,
+                    label="paired interval vs the best",
+                )
             front = pareto_front(timed, time)
-            ax.plot([r.metric(time) for r in front], [r.val_bpb for r in front], "-o", color=color, ms=4, lw=1.2,
-                    label="Pareto frontier")
+            ax.plot(
+                [r.metric(time) for r in front],
+                [r.val_bpb for r in front],
+                "-o",
+                color=color,
+                ms=4,
+                lw=1.2,
+                label="Pareto frontier",
+            )
             for r in front:
-                ax.annotate(settings_label(r, shown[(checkpoint, dataset)]), (r.metric(time), r.val_bpb), fontsize=6,
-                            xytext=(4, 4), textcoords="offset points")
+                ax.annotate(
+                    settings_label(r, shown[(checkpoint, dataset)]),
+                    (r.metric(time), r.val_bpb),
+                    fontsize=6,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
             base = [r for r in timed if r.is_baseline]
             if base:
-                ax.scatter([r.metric(time) for r in base], [r.val_bpb for r in base], marker="s", s=60,
-                           facecolors="none", edgecolors="black", label="no TTT (ttt_epochs=0)")
+                ax.scatter(
+                    [r.metric(time) for r in base],
+                    [r.val_bpb for r in base],
+                    marker="s",
+                    s=60,
+                    facecolors="none",
+                    edgecolors="black",
+                    label="no TTT (ttt_epochs=0)",
+                )
         slowest = max((r.metric(time) for r in rows if r.metric(time) is not None), default=None)
         if time == budget and slowest is not None:
             if budget_s <= 1.25 * slowest:
@@ -73,4 +99,3 @@ def plot_pareto(path: Path, rows: list[Row], columns: list[str], budget_s: float
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")  # labels of the frontier may reach past the axes
     plt.close(fig)
-

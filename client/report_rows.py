@@ -30,13 +30,27 @@ def field_order(settings: type = EvalSettings) -> tuple[str, ...]:
 
 
 FIELD_ORDER = field_order()
-METRICS = ("val_bpb", "val_loss", "delta_bpb", "delta_low", "delta_high", "reference_s", "eval_s", "tokens_per_s",
-           "projected_8gpu_s", "baseline_bpb", "gain_bpb")
+METRICS = (
+    "val_bpb",
+    "val_loss",
+    "delta_bpb",
+    "delta_low",
+    "delta_high",
+    "reference_s",
+    "eval_s",
+    "tokens_per_s",
+    "projected_8gpu_s",
+    "baseline_bpb",
+    "gain_bpb",
+)
 # The times that can decide the budget, best first: the record's own script on 8xH100 as pgttt.budget predicts
 # it (the 600 s rule is about that), else pgttt's 8-GPU projection, else the seconds measured on the server.
 BUDGET_TIMES = ("reference_s", "projected_8gpu_s", "eval_s")
-TIME_TITLES = {"reference_s": "reference seconds on 8xH100 (predicted)", "projected_8gpu_s": "projected 8-GPU seconds",
-               "eval_s": "eval seconds measured on the server"}
+TIME_TITLES = {
+    "reference_s": "reference seconds on 8xH100 (predicted)",
+    "projected_8gpu_s": "projected 8-GPU seconds",
+    "eval_s": "eval seconds measured on the server",
+}
 
 
 @dataclass
@@ -108,11 +122,21 @@ def build_rows(records: list[dict[str, Any]]) -> tuple[list[Row], list[str]]:
         bpb = number(result.get("val_bpb"))
         if bpb is None:
             raise ResultsError(f"result {r['key']}: no val_bpb in the result")
-        rows.append(Row(
-            key=r["key"], checkpoint=r["checkpoint"], dataset=r["dataset"], job_id=str(r.get("job_id", "")),
-            fields=values, val_bpb=bpb, val_loss=number(result.get("val_loss")), eval_s=eval_s,
-            tokens_per_s=tps, projected_8gpu_s=projected_8gpu_seconds(result), reference_s=reference_seconds(result),
-        ))
+        rows.append(
+            Row(
+                key=r["key"],
+                checkpoint=r["checkpoint"],
+                dataset=r["dataset"],
+                job_id=str(r.get("job_id", "")),
+                fields=values,
+                val_bpb=bpb,
+                val_loss=number(result.get("val_loss")),
+                eval_s=eval_s,
+                tokens_per_s=tps,
+                projected_8gpu_s=projected_8gpu_seconds(result),
+                reference_s=reference_seconds(result),
+            )
+        )
     baselines: dict[tuple[Any, ...], list[float]] = defaultdict(list)
     for row in rows:
         if row.is_baseline:

@@ -59,7 +59,6 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     return list(records.values())
 
 
-
 class ResultsFile:
     """``results.jsonl``: one finished point per line, appended and flushed to disk as each finishes.
 

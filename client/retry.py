@@ -42,7 +42,6 @@ class RetryPolicy:
         return base * (1 - self.jitter * rng.random())
 
 
-
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date; None if absent or unreadable."""
     if value is None:
@@ -59,4 +58,3 @@ def parse_retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max((when - datetime.now(UTC)).total_seconds(), 0.0)
-

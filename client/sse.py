@@ -17,7 +17,6 @@ class Event:
     id: str | None = None
 
 
-
 def iter_sse(lines: Iterator[str]) -> Iterator[Event]:
     """Events of a ``text/event-stream`` body given line by line (the WHATWG rules: ``data`` lines joined with
     newlines, comments and unknown fields ignored, an event dispatched at each blank line)."""
@@ -43,4 +42,3 @@ def iter_sse(lines: Iterator[str]) -> Iterator[Event]:
             data.append(value)
         elif key == "id":
             event_id = value
-

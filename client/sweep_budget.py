@@ -39,5 +39,7 @@ def describe(s: Screened) -> str:
         return f"{s.point.label()}: no reference estimate ({s.problem})"
     e = s.estimate
     verdict = "over" if s.over else "within"
-    return (f"{s.point.label()}: reference ~{e.seconds:.0f} s on 8xH100 (band {e.low:.0f}-{e.high:.0f} s), "
-            f"{verdict} {e.budget_s:g} s ({e.confidence:.0%} confident)")
+    return (
+        f"{s.point.label()}: reference ~{e.seconds:.0f} s on 8xH100 (band {e.low:.0f}-{e.high:.0f} s), "
+        f"{verdict} {e.budget_s:g} s ({e.confidence:.0%} confident)"
+    )

@@ -27,33 +27,74 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "only what is missing), then write the report. Ctrl-C cancels the submitted jobs. See docs/sweeps.md.",
     )
     sweep.add_argument("spec", type=Path, metavar="SPEC.yaml", help="the sweep spec (docs/sweeps.md)")
-    sweep.add_argument("--server", action="append", required=True, metavar="URL",
-                       help="a pgttt serve URL, e.g. http://127.0.0.1:8000 (repeat for several)")
-    sweep.add_argument("--out", type=Path, default=Path("sweep-out"), metavar="DIR",
-                       help="where results.jsonl and the report go (default: ./sweep-out)")
+    sweep.add_argument(
+        "--server",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="a pgttt serve URL, e.g. http://127.0.0.1:8000 (repeat for several)",
+    )
+    sweep.add_argument(
+        "--out",
+        type=Path,
+        default=Path("sweep-out"),
+        metavar="DIR",
+        help="where results.jsonl and the report go (default: ./sweep-out)",
+    )
     sweep.add_argument("--concurrency", type=int, default=2, metavar="N", help="jobs in flight per server (default 2)")
     sweep.add_argument("--api-key", metavar="K", help="the servers' API key (or set PGTTT_API_KEY)")
-    sweep.add_argument("--retries", type=int, default=8, metavar="N",
-                       help="tries per request on connection errors, 503 and 429, with exponential backoff "
-                            "(default 8: about 35 s before a server is declared gone)")
-    sweep.add_argument("--max-attempts", type=int, default=3, metavar="N",
-                       help="jobs per point before it counts as failed (default 3)")
+    sweep.add_argument(
+        "--retries",
+        type=int,
+        default=8,
+        metavar="N",
+        help="tries per request on connection errors, 503 and 429, with exponential backoff "
+        "(default 8: about 35 s before a server is declared gone)",
+    )
+    sweep.add_argument(
+        "--max-attempts", type=int, default=3, metavar="N", help="jobs per point before it counts as failed (default 3)"
+    )
     sweep.add_argument("--poll-s", type=float, default=0.5, metavar="S", help="seconds between polls of a job")
-    sweep.add_argument("--ready-timeout-s", type=float, default=600.0, metavar="S",
-                       help="how long to wait for a server to load and warm up (default 600)")
-    sweep.add_argument("--budget-s", type=float, default=EVAL_BUDGET_S, metavar="S",
-                       help="the time budget: points predicted over it (the reference on 8xH100) are marked")
-    sweep.add_argument("--skip-over-budget", action="store_true",
-                       help="do not run points the reference is predicted to take longer than --budget-s for")
-    sweep.add_argument("--halving", action="store_true",
-                       help="successive halving: every point on a subset of the val set; the best 1/F by val_bpb, "
-                            "and any other whose paired interval against the best holds 0, go on to a subset F "
-                            "times larger, until the full set (docs/sweeps.md)")
-    sweep.add_argument("--halving-start", type=int, metavar="N",
-                       help="the first subset: max_tokens (max_docs for the phased protocol); default the full "
-                            "set's tokens over F squared")
-    sweep.add_argument("--halving-factor", type=float, default=3.0, metavar="F",
-                       help="how much each subset grows, and 1/F the share kept (default 3)")
+    sweep.add_argument(
+        "--ready-timeout-s",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="how long to wait for a server to load and warm up (default 600)",
+    )
+    sweep.add_argument(
+        "--budget-s",
+        type=float,
+        default=EVAL_BUDGET_S,
+        metavar="S",
+        help="the time budget: points predicted over it (the reference on 8xH100) are marked",
+    )
+    sweep.add_argument(
+        "--skip-over-budget",
+        action="store_true",
+        help="do not run points the reference is predicted to take longer than --budget-s for",
+    )
+    sweep.add_argument(
+        "--halving",
+        action="store_true",
+        help="successive halving: every point on a subset of the val set; the best 1/F by val_bpb, "
+        "and any other whose paired interval against the best holds 0, go on to a subset F "
+        "times larger, until the full set (docs/sweeps.md)",
+    )
+    sweep.add_argument(
+        "--halving-start",
+        type=int,
+        metavar="N",
+        help="the first subset: max_tokens (max_docs for the phased protocol); default the full "
+        "set's tokens over F squared",
+    )
+    sweep.add_argument(
+        "--halving-factor",
+        type=float,
+        default=3.0,
+        metavar="F",
+        help="how much each subset grows, and 1/F the share kept (default 3)",
+    )
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(func=_sweep)
 
@@ -65,8 +106,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     report.add_argument("results", type=Path, metavar="RESULTS.jsonl")
     report.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: beside RESULTS.jsonl)")
-    report.add_argument("--budget-s", type=float, default=EVAL_BUDGET_S, metavar="S",
-                        help="seconds for 'best within budget' (default %(default)g, the challenge's)")
+    report.add_argument(
+        "--budget-s",
+        type=float,
+        default=EVAL_BUDGET_S,
+        metavar="S",
+        help="seconds for 'best within budget' (default %(default)g, the challenge's)",
+    )
     report.set_defaults(func=_report)
 
 
@@ -87,9 +133,18 @@ def _sweep(args: argparse.Namespace) -> int:
     retry = RetryPolicy(attempts=args.retries)
 
     def make_runner(out: Path) -> SweepRunner:
-        return SweepRunner(args.server, out, concurrency=args.concurrency, api_key=api_key, retry=retry,
-                           poll_s=args.poll_s, ready_timeout_s=args.ready_timeout_s, max_attempts=args.max_attempts,
-                           force=spec.force, progress=not args.quiet)
+        return SweepRunner(
+            args.server,
+            out,
+            concurrency=args.concurrency,
+            api_key=api_key,
+            retry=retry,
+            poll_s=args.poll_s,
+            ready_timeout_s=args.ready_timeout_s,
+            max_attempts=args.max_attempts,
+            force=spec.force,
+            progress=not args.quiet,
+        )
 
     def client_for(url: str) -> Client:
         return Client(url, api_key=api_key, retry=retry)
@@ -97,8 +152,14 @@ def _sweep(args: argparse.Namespace) -> int:
     runner = make_runner(args.out)
     print(f"{len(points)} point(s) in {args.spec}; results in {runner.results.path}", file=sys.stderr)
     if args.halving:
-        halving = run_halving(points, args.out, make_runner, client_for, factor=args.halving_factor,
-                              **halving_start(points, args, client_for))
+        halving = run_halving(
+            points,
+            args.out,
+            make_runner,
+            client_for,
+            factor=args.halving_factor,
+            **halving_start(points, args, client_for),
+        )
         print(halving.summary(), file=sys.stderr)
         outcome = halving.outcome
     else:
@@ -108,8 +169,10 @@ def _sweep(args: argparse.Namespace) -> int:
     for server, why in outcome.dead.items():
         print(f"server {server} was lost: {why}", file=sys.stderr)
     if outcome.interrupted:
-        print(f"cancelled {outcome.cancelled} job(s); {outcome.done} point(s) finished and saved; rerun to resume",
-              file=sys.stderr)
+        print(
+            f"cancelled {outcome.cancelled} job(s); {outcome.done} point(s) finished and saved; rerun to resume",
+            file=sys.stderr,
+        )
         raise KeyboardInterrupt
     for point, why in outcome.failed:
         print(f"failed: {point.checkpoint} {point.dataset} {point.label()}: {why}", file=sys.stderr)

@@ -34,6 +34,7 @@ _NOT_SETTINGS = ("checkpoint", "dataset", "force", "wait", "wait_timeout_s")
 
 def field_kinds(model: type[BaseModel] = EvalRequest) -> dict[str, type]:
     """Each evaluation field of a request model and its JSON type: int, float, str (choices too), bool or list."""
+
     def base(annotation: Any) -> Any:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         kind = typing.get_origin(args[0]) or args[0] if args else annotation
@@ -226,9 +227,10 @@ def _distribution(
 ) -> Callable[[random.Random], Any]:
     _check_name(key, name, fail)
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-        raise fail(key, f"expected one of {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, {{choice: [...]}}; "
-                        f"got {spec!r}")
-    (kind, args), = spec.items()
+        raise fail(
+            key, f"expected one of {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, {{choice: [...]}}; got {spec!r}"
+        )
+    ((kind, args),) = spec.items()
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise fail(f"{key}.choice", f"expected a non-empty list of values, got {args!r}")

@@ -57,8 +57,18 @@ def pr1855_import(tmp_path_factory) -> tuple[Path, dict[bytes, bytes]]:
 
     lrzip.decode = recording  # the container reader looks it up per call
     try:
-        code = main(["import", str(artifact), "--preset", "pr1855", "--tokenizer", str(caseops_tokenizer_path()),
-                     "-o", str(out)])
+        code = main(
+            [
+                "import",
+                str(artifact),
+                "--preset",
+                "pr1855",
+                "--tokenizer",
+                str(caseops_tokenizer_path()),
+                "-o",
+                str(out),
+            ]
+        )
     finally:
         lrzip.decode = real
     assert code == 0, f"pgttt import of {artifact} failed (exit {code})"

@@ -27,20 +27,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     p.add_argument("--preset", choices=list(PRESETS), default="pg-2026-04-09", help="architecture preset")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help=f"an architecture key ({known_keys()}) or a training hyperparameter ({train_keys()})",
     )
     p.add_argument("--run-dir", type=Path, help="where training checkpoints are written and resumed from")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="write a training checkpoint to --run-dir every N steps (and at the end)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write a training checkpoint to --run-dir every N steps (and at the end)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --run-dir")
-    p.add_argument("--eval-max-tokens", type=int, default=None, metavar="N",
-                   help="evaluate on the first N val tokens only (default: all)")
+    p.add_argument(
+        "--eval-max-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate on the first N val tokens only (default: all)",
+    )
     add_runtime_args(p)  # --device (under torchrun: one GPU a rank), --threads
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step and the evaluations (default: on for CUDA)")
-    p.add_argument("--quiet", action="store_true",
-                   help="no warm-up progress bar on stderr (there is none either when stderr is not a terminal)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the training step and the evaluations (default: on for CUDA)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no warm-up progress bar on stderr (there is none either when stderr is not a terminal)",
+    )
     p.set_defaults(func=run)
 
 
@@ -55,9 +76,17 @@ def run(args: argparse.Namespace) -> int:
     parse_device(args.device)  # refused here, before the data is read
     set_threads(args.threads)
     job = TrainJob(
-        data=args.data, tokenizer=args.tokenizer, output=args.output, run_dir=args.run_dir,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, eval_max_tokens=args.eval_max_tokens,
-        device=args.device, compile=args.compile, preset=args.preset, overrides=tuple(args.overrides),
+        data=args.data,
+        tokenizer=args.tokenizer,
+        output=args.output,
+        run_dir=args.run_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        eval_max_tokens=args.eval_max_tokens,
+        device=args.device,
+        compile=args.compile,
+        preset=args.preset,
+        overrides=tuple(args.overrides),
     )
     bar = None
 
@@ -76,8 +105,13 @@ def run(args: argparse.Namespace) -> int:
             print(line, flush=True)
 
     try:
-        run_training(model_config, train_config, job, log=log,
-                     warmup_progress=warmup_progress if show_progress(args.quiet) else None)
+        run_training(
+            model_config,
+            train_config,
+            job,
+            log=log,
+            warmup_progress=warmup_progress if show_progress(args.quiet) else None,
+        )
     finally:
         if bar is not None:
             bar.close()

@@ -99,11 +99,22 @@ class TrainConfig:
             need(problem is None, f.name, problem or "")
             if kind is float:
                 need(value >= 0, f.name, "must not be negative")
-        for key in ("iterations", "train_batch_tokens", "grad_accum_micro_batches", "muon_backend_steps",
-                    "gptq_block_size"):
+        for key in (
+            "iterations",
+            "train_batch_tokens",
+            "grad_accum_micro_batches",
+            "muon_backend_steps",
+            "gptq_block_size",
+        ):
             need(getattr(self, key) >= 1, key, "must be at least 1")
-        for key in ("warmup_steps", "muon_momentum_warmup_steps", "train_log_every", "val_loss_every",
-                    "gptq_calibration_batches", "seed"):
+        for key in (
+            "warmup_steps",
+            "muon_momentum_warmup_steps",
+            "train_log_every",
+            "val_loss_every",
+            "gptq_calibration_batches",
+            "seed",
+        ):
             need(getattr(self, key) >= 0, key, "must be 0 or more")
         for key in ("warmdown_frac", "min_lr", "enable_looping_at"):
             need(getattr(self, key) <= 1, key, "must be within 0..1")

@@ -51,13 +51,35 @@ SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtled
 PRESET = "tiny"
 OVERRIDES = (
     # Architecture: MLP matrices above 65,536 elements, so GPTQ writes int6 as well as the int8 embedding.
-    "model_dim=128", "num_heads=4", "num_kv_heads=2", "mlp_mult=4.5", "num_layers=3", "rope_dims=16",
-    "train_seq_len=256", "num_loops=1", "loop_start=1", "loop_end=1", "parallel_residual_start=2", "xsa_last_n=3",
+    "model_dim=128",
+    "num_heads=4",
+    "num_kv_heads=2",
+    "mlp_mult=4.5",
+    "num_layers=3",
+    "rope_dims=16",
+    "train_seq_len=256",
+    "num_loops=1",
+    "loop_start=1",
+    "loop_end=1",
+    "parallel_residual_start=2",
+    "xsa_last_n=3",
     # Recipe: a short CPU run, progress by steps (reproducible), no compile warm-up.
-    "max_wallclock_seconds=0", "iterations=200", "warmup_steps=0", "train_batch_tokens=4096",
-    "grad_accum_micro_batches=1", "warmdown_frac=0.5", "muon_momentum_warmup_steps=60", "ema_decay=0.98",
-    "train_log_every=50", "val_loss_every=0", "gptq_calibration_batches=16", "gptq_block_size=64",
-    "matrix_lr=0.03", "tied_embed_lr=0.05", "scalar_lr=0.03", "seed=1",
+    "max_wallclock_seconds=0",
+    "iterations=200",
+    "warmup_steps=0",
+    "train_batch_tokens=4096",
+    "grad_accum_micro_batches=1",
+    "warmdown_frac=0.5",
+    "muon_momentum_warmup_steps=60",
+    "ema_decay=0.98",
+    "train_log_every=50",
+    "val_loss_every=0",
+    "gptq_calibration_batches=16",
+    "gptq_block_size=64",
+    "matrix_lr=0.03",
+    "tied_embed_lr=0.05",
+    "scalar_lr=0.03",
+    "seed=1",
 )
 
 
@@ -102,9 +124,18 @@ def train_tokenizer(docs: list[str]) -> bytes:
     lines = [line for doc in docs for line in doc.splitlines() if line.strip()]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=VOCAB_SIZE,
-        byte_fallback=True, pad_id=0, bos_id=BOS_ID, eos_id=2, unk_id=3, character_coverage=0.9995,
-        num_threads=1, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=VOCAB_SIZE,
+        byte_fallback=True,
+        pad_id=0,
+        bos_id=BOS_ID,
+        eos_id=2,
+        unk_id=3,
+        character_coverage=0.9995,
+        num_threads=1,
+        minloglevel=2,
     )
     return model.getvalue()
 
@@ -144,12 +175,21 @@ def build(out: Path, work: Path, log=print) -> dict:
     write_shard(work / TRAIN_FILE, train_tokens)
     write_shard(out / VAL_FILE, val_tokens)
     shutil.copyfile(out / VAL_FILE, work / VAL_FILE)
-    log(f"demo: {len(train_docs)} train documents, {len(train_tokens):,} tokens; "
-        f"{len(val_tokens):,} val tokens; tokenizer {VOCAB_SIZE} pieces")
+    log(
+        f"demo: {len(train_docs)} train documents, {len(train_tokens):,} tokens; "
+        f"{len(val_tokens):,} val tokens; tokenizer {VOCAB_SIZE} pieces"
+    )
 
     model_config, train_config = resolve_run_config(PRESET, list(OVERRIDES))
-    job = TrainJob(data=work, tokenizer=out / TOKENIZER_FILE, output=out / "model.bin", device="cpu",
-                   compile=False, preset=PRESET, overrides=OVERRIDES)
+    job = TrainJob(
+        data=work,
+        tokenizer=out / TOKENIZER_FILE,
+        output=out / "model.bin",
+        device="cpu",
+        compile=False,
+        preset=PRESET,
+        overrides=OVERRIDES,
+    )
     run_training(model_config, train_config, job, log=log)
 
     sliding = evaluate_demo(out, ttt_epochs=0)
@@ -171,8 +211,10 @@ def build(out: Path, work: Path, log=print) -> dict:
         },
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log(f"demo: val_bpb {sliding['val_bpb']:.6f} sliding ({sliding['seconds']:.1f}s), "
-        f"{ttt['val_bpb']:.6f} with TTT ({ttt['seconds']:.1f}s), gain {metrics['ttt_gain_bpb']:.6f}")
+    log(
+        f"demo: val_bpb {sliding['val_bpb']:.6f} sliding ({sliding['seconds']:.1f}s), "
+        f"{ttt['val_bpb']:.6f} with TTT ({ttt['seconds']:.1f}s), gain {metrics['ttt_gain_bpb']:.6f}"
+    )
     return metrics
 
 

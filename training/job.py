@@ -135,7 +135,10 @@ def calibrate(
 
 
 def run_training(
-    model_config: ModelConfig, config: TrainConfig, job: TrainJob, log: Callable[[str], None] = print,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    job: TrainJob,
+    log: Callable[[str], None] = print,
     warmup_progress: Callable[[int, int], None] | None = None,
 ) -> TrainOutcome:
     """``warmup_progress(done, total)``: after each warm-up step (on CPU they take seconds each)."""
@@ -144,7 +147,11 @@ def run_training(
 
 
 def _run(
-    model_config: ModelConfig, config: TrainConfig, job: TrainJob, device: torch.device, log: Callable[[str], None],
+    model_config: ModelConfig,
+    config: TrainConfig,
+    job: TrainJob,
+    device: torch.device,
+    log: Callable[[str], None],
     warmup_progress: Callable[[int, int], None] | None = None,
 ) -> TrainOutcome:
     started = time.perf_counter()
@@ -178,8 +185,9 @@ def _run(
         trainer.warm_up(progress=warmup_progress if world.rank == 0 else None)
 
     def validate(model) -> str:
-        r = evaluate(model, val, tables, device, stride=model_config.train_seq_len, max_tokens=job.eval_max_tokens,
-                     compile=False)
+        r = evaluate(
+            model, val, tables, device, stride=model_config.train_seq_len, max_tokens=job.eval_max_tokens, compile=False
+        )
         return f"val_loss {r.val_loss:.4f} val_bpb {r.val_bpb:.4f} ({r.tokens_scored:,} tokens)"
 
     trainer.fit(
@@ -195,9 +203,17 @@ def _run(
 
     t0 = time.perf_counter()
     hessians, rows = calibrate(trainer, shards, world, say)
-    tensors = {} if world.rank else quantize_model(  # rank 0 alone writes the file
-        trainer.model.state_dict(), hessians, matrix_clip_sigmas=config.matrix_clip_sigmas,
-        embed_clip_sigmas=config.embed_clip_sigmas, block_size=config.gptq_block_size, damp=config.gptq_damp,
+    tensors = (
+        {}
+        if world.rank
+        else quantize_model(  # rank 0 alone writes the file
+            trainer.model.state_dict(),
+            hessians,
+            matrix_clip_sigmas=config.matrix_clip_sigmas,
+            embed_clip_sigmas=config.embed_clip_sigmas,
+            block_size=config.gptq_block_size,
+            damp=config.gptq_damp,
+        )
     )
     gptq_seconds = time.perf_counter() - t0
     say(f"GPTQ: {len(hessians)} Hessians from {rows:,} tokens, {gptq_seconds:.1f}s")
@@ -236,8 +252,9 @@ def _run(
         val, tables, EvalConfig(ttt_epochs=0, max_tokens=job.eval_max_tokens, compile=compile), device=device
     )
     say(f"val (model.bin, after quantization): {after.summary()}")
-    outcome.update(val_loss_quantized=after.val_loss, val_bpb_quantized=after.val_bpb,
-                   wall_seconds=time.perf_counter() - started)
+    outcome.update(
+        val_loss_quantized=after.val_loss, val_bpb_quantized=after.val_bpb, wall_seconds=time.perf_counter() - started
+    )
     if world.rank == 0:  # the same tensors, now with the post-quantization numbers in the provenance
         save_model_bin(job.output, model_config, tensors, tokenizer=identity, provenance=provenance)
     _barrier(world)

@@ -43,7 +43,7 @@ class SequenceLoader:
         filled = 0
         while filled < count:
             take = min(count - filled, self.num_sequences - self.index)
-            out[filled:filled + take] = self._order[self.index:self.index + take]
+            out[filled : filled + take] = self._order[self.index : self.index + take]
             filled += take
             self.index += take
             if self.index == self.num_sequences:
@@ -57,7 +57,7 @@ class SequenceLoader:
         rows = []
         for shard, index in zip(shard_ids.tolist(), indices.tolist(), strict=True):
             offset = (index - int(self._starts[shard])) * self.seq_len
-            rows.append(np.asarray(self.shards[shard][offset:offset + self.seq_len + 1], dtype=np.int64))
+            rows.append(np.asarray(self.shards[shard][offset : offset + self.seq_len + 1], dtype=np.int64))
         return torch.from_numpy(np.stack(rows))
 
     def state_dict(self) -> dict[str, int]:
@@ -77,7 +77,7 @@ def micro_batches(
     """This rank's micro-batches of the next global batch of ``batch_tokens`` tokens."""
     per_micro = batch_tokens // (loader.seq_len * num_micro)
     indices = loader.next_indices(per_micro * num_micro)
-    return [loader.sequences(indices[m * per_micro:(m + 1) * per_micro]) for m in range(rank, num_micro, world_size)]
+    return [loader.sequences(indices[m * per_micro : (m + 1) * per_micro]) for m in range(rank, num_micro, world_size)]
 
 
 def check_batch_shape(batch_tokens: int, seq_len: int, num_micro: int, world_size: int) -> None:

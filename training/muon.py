@@ -30,11 +30,21 @@ class Muon(torch.optim.Optimizer):
     """For 2-D parameters only. Group keys: lr, momentum, backend_steps, row_normalize, weight_decay."""
 
     def __init__(
-        self, params, lr: float, momentum: float, backend_steps: int, row_normalize: bool = True,
+        self,
+        params,
+        lr: float,
+        momentum: float,
+        backend_steps: int,
+        row_normalize: bool = True,
         weight_decay: float = 0.0,
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, row_normalize=row_normalize,
-                        weight_decay=weight_decay)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            backend_steps=backend_steps,
+            row_normalize=row_normalize,
+            weight_decay=weight_decay,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:

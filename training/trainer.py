@@ -62,7 +62,9 @@ def build_optimizers(model: GPT, config: TrainConfig, fused: bool) -> list[torch
         torch.optim.AdamW([group([model.tok_emb.weight], embed_lr)], weight_decay=config.embed_wd, **adam),
         Muon(
             [group(ps, config.matrix_lr, weight_decay=config.wd_for(kind)) for kind, ps in matrices.items() if ps],
-            lr=config.matrix_lr, momentum=config.muon_momentum, backend_steps=config.muon_backend_steps,
+            lr=config.matrix_lr,
+            momentum=config.muon_momentum,
+            backend_steps=config.muon_backend_steps,
             row_normalize=config.muon_row_normalize,
         ),
         torch.optim.AdamW([group(scalars, config.scalar_lr)], weight_decay=config.adam_wd, **adam),

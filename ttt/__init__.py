@@ -17,7 +17,19 @@ from .protocol import Progress
 from .session import EvalResult, EvalSession
 
 __all__ = [
-    "ByteSource", "ByteTables", "DataError", "EvalCancelled", "EvalConfig", "EvalError", "EvalResult",
-    "EvalSession", "Progress", "SidecarBytes", "ValSet", "load_byte_tables", "load_val", "run_chunked",
+    "ByteSource",
+    "ByteTables",
+    "DataError",
+    "EvalCancelled",
+    "EvalConfig",
+    "EvalError",
+    "EvalResult",
+    "EvalSession",
+    "Progress",
+    "SidecarBytes",
+    "ValSet",
+    "load_byte_tables",
+    "load_val",
+    "run_chunked",
     "run_doc_masked",
 ]

@@ -52,8 +52,9 @@ class ByteTables:
         return self.base_bytes[target] + (self.has_leading_space[target] & ~self.is_boundary[prev])
 
 
-def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int, sha256: str, *, where: str,
-                      name: str = "") -> ByteTables:
+def build_byte_tables(
+    sp: spm.SentencePieceProcessor, vocab_size: int, sha256: str, *, where: str, name: str = ""
+) -> ByteTables:
     sp_vocab = int(sp.vocab_size())
     space_id = sp.piece_to_id(SPACE)
     if not (0 <= space_id < sp_vocab) or sp.id_to_piece(space_id) != SPACE:
@@ -71,7 +72,7 @@ def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int, sha256: s
         piece = sp.id_to_piece(token_id)
         if piece.startswith(SPACE):
             leading[token_id] = True
-            piece = piece[len(SPACE):]
+            piece = piece[len(SPACE) :]
         base[token_id] = len(piece.encode("utf-8"))
     for table in (base, leading, boundary):
         table.setflags(write=False)  # shared through the cache
@@ -98,8 +99,13 @@ def _load_cached(key: FileKey, vocab_size: int) -> ByteTables:
     return build_byte_tables(sp, vocab_size, identity.sha256, where=key.path, name=identity.name)
 
 
-def byte_source(valset: ValSet, tables: ByteTables, vocab_size: int, checkpoint_tokenizer: str | None = None,
-                checkpoint_tokenizer_name: str | None = None) -> ByteSource:
+def byte_source(
+    valset: ValSet,
+    tables: ByteTables,
+    vocab_size: int,
+    checkpoint_tokenizer: str | None = None,
+    checkpoint_tokenizer_name: str | None = None,
+) -> ByteSource:
     """The bytes for bits per byte of ``valset``: its sidecar (CaseOps) or ``tables``, once ``tables`` (the
     dataset's tokenizer) is known to be the checkpoint's (sha256 ``checkpoint_tokenizer``, when it records
     one) and the data to have what the tokenizer needs."""

@@ -36,15 +36,24 @@ from .protocol import (
 from .units import UnitLog
 
 
-def run_chunked(model: GPT, tokens: np.ndarray, tables: ByteSource, config: EvalConfig, *, steps: Steps | None = None,
-                world: World | None = None, progress: ProgressFn | None = None,
-                cancel: CancelEvent | None = None) -> ProtocolRun:
+def run_chunked(
+    model: GPT,
+    tokens: np.ndarray,
+    tables: ByteSource,
+    config: EvalConfig,
+    *,
+    steps: Steps | None = None,
+    world: World | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelEvent | None = None,
+) -> ProtocolRun:
     """Spec sections 3-4 on ``model`` in place (its weights end adapted). ``tokens``: the trimmed val stream
     (T + 1 ids); ``tables``: the bytes of its targets (tokenizer tables or the val set's sidecar);
     ``config``: resolved. One unit per chunk that has windows (for a sliding-window evaluation too: the chunk
     plan is there all the same), first_token its first scored target."""
-    run = _ChunkedRun(model, tokens, tables, config, steps or Steps(model, compiled=False), world or World.current(),
-                      progress, cancel)
+    run = _ChunkedRun(
+        model, tokens, tables, config, steps or Steps(model, compiled=False), world or World.current(), progress, cancel
+    )
     last = run.plan.num_chunks - 1
     for c in range(run.plan.num_chunks):
         w0, w1 = run.plan.chunk_windows(c)
@@ -56,26 +65,45 @@ def run_chunked(model: GPT, tokens: np.ndarray, tables: ByteSource, config: Eval
         t1 = time.perf_counter()
         # 2. Train on the chunk's whole sequences, unless it is the last chunk.
         lr, epoch_losses = run.train(c) if c < last else (None, [])
-        run.trace(ChunkTrace(
-            index=c, windows=w1 - w0, scored_tokens=scored_tokens, scored_bytes=scored_bytes,
-            running_loss=run.loss_sum / run.scored, running_bpb=bits_per_byte(run.loss_sum, run.scored, run.bytes),
-            lr=lr, train_loss=epoch_losses, scoring_s=t1 - t0, training_s=time.perf_counter() - t1,
-        ))
+        run.trace(
+            ChunkTrace(
+                index=c,
+                windows=w1 - w0,
+                scored_tokens=scored_tokens,
+                scored_bytes=scored_bytes,
+                running_loss=run.loss_sum / run.scored,
+                running_bpb=bits_per_byte(run.loss_sum, run.scored, run.bytes),
+                lr=lr,
+                train_loss=epoch_losses,
+                scoring_s=t1 - t0,
+                training_s=time.perf_counter() - t1,
+            )
+        )
     return run.finish()
 
 
 class _ChunkedRun:
     """One evaluation's plan, batches, optimizer, running sums and ledgers (compliance, units, trace)."""
 
-    def __init__(self, model: GPT, tokens: np.ndarray, tables: ByteSource, config: EvalConfig, steps: Steps,
-                 world: World, progress: ProgressFn | None, cancel: CancelEvent | None) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        tokens: np.ndarray,
+        tables: ByteSource,
+        config: EvalConfig,
+        steps: Steps,
+        world: World,
+        progress: ProgressFn | None,
+        cancel: CancelEvent | None,
+    ) -> None:
         self.length, self.precision = resolved_shape(config)
         self.model, self.config, self.steps, self.world = model, config, steps, world
         self.progress, self.cancel = progress, cancel
         self.device = next(model.parameters()).device
         self.total = len(tokens) - 1
-        self.plan = plan_windows(self.total, self.length, config.stride, config.chunk_tokens,
-                                 tables.target_bytes(tokens))
+        self.plan = plan_windows(
+            self.total, self.length, config.stride, config.chunk_tokens, tables.target_bytes(tokens)
+        )
         if self.plan.num_windows == 0:
             raise EvalError(
                 f"max_tokens={config.max_tokens}: {self.total} targets leave no window; more than "
@@ -100,9 +128,19 @@ class _ChunkedRun:
             raise EvalCancelled(f"cancelled in chunk {chunk + 1} of {self.plan.num_chunks} ({phase})")
         if self.progress is not None:
             loss = self.loss_sum / self.scored if self.scored else None
-            self.progress(Progress(phase, chunk, len(self.chunks), self.plan.num_chunks, self.scored + extra_tokens,
-                                   self.total, loss, bits_per_byte(self.loss_sum, self.scored, self.bytes),
-                                   time.perf_counter() - self.started))
+            self.progress(
+                Progress(
+                    phase,
+                    chunk,
+                    len(self.chunks),
+                    self.plan.num_chunks,
+                    self.scored + extra_tokens,
+                    self.total,
+                    loss,
+                    bits_per_byte(self.loss_sum, self.scored, self.bytes),
+                    time.perf_counter() - self.started,
+                )
+            )
 
     def score(self, c: int, w0: int, w1: int) -> tuple[int, int]:
         """This rank's share of chunk ``c``'s windows ``w0 .. w1-1``, gradients off; every rank's sums added to the
@@ -120,8 +158,9 @@ class _ChunkedRun:
                 chunk_loss += loss
                 observed += mask.sum()
         local = [plan.scored_tokens(lo, hi), int(plan.window_bytes[lo:hi].sum())]
-        sums = torch.cat((torch.stack((chunk_loss, observed.double())),
-                          torch.tensor(local, dtype=torch.float64, device=device)))
+        sums = torch.cat(
+            (torch.stack((chunk_loss, observed.double())), torch.tensor(local, dtype=torch.float64, device=device))
+        )
         observed_here = int(observed)
         self.log.score(c, merged_spans(plan.score_from[lo:hi] + 1, plan.ends[lo:hi] + 1), observed_here)
         chunk_loss_sum, _, chunk_tokens, chunk_bytes = self.world.all_reduce_sum(sums).tolist()
@@ -152,8 +191,9 @@ class _ChunkedRun:
                     self.optimizer.zero_grad(set_to_none=True)
                     batch_loss = torch.zeros((), dtype=torch.float32, device=device)
                     if b > a:
-                        loss = train_loss(self.steps, self.batches, int(starts[j + a]), b - a, self.precision,
-                                          self.adapted)
+                        loss = train_loss(
+                            self.steps, self.batches, int(starts[j + a]), b - a, self.precision, self.adapted
+                        )
                         # This rank's share of the batch's mean: the sum over ranks is the mean over the batch.
                         weighted = loss if b - a == count else loss * ((b - a) / count)
                         weighted.backward()
@@ -177,8 +217,16 @@ class _ChunkedRun:
         merged = ComplianceLog.merge(world.all_gather(self.log)) if world.distributed else self.log
         for p in self.params:
             p.grad = None
-        return ProtocolRun(self.loss_sum, self.scored, self.bytes, self.chunks, check_compliance(merged, self.total),
-                           self.scoring_s, self.training_s, self.units.sums())  # every rank holds every chunk's sums
+        return ProtocolRun(
+            self.loss_sum,
+            self.scored,
+            self.bytes,
+            self.chunks,
+            check_compliance(merged, self.total),
+            self.scoring_s,
+            self.training_s,
+            self.units.sums(),
+        )  # every rank holds every chunk's sums
 
 
 def make_optimizer(config: EvalConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -206,19 +254,43 @@ class Chunked:
 
     @staticmethod
     def compiled_steps(model: GPT, compiled: Compiled) -> Steps:
-        return compiled.twin(("chunked", compiled.cuda_graphs),
-                             lambda: Steps(model, True, cuda_graphs=compiled.cuda_graphs))
+        return compiled.twin(
+            ("chunked", compiled.cuda_graphs), lambda: Steps(model, True, cuda_graphs=compiled.cuda_graphs)
+        )
 
-    def warm_up(self, model: GPT, compiled: Compiled, config: EvalConfig, world: World, *,
-                tokens: np.ndarray | None = None, static_training: bool = False) -> None:
+    def warm_up(
+        self,
+        model: GPT,
+        compiled: Compiled,
+        config: EvalConfig,
+        world: World,
+        *,
+        tokens: np.ndarray | None = None,
+        static_training: bool = False,
+    ) -> None:
         """In an evaluation (not ``EvalSession.warmup``), a new training batch size takes the dynamic-batch graph
         instead of a compile of its own (``chunked_compiled.warm_up``)."""
         if config.compile:
-            warm_up(model, self.compiled_steps(model, compiled), config, adapted_params(model, config), world,
-                    static_training=static_training)
+            warm_up(
+                model,
+                self.compiled_steps(model, compiled),
+                config,
+                adapted_params(model, config),
+                world,
+                static_training=static_training,
+            )
 
-    def run(self, model: GPT, compiled: Compiled, tokens: np.ndarray, source: ByteSource, config: EvalConfig,
-            world: World, progress: ProgressFn | None, cancel: CancelEvent | None) -> ProtocolRun:
+    def run(
+        self,
+        model: GPT,
+        compiled: Compiled,
+        tokens: np.ndarray,
+        source: ByteSource,
+        config: EvalConfig,
+        world: World,
+        progress: ProgressFn | None,
+        cancel: CancelEvent | None,
+    ) -> ProtocolRun:
         steps = self.compiled_steps(model, compiled) if config.compile else None
         return run_chunked(model, tokens, source, config, steps=steps, world=world, progress=progress, cancel=cancel)
 

@@ -48,8 +48,9 @@ class Steps:
     went from no faster than one GPU to 1.70-1.73x (bench/RESULTS.md, runs 7, 9 and 12). No effect off CUDA.
     """
 
-    def __init__(self, model: GPT, compiled: bool, static_shapes: bool | None = None, *,
-                 cuda_graphs: bool = True) -> None:
+    def __init__(
+        self, model: GPT, compiled: bool, static_shapes: bool | None = None, *, cuda_graphs: bool = True
+    ) -> None:
         self.compiled = compiled
         self.static_shapes = compiled if static_shapes is None else static_shapes
         self.cuda_graphs = cuda_graphs
@@ -128,7 +129,6 @@ class Batches:
         return tokens[:-1].view(count, length), tokens[1:].view(count, length)
 
 
-
 @contextlib.contextmanager
 def training(model: GPT, params: list[torch.nn.Parameter]) -> Iterator[None]:
     """Gradients on for ``params`` only while training. Scoring always sees every parameter without
@@ -148,8 +148,9 @@ def score_windows(steps: Steps, batches: Batches, lo: int, hi: int, rows: int, p
         return steps.score(x, positions, targets, mask), mask
 
 
-def train_loss(steps: Steps, batches: Batches, first: int, count: int, precision: str,
-               adapted: tuple[int, ...]) -> Tensor:
+def train_loss(
+    steps: Steps, batches: Batches, first: int, count: int, precision: str, adapted: tuple[int, ...]
+) -> Tensor:
     """Mean training loss of ``count`` consecutive sequences from ``first``; ``adapted``: the ids of the
     parameters being trained (a compiled graph is specific to them)."""
     x, y = batches.train(first, count)
@@ -157,8 +158,15 @@ def train_loss(steps: Steps, batches: Batches, first: int, count: int, precision
         return steps.loss(x, y, adapted)
 
 
-def warm_up(model: GPT, steps: Steps, config: EvalConfig, params: list[torch.nn.Parameter], world: World | None = None,
-            *, static_training: bool = True) -> None:
+def warm_up(
+    model: GPT,
+    steps: Steps,
+    config: EvalConfig,
+    params: list[torch.nn.Parameter],
+    world: World | None = None,
+    *,
+    static_training: bool = True,
+) -> None:
     """Run every batch shape an evaluation with ``config`` (resolved) uses, through its own batch builders,
     so it never compiles. Each shape runs twice: a guard the first call leaves behind (a cache filled on
     the way) fails on the second, which compiles the graph that real calls then reuse. Training batch
@@ -203,4 +211,3 @@ def warm_up(model: GPT, steps: Steps, config: EvalConfig, params: list[torch.nn.
             continue  # the dynamic graph takes it as it is (a batch of one is always specialised)
         steps.static_batches.add(train_shape)  # first, so that these calls compile the static graph
         train_twice(count)
-

@@ -38,14 +38,27 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings: type = EvalSett
         group = groups[knob.group]
         text = "; ".join(t for t in (knob.help, knob.range_text(), knob.default_text()) if t)
         if knob.kind is tuple:
-            group.add_argument(flag_of(knob), dest=knob.name, action="append", default=[], metavar="PATTERN",
-                               help=f"{text} (repeatable)")
+            group.add_argument(
+                flag_of(knob),
+                dest=knob.name,
+                action="append",
+                default=[],
+                metavar="PATTERN",
+                help=f"{text} (repeatable)",
+            )
             continue
-        group.add_argument(flag_of(knob), dest=knob.name, type=parsers[knob.kind], choices=knob.choices, help=text,
-                           metavar="{true,false}" if knob.kind is bool else None)
+        group.add_argument(
+            flag_of(knob),
+            dest=knob.name,
+            type=parsers[knob.kind],
+            choices=knob.choices,
+            help=text,
+            metavar="{true,false}" if knob.kind is bool else None,
+        )
     if any(k.name == "compile" for k in knobs(settings)):
-        groups["common"].add_argument("--no-compile", dest="compile", action="store_const", const=False,
-                                      help="the same as --compile false")
+        groups["common"].add_argument(
+            "--no-compile", dest="compile", action="store_const", const=False, help="the same as --compile false"
+        )
 
 
 def register(subparsers: argparse._SubParsersAction, settings: type = EvalSettings) -> None:
@@ -60,16 +73,27 @@ def register(subparsers: argparse._SubParsersAction, settings: type = EvalSettin
     p.add_argument("--checkpoint", type=Path, required=True, help="a model.bin, or a .ptz artifact (with --preset)")
     add_architecture_args(p, required=False)  # --preset and --set, as pgttt inspect and import take them
     p.add_argument("--tokenizer", type=Path, required=True, help="the SentencePiece .model of the val shards")
-    p.add_argument("--val", required=True, metavar="DIR_OR_GLOB",
-                   help="a directory of fineweb_val_*.bin (and their fineweb_val_bytes_*.bin sidecars), a glob, "
-                        "or one shard")
+    p.add_argument(
+        "--val",
+        required=True,
+        metavar="DIR_OR_GLOB",
+        help="a directory of fineweb_val_*.bin (and their fineweb_val_bytes_*.bin sidecars), a glob, or one shard",
+    )
     add_setting_flags(p, settings)
     add_runtime_args(p)  # --device, --threads
-    p.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
-                   help="the whole result as JSON instead of one line: printed, or written to OUT.json with its "
-                        "per-unit sums beside it in OUT.units.npz (what `pgttt compare` reads)")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress bar on stderr (there is none either when stderr is not a terminal)")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="OUT.json",
+        help="the whole result as JSON instead of one line: printed, or written to OUT.json with its "
+        "per-unit sums beside it in OUT.units.npz (what `pgttt compare` reads)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar on stderr (there is none either when stderr is not a terminal)",
+    )
     p.set_defaults(func=run)
 
 
@@ -85,8 +109,12 @@ def write_result(result: Any, path: Path) -> None:
 
     units = units_path(path)
     result.units.save(units)
-    entry = {"file": units.name, "kind": result.units.kind, "count": len(result.units),
-             "identity": result.units.identity()}
+    entry = {
+        "file": units.name,
+        "kind": result.units.kind,
+        "count": len(result.units),
+        "identity": result.units.identity(),
+    }
     path.write_text(json.dumps({**result.to_dict(), "units": entry}, indent=2) + "\n")
 
 
@@ -100,10 +128,14 @@ def run(args: argparse.Namespace) -> int:
     config = EvalConfig(**eval_settings(args))
     device = parse_device(args.device)
     set_threads(args.threads)
-    session = EvalSession.load(args.checkpoint, preset=args.preset, overrides=args.overrides or None,
-                               tokenizer=args.tokenizer)
-    bar = tqdm(total=None, unit="tok", unit_scale=True, file=sys.stderr, desc="eval") \
-        if show_progress(args.quiet) else None
+    session = EvalSession.load(
+        args.checkpoint, preset=args.preset, overrides=args.overrides or None, tokenizer=args.tokenizer
+    )
+    bar = (
+        tqdm(total=None, unit="tok", unit_scale=True, file=sys.stderr, desc="eval")
+        if show_progress(args.quiet)
+        else None
+    )
 
     def show(p: Progress) -> None:
         assert bar is not None

@@ -102,8 +102,9 @@ def _coverage_violations(scores: list[Span], expected: list[tuple[int, int]]) ->
     return violations
 
 
-def check_compliance(log: ComplianceLog, total_targets: int,
-                     expected: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+def check_compliance(
+    log: ComplianceLog, total_targets: int, expected: list[tuple[int, int]] | None = None
+) -> dict[str, Any]:
     """The compliance record of an evaluation of ``total_targets`` targets: positions ``1 .. T``, or the
     spans ``expected`` (the phased protocol's selected documents) holding that many positions."""
     violations: list[str] = []

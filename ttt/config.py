@@ -51,29 +51,42 @@ class EvalConfig(EvalSettings):
             why = knob.problem(getattr(self, knob.name))
             need(why is None, knob.name, why or "")
         # The records a phased run may take its knobs from are the engine's (ttt/record_defaults.py).
-        need(self.record_defaults is None or self.record_defaults in RECORD_TTT_DEFAULTS, "record_defaults",
-             f"expected one of {', '.join(RECORD_TTT_DEFAULTS)} (or none: the checkpoint's preset)")
-        need(isinstance(self.defaults_filled, tuple) and set(self.defaults_filled) <= set(PHASED_KNOBS),
-             "defaults_filled", "must list phased knobs")
+        need(
+            self.record_defaults is None or self.record_defaults in RECORD_TTT_DEFAULTS,
+            "record_defaults",
+            f"expected one of {', '.join(RECORD_TTT_DEFAULTS)} (or none: the checkpoint's preset)",
+        )
+        need(
+            isinstance(self.defaults_filled, tuple) and set(self.defaults_filled) <= set(PHASED_KNOBS),
+            "defaults_filled",
+            "must list phased knobs",
+        )
         if self.seq_len is not None and self.protocol == "chunked":  # the other protocols have no stride
             need(self.stride <= self.seq_len, "stride", f"must not exceed seq_len={self.seq_len}")
         if self.protocol != "phased":
             for key in _PHASED_ONLY:
                 need(getattr(self, key) is None, key, f"only the phased protocol reads it (protocol={self.protocol!r})")
         if self.ttt_chunk_size is not None and self.ttt_eval_seq_len is not None:
-            need(self.ttt_chunk_size <= self.ttt_eval_seq_len, "ttt_chunk_size",
-                 f"must not exceed ttt_eval_seq_len={self.ttt_eval_seq_len}: a chunk is scored in one window")
+            need(
+                self.ttt_chunk_size <= self.ttt_eval_seq_len,
+                "ttt_chunk_size",
+                f"must not exceed ttt_eval_seq_len={self.ttt_eval_seq_len}: a chunk is scored in one window",
+            )
 
     # ---- resolution and serialisation ---------------------------------------------------------
-    def resolved(self, model_config: ModelConfig, device: torch.device | str, *,
-                 preset: str | None = None) -> EvalConfig:
+    def resolved(
+        self, model_config: ModelConfig, device: torch.device | str, *, preset: str | None = None
+    ) -> EvalConfig:
         """Every ``None`` filled in for this model and device, and checked against them. ``preset``: the
         checkpoint's preset name, whose record's as-run values the phased protocol takes (spec 1b)."""
         cuda = torch.device(device).type == "cuda"
         seq_len = model_config.train_seq_len if self.seq_len is None else self.seq_len
         if self.stride > seq_len and self.protocol == "chunked":
-            raise EvalError(f"stride={self.stride}: must not exceed seq_len={seq_len} (the checkpoint's train_seq_len)",
-                            field="stride", value=self.stride)
+            raise EvalError(
+                f"stride={self.stride}: must not exceed seq_len={seq_len} (the checkpoint's train_seq_len)",
+                field="stride",
+                value=self.stride,
+            )
         config = dataclasses.replace(
             self,
             seq_len=seq_len,
@@ -101,7 +114,8 @@ class EvalConfig(EvalSettings):
             raise EvalError(
                 f"global_ttt_chunk_tokens={config.global_ttt_chunk_tokens}: must be at least seq_len={config.seq_len} "
                 "(global SGD trains on whole seq_len sequences of each chunk; a shorter chunk trains on none)",
-                field="global_ttt_chunk_tokens", value=config.global_ttt_chunk_tokens,
+                field="global_ttt_chunk_tokens",
+                value=config.global_ttt_chunk_tokens,
             )
         return config
 
@@ -122,8 +136,12 @@ class EvalConfig(EvalSettings):
         for key in ("adapt_include", "adapt_exclude"):
             for pattern in getattr(self, key):
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                    raise EvalError(f"{key}: pattern {pattern!r} matches no parameter (names look like {names[0]!r})",
-                                    field=key, value=pattern)
+                    raise EvalError(
+                        f"{key}: pattern {pattern!r} matches no parameter (names look like {names[0]!r})",
+                        field=key,
+                        value=pattern,
+                    )
+
         def matches(name: str, patterns: tuple[str, ...]) -> bool:
             return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -146,6 +164,9 @@ class EvalConfig(EvalSettings):
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise EvalError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
-                            field=unknown[0], value=data[unknown[0]])
+            raise EvalError(
+                f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+                field=unknown[0],
+                value=data[unknown[0]],
+            )
         return cls(**data)

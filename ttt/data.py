@@ -136,8 +136,9 @@ def resolve_val_files(spec: str | Path) -> list[Path]:
         where = f"{path}: no {VAL_PATTERN} files in this directory"
     elif _GLOB_CHARS & set(text):
         matches = sorted(m for m in glob.glob(text) if not is_sidecar(m))
-        where = f"{text}: no files match this pattern" + (" (byte sidecars are not token shards)"
-                                                          if glob.glob(text) else "")
+        where = f"{text}: no files match this pattern" + (
+            " (byte sidecars are not token shards)" if glob.glob(text) else ""
+        )
     elif path.is_file():
         if is_sidecar(path):
             raise DataError(f"{text}: a byte sidecar, not a token shard: give its token shard or their directory")
@@ -155,7 +156,7 @@ def sidecar_of(token_file: Path) -> Path | None:
     prefix = "fineweb_val_"
     if not token_file.name.startswith(prefix):
         return None
-    return token_file.with_name(f"{prefix}bytes_{token_file.name[len(prefix):]}")
+    return token_file.with_name(f"{prefix}bytes_{token_file.name[len(prefix) :]}")
 
 
 def resolve_sidecar_files(spec: str | Path, token_files: list[Path]) -> list[Path]:
@@ -166,8 +167,11 @@ def resolve_sidecar_files(spec: str | Path, token_files: list[Path]) -> list[Pat
     present = [p for p in partners if p is not None and p.is_file()]
     if Path(spec).is_dir():
         wanted = {p.name for p in partners if p is not None}
-        orphans = sorted(name for name in (Path(m).name for m in glob.glob(os.path.join(spec, SIDECAR_PATTERN)))
-                         if name not in wanted)
+        orphans = sorted(
+            name
+            for name in (Path(m).name for m in glob.glob(os.path.join(spec, SIDECAR_PATTERN)))
+            if name not in wanted
+        )
         if orphans:
             token = orphans[0].replace(SIDECAR_MARK, "_", 1)
             raise DataError(f"{Path(spec) / orphans[0]}: a byte sidecar without its token shard {token}")

@@ -24,7 +24,11 @@ BUCKET_ELEMENTS = 1 << 25
 
 @contextlib.contextmanager
 def process_group(
-    device: torch.device, *, init_method: str | None = None, rank: int = -1, world_size: int = -1,
+    device: torch.device,
+    *,
+    init_method: str | None = None,
+    rank: int = -1,
+    world_size: int = -1,
     timeout: timedelta | None = None,
 ) -> Iterator[float]:
     """Join a process group for the block (NCCL on a CUDA device, gloo otherwise) and destroy it after;
@@ -34,8 +38,14 @@ def process_group(
     cuda = device.type == "cuda"
     # On GPUs, device_id makes NCCL set up its communicator here (0.56 s for two H200s, bench/RESULTS.md run 8),
     # not in the first all-reduce, where an evaluation would count it as scoring time.
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timeout, device_id=device if cuda else None)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+        device_id=device if cuda else None,
+    )
     try:
         yield time.perf_counter() - started
     finally:

@@ -105,8 +105,9 @@ def plan_doc_masked(total_targets: int, seq_len: int, val_batch_tokens: int, wor
     return DocMaskedPlan(total_targets, seq_len, batch_seqs, world_size, total_seqs, tuple(shares))
 
 
-def score_packed_row(model: GPT, x: torch.Tensor, y: torch.Tensor,
-                     cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def score_packed_row(
+    model: GPT, x: torch.Tensor, y: torch.Tensor, cu_seqlens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy (float64) of one packed row ``x`` (n,) against its targets ``y`` (n,), and the
     per-token losses (float64, n)."""
     hidden = model.forward_hidden(x[None], cu_seqlens=cu_seqlens)[0]
@@ -157,9 +158,19 @@ def run_doc_masked(
             if cancel is not None and cancel.is_set():
                 raise EvalCancelled(f"cancelled in batch {index + 1} of {len(batches)}")
             if progress is not None:
-                progress(Progress("scoring", index, index, len(batches), scored, total,
-                                  loss_sum / scored if scored else None,
-                                  bits_per_byte(loss_sum, scored, scored_bytes), time.perf_counter() - started))
+                progress(
+                    Progress(
+                        "scoring",
+                        index,
+                        index,
+                        len(batches),
+                        scored,
+                        total,
+                        loss_sum / scored if scored else None,
+                        bits_per_byte(loss_sum, scored, scored_bytes),
+                        time.perf_counter() - started,
+                    )
+                )
             t0 = time.perf_counter()
             a, b = first * seq_len, last * seq_len  # inputs tokens[a:b], targets tokens[a+1:b+1]
             row = np.asarray(tokens[a : b + 1], dtype=np.int64)
@@ -171,20 +182,38 @@ def run_doc_masked(
             batch_bytes = int(target_bytes[a:b].sum())
             add_documents(units, doc_starts, a, losses, target_bytes[a:b])
             loss_sum, scored, scored_bytes = loss_sum + batch_loss, scored + (b - a), scored_bytes + batch_bytes
-            traces.append(ChunkTrace(
-                index=index, windows=last - first, scored_tokens=b - a, scored_bytes=batch_bytes,
-                running_loss=loss_sum / scored, running_bpb=bits_per_byte(loss_sum, scored, scored_bytes),
-                lr=None, train_loss=[], scoring_s=time.perf_counter() - t0, training_s=0.0,
-            ))
+            traces.append(
+                ChunkTrace(
+                    index=index,
+                    windows=last - first,
+                    scored_tokens=b - a,
+                    scored_bytes=batch_bytes,
+                    running_loss=loss_sum / scored,
+                    running_bpb=bits_per_byte(loss_sum, scored, scored_bytes),
+                    lr=None,
+                    train_loss=[],
+                    scoring_s=time.perf_counter() - t0,
+                    training_s=0.0,
+                )
+            )
     sums = torch.tensor([loss_sum, scored, scored_bytes], dtype=torch.float64, device=device)
     loss_sum, tokens_scored, bytes_scored = world.all_reduce_sum(sums).tolist()
     scoring_s = time.perf_counter() - started
-    return ProtocolRun(loss_sum, int(tokens_scored), int(bytes_scored), traces,
-                       coverage(plan, int(tokens_scored)), scoring_s, 0.0, units.sums(world))
+    return ProtocolRun(
+        loss_sum,
+        int(tokens_scored),
+        int(bytes_scored),
+        traces,
+        coverage(plan, int(tokens_scored)),
+        scoring_s,
+        0.0,
+        units.sums(world),
+    )
 
 
-def add_documents(units: UnitLog, doc_starts: np.ndarray, first: int, losses: torch.Tensor,
-                  target_bytes: np.ndarray) -> None:
+def add_documents(
+    units: UnitLog, doc_starts: np.ndarray, first: int, losses: torch.Tensor, target_bytes: np.ndarray
+) -> None:
     """The targets ``first .. first + len(losses) - 1`` added to ``units`` per document (key: the index of its
     BOS in ``doc_starts``, -1 before the first)."""
     keys = np.searchsorted(doc_starts, np.arange(first, first + len(losses)), side="right") - 1
@@ -201,9 +230,14 @@ def coverage(plan: DocMaskedPlan, observed: int) -> dict[str, object]:
     unscored = plan.unscored_spans()
     missing = sum(b - a for a, b in unscored)
     ok = observed == plan.scored_targets == plan.total_targets - missing
-    violations = [] if ok else [
-        f"{observed} tokens scored, {plan.scored_targets} planned, {plan.total_targets - missing} "
-        "by the unscored spans"]
+    violations = (
+        []
+        if ok
+        else [
+            f"{observed} tokens scored, {plan.scored_targets} planned, {plan.total_targets - missing} "
+            "by the unscored spans"
+        ]
+    )
     return {
         "protocol": "doc_masked",
         "scored_exactly_once": ok and missing == 0,  # every target once: only when nothing is truncated
@@ -218,7 +252,7 @@ def coverage(plan: DocMaskedPlan, observed: int) -> dict[str, object]:
         "train_spans": 0,
         "trained_positions": 0,
         "note": "the records' eval_val truncates each rank's share to whole batches (frontier spec 2.12): "
-                "the unscored spans' predictions are never scored, and which they are depends on the world size",
+        "the unscored spans' predictions are never scored, and which they are depends on the world size",
         "violations": violations,
         "violation_count": len(violations),
     }
@@ -229,18 +263,37 @@ class DocMasked:
 
     name = "doc_masked"
 
-    def warm_up(self, model: GPT, compiled: Compiled, config: EvalConfig, world: World, *,
-                tokens: np.ndarray | None = None, static_training: bool = False) -> None:
+    def warm_up(
+        self,
+        model: GPT,
+        compiled: Compiled,
+        config: EvalConfig,
+        world: World,
+        *,
+        tokens: np.ndarray | None = None,
+        static_training: bool = False,
+    ) -> None:
         pass
 
-    def run(self, model: GPT, compiled: Compiled, tokens: np.ndarray, source: ByteSource, config: EvalConfig,
-            world: World, progress: ProgressFn | None, cancel: CancelEvent | None) -> ProtocolRun:
+    def run(
+        self,
+        model: GPT,
+        compiled: Compiled,
+        tokens: np.ndarray,
+        source: ByteSource,
+        config: EvalConfig,
+        world: World,
+        progress: ProgressFn | None,
+        cancel: CancelEvent | None,
+    ) -> ProtocolRun:
         return run_doc_masked(model, tokens, source, config, world=world, progress=progress, cancel=cancel)
 
     def describe(self, config: dict[str, Any], compliance: dict[str, Any]) -> tuple[str, str]:
-        return (f"doc_masked seq_len {config['seq_len']} batches of {compliance['batch_seqs']}",
-                f"{compliance['unscored_targets']} of {compliance['targets']} targets never scored "
-                "(the records' truncation)")
+        return (
+            f"doc_masked seq_len {config['seq_len']} batches of {compliance['batch_seqs']}",
+            f"{compliance['unscored_targets']} of {compliance['targets']} targets never scored "
+            "(the records' truncation)",
+        )
 
     def warnings(self, config: EvalConfig, run: ProtocolRun) -> list[str]:
         return []

@@ -53,8 +53,17 @@ def spans_in_stream(a: int, b: int, offsets: np.ndarray, starts: np.ndarray, len
     return spans
 
 
-def global_sgd(model: GPT, tokens: np.ndarray, docs: list[Doc], config: EvalConfig, *, world: World,
-               log: ComplianceLog, order: int, precision: str) -> PhaseSGD:
+def global_sgd(
+    model: GPT,
+    tokens: np.ndarray,
+    docs: list[Doc],
+    config: EvalConfig,
+    *,
+    world: World,
+    log: ComplianceLog,
+    order: int,
+    precision: str,
+) -> PhaseSGD:
     """Train ``model`` in place on the selected documents ``docs`` (in selection order)."""
     device = next(model.parameters()).device
     length, ranks = config.seq_len, config.emulate_ranks
@@ -63,13 +72,21 @@ def global_sgd(model: GPT, tokens: np.ndarray, docs: list[Doc], config: EvalConf
     assert config.global_ttt_warmup_chunks is not None and config.global_ttt_warmup_start_lr is not None
     assert config.global_ttt_momentum is not None and config.global_ttt_batch_seqs is not None
     assert config.global_ttt_epochs is not None and config.global_ttt_grad_clip is not None
-    stream = np.concatenate([np.asarray(tokens[d.start : d.start + d.length]) for d in docs]) if docs else \
-        np.zeros(0, dtype=np.int64)
+    stream = (
+        np.concatenate([np.asarray(tokens[d.start : d.start + d.length]) for d in docs])
+        if docs
+        else np.zeros(0, dtype=np.int64)
+    )
     offsets, starts = stream_positions(docs) if docs else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     lengths = np.array([d.length for d in docs], dtype=np.int64)
     s = torch.from_numpy(stream.astype(np.int64)).to(device)
-    m, chunks = global_chunks(len(stream), config.global_ttt_chunk_tokens, config.global_ttt_lr,
-                              config.global_ttt_warmup_chunks, config.global_ttt_warmup_start_lr)
+    m, chunks = global_chunks(
+        len(stream),
+        config.global_ttt_chunk_tokens,
+        config.global_ttt_lr,
+        config.global_ttt_warmup_chunks,
+        config.global_ttt_warmup_start_lr,
+    )
     result = PhaseSGD(len(stream), m)
     if not config.global_ttt_epochs or not chunks:
         return result
@@ -112,8 +129,14 @@ def global_sgd(model: GPT, tokens: np.ndarray, docs: list[Doc], config: EvalConf
                         torch.nn.utils.clip_grad_norm_(params, config.global_ttt_grad_clip)
                     optimizer.step()
                     loss_total += step_loss.double()
-            result.chunks.append({"index": chunk.index, "lr": chunk.lr, "sequences": count,
-                                  "loss": float(loss_total) / (steps * config.global_ttt_epochs)})
+            result.chunks.append(
+                {
+                    "index": chunk.index,
+                    "lr": chunk.lr,
+                    "sequences": count,
+                    "loss": float(loss_total) / (steps * config.global_ttt_epochs),
+                }
+            )
     finally:
         for p in params:
             p.grad = None

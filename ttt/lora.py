@@ -50,8 +50,14 @@ def shapes_for(model: GPT, rank: int, *, k: bool, mlp: bool, o: bool) -> Shapes:
     config = model.config
     encoder, decoder = model.schedule()
     sites = tuple(s for s in SITES_IN_DRAW_ORDER if {"k": k, "mlp": mlp, "o": o}.get(s, True))
-    return Shapes(config.model_dim, config.vocab_size, config.num_kv_heads * config.head_dim,
-                  len(encoder) + len(decoder), rank, sites)
+    return Shapes(
+        config.model_dim,
+        config.vocab_size,
+        config.num_kv_heads * config.head_dim,
+        len(encoder) + len(decoder),
+        rank,
+        sites,
+    )
 
 
 class DrawStream:
@@ -62,8 +68,10 @@ class DrawStream:
 
     def draw(self, shapes: Shapes, bsz: int) -> list[Tensor]:
         bound = 1.0 / math.sqrt(shapes.model_dim)
-        return [torch.empty(bsz, shapes.rank, shapes.model_dim).uniform_(-bound, bound, generator=self.generator)
-                for _ in shapes.draws()]
+        return [
+            torch.empty(bsz, shapes.rank, shapes.model_dim).uniform_(-bound, bound, generator=self.generator)
+            for _ in shapes.draws()
+        ]
 
     @staticmethod
     def draw_from(state: Tensor, shapes: Shapes, bsz: int) -> list[Tensor]:
@@ -87,8 +95,9 @@ class AdapterSet:
     def __init__(self, shapes: Shapes, a: list[Tensor], scale: float, device: torch.device) -> None:
         self.shapes, self.scale, self.bsz = shapes, scale, a[0].size(0)
         self.a = [t.to(device).requires_grad_(True) for t in a]
-        self.b = [torch.zeros(self.bsz, out, shapes.rank, device=device, requires_grad=True)
-                  for _, _, out in shapes.draws()]
+        self.b = [
+            torch.zeros(self.bsz, out, shapes.rank, device=device, requires_grad=True) for _, _, out in shapes.draws()
+        ]
         self.index = {(site, slot): i for i, (site, slot, _) in enumerate(shapes.draws())}
 
     def parameters(self) -> list[Tensor]:
@@ -115,8 +124,17 @@ class AdapterSet:
         return self._apply(0, h)
 
 
-def lora_optimizer(params: list[Tensor], *, kind: str, lr: float, beta1: float, beta2: float, eps: float,
-                   weight_decay: float, fused: bool | None = None) -> torch.optim.Optimizer:
+def lora_optimizer(
+    params: list[Tensor],
+    *,
+    kind: str,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    fused: bool | None = None,
+) -> torch.optim.Optimizer:
     """Spec 2.7: AdamW (decoupled decay on every adapter tensor each step) or SGD with L2 decay. A new one
     per batch equals the record's zeroed state and restarted step count. ``fused``: one kernel for every
     tensor's update (CUDA; the same formula)."""

@@ -15,8 +15,9 @@ BOS_ID = 1
 CU_BUCKET = 64  # cu_seqlens is padded to a multiple of this many entries (fewer distinct shapes to compile)
 
 
-def build_cu_seqlens(bos_positions: np.ndarray | list[int], n: int, max_doc_len: int = 0,
-                     bucket: int = CU_BUCKET) -> tuple[np.ndarray, int]:
+def build_cu_seqlens(
+    bos_positions: np.ndarray | list[int], n: int, max_doc_len: int = 0, bucket: int = CU_BUCKET
+) -> tuple[np.ndarray, int]:
     """``(cu_seqlens, max_seqlen)`` for a packed row of ``n`` tokens whose BOS tokens sit at ``bos_positions``.
 
     ``cu_seqlens`` (int32) holds the segment starts, then ``n``, then ``n`` again until its length is a
@@ -46,8 +47,9 @@ def build_cu_seqlens(bos_positions: np.ndarray | list[int], n: int, max_doc_len:
     return cu, int(np.diff(boundaries).max())
 
 
-def row_cu_seqlens(row: np.ndarray, max_doc_len: int = 0, bos_id: int = BOS_ID,
-                   bucket: int = CU_BUCKET) -> tuple[np.ndarray, int]:
+def row_cu_seqlens(
+    row: np.ndarray, max_doc_len: int = 0, bos_id: int = BOS_ID, bucket: int = CU_BUCKET
+) -> tuple[np.ndarray, int]:
     """``build_cu_seqlens`` for the input ids ``row`` of a packed row, its BOS tokens found by id."""
     row = np.asarray(row)
     return build_cu_seqlens(np.flatnonzero(row == bos_id), len(row), max_doc_len, bucket)

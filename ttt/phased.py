@@ -116,9 +116,17 @@ class Lane:
         return self.reusable
 
 
-def run_phased(model: GPT, tokens: np.ndarray, target_bytes: np.ndarray, config: EvalConfig, *,
-               world: World | None = None, progress: Callable[[PhasedProgress], None] | None = None,
-               cancel: Any = None, chunk_step: Any = None) -> PhasedRun:
+def run_phased(
+    model: GPT,
+    tokens: np.ndarray,
+    target_bytes: np.ndarray,
+    config: EvalConfig,
+    *,
+    world: World | None = None,
+    progress: Callable[[PhasedProgress], None] | None = None,
+    cancel: Any = None,
+    chunk_step: Any = None,
+) -> PhasedRun:
     """Spec 2 on ``model`` in place. ``tokens``: the cut val stream; ``target_bytes[i]``: bytes of target i
     (stream position i + 1); ``config``: resolved (``EvalConfig.resolved``); ``chunk_step``: see ``score_batch``."""
     world = world or World.current()
@@ -134,18 +142,23 @@ def run_phased(model: GPT, tokens: np.ndarray, target_bytes: np.ndarray, config:
     if len(target_bytes) != len(tokens) - 1:
         raise EvalError(f"{len(target_bytes)} target byte counts for a stream of {len(tokens)} tokens")
     t_start = time.perf_counter()
-    docs = select_documents(find_documents(tokens), max_docs=config.max_docs, fraction=config.val_doc_fraction,
-                            seed=config.seed)
+    docs = select_documents(
+        find_documents(tokens), max_docs=config.max_docs, fraction=config.val_doc_fraction, seed=config.seed
+    )
     queue = make_queue(docs, config.ttt_batch_size)
     bounds = phase_boundaries(len(docs), config.phased_ttt_prefix_docs, config.phased_ttt_num_phases)
     pauses = pause_points([len(b.docs) for b in queue], bounds, config.emulate_ranks)
-    shapes = shapes_for(model, config.ttt_lora_rank, k=config.ttt_k_lora, mlp=config.ttt_mlp_lora,
-                        o=config.ttt_o_lora)
+    shapes = shapes_for(model, config.ttt_lora_rank, k=config.ttt_k_lora, mlp=config.ttt_mlp_lora, o=config.ttt_o_lora)
     lanes = {v: Lane(config.seed) for v in range(config.emulate_ranks) if v % world.size == world.rank}
     stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
     nbytes = torch.from_numpy(np.asarray(target_bytes, dtype=np.int64)).to(device)
-    cost = [sum(len(b.docs) * min((c + 1) * config.ttt_chunk_size, config.ttt_eval_seq_len)
-                for c in range(max(num_chunks(d, config.ttt_chunk_size) for d in b.docs))) for b in queue]
+    cost = [
+        sum(
+            len(b.docs) * min((c + 1) * config.ttt_chunk_size, config.ttt_eval_seq_len)
+            for c in range(max(num_chunks(d, config.ttt_chunk_size) for d in b.docs))
+        )
+        for b in queue
+    ]
     my_cost = sum(c for q, c in enumerate(cost) if virtual_rank(q, pauses, config.emulate_ranks) in lanes)
     model.eval().requires_grad_(False)
     log, units, traces = ComplianceLog(), UnitLog("document"), []
@@ -163,8 +176,19 @@ def run_phased(model: GPT, tokens: np.ndarray, target_bytes: np.ndarray, config:
         if progress is not None:
             elapsed = time.perf_counter() - t_start
             eta = elapsed * (my_cost - done_cost) / done_cost if done_cost else None
-            progress(PhasedProgress(stage, docs_done, len(docs), len(phases), len(pauses), scored,
-                                    int(sum(d.targets for d in docs)), elapsed, eta))
+            progress(
+                PhasedProgress(
+                    stage,
+                    docs_done,
+                    len(docs),
+                    len(phases),
+                    len(pauses),
+                    scored,
+                    int(sum(d.targets for d in docs)),
+                    elapsed,
+                    eta,
+                )
+            )
 
     for seg, (first, last) in enumerate(segments(len(queue), pauses)):
         for q in range(first, last):
@@ -174,8 +198,9 @@ def run_phased(model: GPT, tokens: np.ndarray, target_bytes: np.ndarray, config:
                 continue  # another real rank's batch
             report("scoring")
             adapters = lanes[v].adapters(shapes, len(queue[q].docs), config, device)
-            trace = score_batch(model, queue[q], adapters, stream, nbytes, config, log, units, order=q * step,
-                                chunk_step=chunk_step)
+            trace = score_batch(
+                model, queue[q], adapters, stream, nbytes, config, log, units, order=q * step, chunk_step=chunk_step
+            )
             trace.queue_index, trace.emulated_rank, trace.phases_done = q, v, seg
             traces.append(trace)
             done_cost += cost[q]
@@ -186,26 +211,66 @@ def run_phased(model: GPT, tokens: np.ndarray, target_bytes: np.ndarray, config:
             t0 = time.perf_counter()
             selected = selected_documents(queue, pauses[seg], bounds[seg])
             remaining = pauses[seg] < len(queue)  # weights nobody scores with are not trained
-            sgd = global_sgd(model, tokens, selected, config, world=world, log=log, order=pauses[seg] * step - 1,
-                             precision=precision) if remaining else None
-            phases.append({
-                "phase": seg + 1, "boundary": bounds[seg], "batches_completed": pauses[seg],
-                "docs_completed": sum(len(b.docs) for b in queue[: pauses[seg]]), "docs_selected": len(selected),
-                "trained": remaining, "stream_tokens": sgd.stream_tokens if sgd else None,
-                "global_chunks": sgd.num_chunks if sgd else None, "chunks": sgd.chunks if sgd else [],
-                "seconds": time.perf_counter() - t0,
-            })
+            sgd = (
+                global_sgd(
+                    model,
+                    tokens,
+                    selected,
+                    config,
+                    world=world,
+                    log=log,
+                    order=pauses[seg] * step - 1,
+                    precision=precision,
+                )
+                if remaining
+                else None
+            )
+            phases.append(
+                {
+                    "phase": seg + 1,
+                    "boundary": bounds[seg],
+                    "batches_completed": pauses[seg],
+                    "docs_completed": sum(len(b.docs) for b in queue[: pauses[seg]]),
+                    "docs_selected": len(selected),
+                    "trained": remaining,
+                    "stream_tokens": sgd.stream_tokens if sgd else None,
+                    "global_chunks": sgd.num_chunks if sgd else None,
+                    "chunks": sgd.chunks if sgd else [],
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             global_s += time.perf_counter() - t0
             if remaining:
                 for lane in lanes.values():
                     lane.build(shapes, config.ttt_batch_size)
-    return _finish(world, log, units, traces, docs, queue, bounds, pauses, phases, config,
-                   {"scoring_s": scoring_s, "training_s": training_s, "global_sgd_s": global_s})
+    return _finish(
+        world,
+        log,
+        units,
+        traces,
+        docs,
+        queue,
+        bounds,
+        pauses,
+        phases,
+        config,
+        {"scoring_s": scoring_s, "training_s": training_s, "global_sgd_s": global_s},
+    )
 
 
-def score_batch(model: GPT, batch: Batch, adapters: AdapterSet, stream: Tensor, nbytes: Tensor,
-                config: EvalConfig, log: ComplianceLog, units: UnitLog, *, order: int,
-                chunk_step: Any = None) -> BatchTrace:
+def score_batch(
+    model: GPT,
+    batch: Batch,
+    adapters: AdapterSet,
+    stream: Tensor,
+    nbytes: Tensor,
+    config: EvalConfig,
+    log: ComplianceLog,
+    units: UnitLog,
+    *,
+    order: int,
+    chunk_step: Any = None,
+) -> BatchTrace:
     """Spec 2.5 for one batch: for each chunk step c, score every document's chunk c in its window, then
     one LoRA step (``ttt_grad_steps``) on the chunk's mean loss of the documents that have a later chunk.
     Each document's sums go to ``units`` (keyed by its index in the stream). ``chunk_step``: a twin of
@@ -221,9 +286,15 @@ def score_batch(model: GPT, batch: Batch, adapters: AdapterSet, stream: Tensor, 
     assert config.ttt_weight_decay is not None
     chunks = [num_chunks(d, size) for d in docs]
     make_optimizer = lora_optimizer if chunk_step is None else chunk_step.optimizer
-    optimizer = make_optimizer(adapters.parameters(), kind=config.ttt_optimizer, lr=config.ttt_lora_lr,
-                               beta1=config.ttt_beta1, beta2=config.ttt_beta2, eps=config.ttt_eps,
-                               weight_decay=config.ttt_weight_decay)
+    optimizer = make_optimizer(
+        adapters.parameters(),
+        kind=config.ttt_optimizer,
+        lr=config.ttt_lora_lr,
+        beta1=config.ttt_beta1,
+        beta2=config.ttt_beta2,
+        eps=config.ttt_eps,
+        weight_decay=config.ttt_weight_decay,
+    )
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
     doc_sums = torch.zeros(3, bsz, dtype=torch.float64, device=device)  # the same per document
     scoring_s = training_s = 0.0
@@ -261,8 +332,15 @@ def score_batch(model: GPT, batch: Batch, adapters: AdapterSet, stream: Tensor, 
             parts = (per_token.double() * mask, mask, nbytes[index.clamp(max=len(nbytes) - 1)].double() * mask)
             sums += torch.stack([part.sum() for part in parts])
             doc_sums += torch.stack([part.sum(dim=1) for part in parts])
-        log.score(order + 2 * c, [(d.start + c * size + 1, d.start + c * size + 1 + (h - lw))
-                                  for d, lw, h, n in zip(docs, lo, hi, chunks, strict=True) if c < n], 0)
+        log.score(
+            order + 2 * c,
+            [
+                (d.start + c * size + 1, d.start + c * size + 1 + (h - lw))
+                for d, lw, h, n in zip(docs, lo, hi, chunks, strict=True)
+                if c < n
+            ],
+            0,
+        )
         t1 = time.perf_counter()
         if trains:
             for g in range(config.ttt_grad_steps):
@@ -272,21 +350,50 @@ def score_batch(model: GPT, batch: Batch, adapters: AdapterSet, stream: Tensor, 
                 optimizer.zero_grad(set_to_none=True)
                 (per_doc * train.float()).sum().backward()
                 optimizer.step()
-            log.train(order + 2 * c + 1, [(d.start + max(s - d.start, 1), d.start + (c + 1) * size + 1)
-                                          for d, s, n in zip(docs, starts, chunks, strict=True) if c < n - 1])
+            log.train(
+                order + 2 * c + 1,
+                [
+                    (d.start + max(s - d.start, 1), d.start + (c + 1) * size + 1)
+                    for d, s, n in zip(docs, starts, chunks, strict=True)
+                    if c < n - 1
+                ],
+            )
         scoring_s += t1 - t0
         training_s += time.perf_counter() - t1
     loss_sum, tokens, nb = sums.tolist()
     log.observed_scored += int(tokens)
     for d, doc_loss, doc_tokens, doc_bytes in zip(docs, *doc_sums.tolist(), strict=True):
         units.add(d.index, d.start + 1, int(doc_tokens), int(doc_bytes), doc_loss)
-    return BatchTrace(0, batch.index, bsz, min(d.length for d in docs), max(d.length for d in docs), max(chunks),
-                      0, 0, loss_sum, int(tokens), int(nb), scoring_s=scoring_s, training_s=training_s)
+    return BatchTrace(
+        0,
+        batch.index,
+        bsz,
+        min(d.length for d in docs),
+        max(d.length for d in docs),
+        max(chunks),
+        0,
+        0,
+        loss_sum,
+        int(tokens),
+        int(nb),
+        scoring_s=scoring_s,
+        training_s=training_s,
+    )
 
 
-def _finish(world: World, log: ComplianceLog, units: UnitLog, traces: list[BatchTrace], docs: list[Doc],
-            queue: list[Batch], bounds: list[int], pauses: list[int], phases: list[dict[str, Any]], config: EvalConfig,
-            timings: dict[str, float]) -> PhasedRun:
+def _finish(
+    world: World,
+    log: ComplianceLog,
+    units: UnitLog,
+    traces: list[BatchTrace],
+    docs: list[Doc],
+    queue: list[Batch],
+    bounds: list[int],
+    pauses: list[int],
+    phases: list[dict[str, Any]],
+    config: EvalConfig,
+    timings: dict[str, float],
+) -> PhasedRun:
     """Every rank's traces and ledger gathered; running values in queue order; the compliance check."""
     assert config.ttt_chunk_size is not None  # resolved (EvalConfig.resolved)
     if world.distributed:
@@ -300,15 +407,24 @@ def _finish(world: World, log: ComplianceLog, units: UnitLog, traces: list[Batch
         t.running_bpb = loss_sum / (math.log(2.0) * nbytes) if nbytes else None
     expected = [(d.start + 1, d.start + d.length) for d in docs]
     compliance = check_compliance(log, sum(d.targets for d in docs), expected)
-    compliance["exempt"] = ("each document's own first token, its BOS, is read as context by its windows and "
-                            "by global SGD without being one of its targets (a constant delimiter: spec 2.13 (a))")
-    counts = {"documents": len(docs), "batches": len(queue),
-              "chunks": sum(num_chunks(d, config.ttt_chunk_size) for d in docs),  # scored (document, chunk) pairs
-              "chunk_steps": sum(t.chunks for t in traces),  # batched forward passes that scored them
-              "tokens": tokens, "bytes": nbytes}
+    compliance["exempt"] = (
+        "each document's own first token, its BOS, is read as context by its windows and "
+        "by global SGD without being one of its targets (a constant delimiter: spec 2.13 (a))"
+    )
+    counts = {
+        "documents": len(docs),
+        "batches": len(queue),
+        "chunks": sum(num_chunks(d, config.ttt_chunk_size) for d in docs),  # scored (document, chunk) pairs
+        "chunk_steps": sum(t.chunks for t in traces),  # batched forward passes that scored them
+        "tokens": tokens,
+        "bytes": nbytes,
+    }
     schedule = {
-        "emulate_ranks": config.emulate_ranks, "boundaries": bounds, "pauses": pauses,
-        "docs_completed": [p["docs_completed"] for p in phases], "phases": phases,
+        "emulate_ranks": config.emulate_ranks,
+        "boundaries": bounds,
+        "pauses": pauses,
+        "docs_completed": [p["docs_completed"] for p in phases],
+        "phases": phases,
     }
     return PhasedRun(loss_sum, tokens, nbytes, counts, schedule, traces, compliance, units.sums(world), timings)
 
@@ -327,8 +443,16 @@ class Phased:
         cuda_graphs = compiled.phased_cuda_graphs
         return compiled.twin(("phased", cuda_graphs), lambda: PhasedStep(cuda_graphs=cuda_graphs))
 
-    def warm_up(self, model: GPT, compiled: Compiled, config: EvalConfig, world: World, *,
-                tokens: np.ndarray | None = None, static_training: bool = False) -> None:
+    def warm_up(
+        self,
+        model: GPT,
+        compiled: Compiled,
+        config: EvalConfig,
+        world: World,
+        *,
+        tokens: np.ndarray | None = None,
+        static_training: bool = False,
+    ) -> None:
         """Every batch size of ``tokens``' queue (without them, ``ttt_batch_size``); the step's graphs are all
         static, so ``static_training`` changes nothing."""
         if config.compile:
@@ -336,19 +460,48 @@ class Phased:
             for rows in [config.ttt_batch_size] if tokens is None else batch_sizes(tokens, config):
                 step.warm_up(model, config, rows)
 
-    def run(self, model: GPT, compiled: Compiled, tokens: np.ndarray, source: ByteSource, config: EvalConfig,
-            world: World, progress: ProgressFn | None, cancel: CancelEvent | None) -> ProtocolRun:
+    def run(
+        self,
+        model: GPT,
+        compiled: Compiled,
+        tokens: np.ndarray,
+        source: ByteSource,
+        config: EvalConfig,
+        world: World,
+        progress: ProgressFn | None,
+        cancel: CancelEvent | None,
+    ) -> ProtocolRun:
         step = self.compiled_step(compiled) if config.compile else None
-        run = run_phased(model, tokens, source.target_bytes(tokens), config, world=world,
-                         progress=None if progress is None else _progress(progress), cancel=cancel, chunk_step=step)
-        return ProtocolRun(run.loss_sum, run.tokens, run.bytes, [], run.compliance, run.timings["scoring_s"],
-                           run.timings["training_s"], run.units,
-                           other_timings={"global_sgd_s": run.timings["global_sgd_s"]}, counts=run.counts,
-                           schedule=run.schedule, batches=run.batches)
+        run = run_phased(
+            model,
+            tokens,
+            source.target_bytes(tokens),
+            config,
+            world=world,
+            progress=None if progress is None else _progress(progress),
+            cancel=cancel,
+            chunk_step=step,
+        )
+        return ProtocolRun(
+            run.loss_sum,
+            run.tokens,
+            run.bytes,
+            [],
+            run.compliance,
+            run.timings["scoring_s"],
+            run.timings["training_s"],
+            run.units,
+            other_timings={"global_sgd_s": run.timings["global_sgd_s"]},
+            counts=run.counts,
+            schedule=run.schedule,
+            batches=run.batches,
+        )
 
     def describe(self, config: dict[str, Any], compliance: dict[str, Any]) -> tuple[str, str]:
-        mode = (f"phased {config['phased_ttt_num_phases']}x{config['phased_ttt_prefix_docs']} docs, LoRA r"
-                f"{config['ttt_lora_rank']} chunk {config['ttt_chunk_size']} ({config['record_defaults']} defaults)")
+        mode = (
+            f"phased {config['phased_ttt_num_phases']}x{config['phased_ttt_prefix_docs']} docs, LoRA r"
+            f"{config['ttt_lora_rank']} chunk {config['ttt_chunk_size']} ({config['record_defaults']} defaults)"
+        )
         return mode, verdict(compliance)
 
     def warnings(self, config: EvalConfig, run: ProtocolRun) -> list[str]:
@@ -357,9 +510,27 @@ class Phased:
 
 def _progress(progress: ProgressFn) -> Callable[[PhasedProgress], None]:
     """The phased loop's progress as ``Progress``: documents for chunks, and its own fields."""
+
     def forward(p: PhasedProgress) -> None:
-        progress(Progress(p.stage, p.docs_done, p.docs_done, p.docs_total, p.tokens_scored, p.tokens_total, None,
-                          None, p.elapsed_s, p.docs_done, p.docs_total, p.phases_done, p.num_phases, p.eta_s))
+        progress(
+            Progress(
+                p.stage,
+                p.docs_done,
+                p.docs_done,
+                p.docs_total,
+                p.tokens_scored,
+                p.tokens_total,
+                None,
+                None,
+                p.elapsed_s,
+                p.docs_done,
+                p.docs_total,
+                p.phases_done,
+                p.num_phases,
+                p.eta_s,
+            )
+        )
+
     return forward
 
 

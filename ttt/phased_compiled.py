@@ -60,13 +60,13 @@ def step_widths(config: EvalConfig) -> list[int]:
 def batch_sizes(tokens: np.ndarray, config: EvalConfig) -> list[int]:
     """The document counts of the batches ``run_phased`` makes of ``tokens`` with ``config`` (resolved)."""
     assert config.val_doc_fraction is not None and config.ttt_batch_size is not None  # resolved
-    docs = select_documents(find_documents(tokens), max_docs=config.max_docs, fraction=config.val_doc_fraction,
-                            seed=config.seed)
+    docs = select_documents(
+        find_documents(tokens), max_docs=config.max_docs, fraction=config.val_doc_fraction, seed=config.seed
+    )
     return sorted({len(b.docs) for b in make_queue(docs, config.ttt_batch_size)}, reverse=True)
 
 
-def per_token_loss(model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
-                   precision: str) -> Tensor:
+def per_token_loss(model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet, precision: str) -> Tensor:
     """The plain chunk step: cross-entropy (bsz, k) of the targets ``y`` at the window columns ``positions``
     (bsz, k)."""
     with autocast(precision, x.device):
@@ -77,8 +77,9 @@ def per_token_loss(model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters
 class PhasedStep:
     """``__call__`` is ``per_token_loss``'s signature and numbers; ``optimizer`` is ``lora_optimizer``'s."""
 
-    def __init__(self, *, cuda_graphs: bool = False, backend: str | Callable = "inductor",
-                 smallest_width: int = SMALLEST_WIDTH) -> None:
+    def __init__(
+        self, *, cuda_graphs: bool = False, backend: str | Callable = "inductor", smallest_width: int = SMALLEST_WIDTH
+    ) -> None:
         self.cuda_graphs, self.smallest_width = cuda_graphs, smallest_width
         self.ready: set[tuple[Any, ...]] = set()
         self.failed: dict[tuple[Any, ...], str] = {}  # shapes that would not compile: why (they run eagerly)
@@ -91,8 +92,9 @@ class PhasedStep:
     def optimizer(self, params: list[Tensor], **settings: Any) -> torch.optim.Optimizer:
         return lora_optimizer(params, **settings, fused=params[0].is_cuda)
 
-    def __call__(self, model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
-                 precision: str) -> Tensor:
+    def __call__(
+        self, model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet, precision: str
+    ) -> Tensor:
         width = bucket(x.size(1), _rotary_limit(model), self.smallest_width)
         key = self._key(model, x.size(0), width, positions.size(1), adapters, precision)
         if key not in self.ready and key not in self.failed:
@@ -108,8 +110,9 @@ class PhasedStep:
         # Resolved (EvalConfig.resolved), every record knob is set.
         assert config.ttt_k_lora is not None and config.ttt_mlp_lora is not None and config.ttt_o_lora is not None
         assert config.ttt_batch_size is not None and config.ttt_chunk_size is not None
-        shapes = shapes_for(model, config.ttt_lora_rank, k=config.ttt_k_lora, mlp=config.ttt_mlp_lora,
-                            o=config.ttt_o_lora)
+        shapes = shapes_for(
+            model, config.ttt_lora_rank, k=config.ttt_k_lora, mlp=config.ttt_mlp_lora, o=config.ttt_o_lora
+        )
         rows = rows or config.ttt_batch_size
         model.eval().requires_grad_(False)  # as run_phased runs it: graphs guard on it
         device = next(model.parameters()).device
@@ -123,12 +126,10 @@ class PhasedStep:
                 self._compile(key, model, rows, width, config.ttt_chunk_size, adapters, config.precision)
 
     @staticmethod
-    def _key(model: GPT, rows: int, width: int, size: int, adapters: AdapterSet,
-             precision: str) -> tuple[Any, ...]:
+    def _key(model: GPT, rows: int, width: int, size: int, adapters: AdapterSet, precision: str) -> tuple[Any, ...]:
         return (id(model), rows, width, size, adapters.shapes, adapters.scale, precision)
 
-    def _run(self, model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet,
-             precision: str) -> Tensor:
+    def _run(self, model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet, precision: str) -> Tensor:
         if self.cuda_graphs:
             # A new step: the last replay's outputs (its losses, the gradients it made) are read no more.
             torch.compiler.cudagraph_mark_step_begin()
@@ -137,14 +138,16 @@ class PhasedStep:
         with torch.enable_grad():  # the training graph, not one more graph for a step that does not train
             return self.compiled(model, x, positions, y, adapters, precision).detach()
 
-    def _compile(self, key: tuple[Any, ...], model: GPT, rows: int, width: int, size: int,
-                 adapters: AdapterSet, precision: str) -> None:
+    def _compile(
+        self, key: tuple[Any, ...], model: GPT, rows: int, width: int, size: int, adapters: AdapterSet, precision: str
+    ) -> None:
         """Forward and backward on zero inputs and dummy adapters of the real ones' shapes, twice (a guard the
         first call leaves behind, a cache filled on its way, fails on the second, which compiles for good)."""
         device = next(model.parameters()).device
         model.cache_rotary(width, device)  # eagerly, so no graph guards on the rotary cache
-        dummy = AdapterSet(adapters.shapes, [torch.zeros_like(a, device="cpu") for a in adapters.a], adapters.scale,
-                           device)
+        dummy = AdapterSet(
+            adapters.shapes, [torch.zeros_like(a, device="cpu") for a in adapters.a], adapters.scale, device
+        )
         x = torch.zeros(rows, width, dtype=torch.long, device=device)
         positions = torch.arange(width - size, width, device=device).expand(rows, size)
         y = torch.zeros(rows, size, dtype=torch.long, device=device)

@@ -59,8 +59,17 @@ def plan_windows(total_targets: int, seq_len: int, stride: int, chunk_tokens: in
     window_bytes = cumulative[ends] - cumulative[score_from]
     chunk_bounds = np.searchsorted(chunk_of, np.arange(num_chunks + 1), side="left")
     return Plan(
-        total_targets, seq_len, stride, chunk_tokens, num_chunks,
-        starts, ends, score_from, chunk_of, window_bytes, chunk_bounds,
+        total_targets,
+        seq_len,
+        stride,
+        chunk_tokens,
+        num_chunks,
+        starts,
+        ends,
+        score_from,
+        chunk_of,
+        window_bytes,
+        chunk_bounds,
     )
 
 

@@ -26,8 +26,13 @@ def dataset_family_hint(valset: ValSet) -> str:
     return " ".join(str(f) for f in valset.files)
 
 
-def project_full_eval(tokens_per_second: float, world_size: int, config: dict[str, Any] | None = None,
-                      dataset: str | None = None, model_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def project_full_eval(
+    tokens_per_second: float,
+    world_size: int,
+    config: dict[str, Any] | None = None,
+    dataset: str | None = None,
+    model_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Two projections of this evaluation onto the challenge's full val set on 8 GPUs.
 
     ``pgttt``: this run's throughput on 8 GPUs of the kind it ran on (linear in GPUs). ``reference``: the record's
@@ -37,10 +42,13 @@ def project_full_eval(tokens_per_second: float, world_size: int, config: dict[st
     per_gpu = tokens_per_second / world_size
     seconds = family.targets / (per_gpu * BUDGET_GPUS) if per_gpu > 0 else math.inf
     pgttt = {
-        "tokens": family.targets, "family": family.name, "gpus": BUDGET_GPUS, "seconds": seconds,
+        "tokens": family.targets,
+        "family": family.name,
+        "gpus": BUDGET_GPUS,
+        "seconds": seconds,
         "tokens_per_second_per_gpu": per_gpu,
         "assumes": "this run's tokens/s per device, on the same kind of device, scaling linearly to 8 "
-                   "(optimistic for TTT: smaller per-device training batches run slower per token)",
+        "(optimistic for TTT: smaller per-device training batches run slower per token)",
     }
     reference = None
     if config is not None:
@@ -50,5 +58,10 @@ def project_full_eval(tokens_per_second: float, world_size: int, config: dict[st
         except BudgetError:
             reference = None  # settings the oracle cannot price: pgttt's projection decides, and says so
     fits = reference["fits_budget"] if reference is not None else seconds <= BUDGET_S
-    return {"pgttt": pgttt, "reference": reference, "budget_s": BUDGET_S, "fits_budget": fits,
-            "decided_by": "reference" if reference is not None else "pgttt"}
+    return {
+        "pgttt": pgttt,
+        "reference": reference,
+        "budget_s": BUDGET_S,
+        "fits_budget": fits,
+        "decided_by": "reference" if reference is not None else "pgttt",
+    }

@@ -121,15 +121,32 @@ class Protocol(typing.Protocol):
 
     name: str  # its EvalConfig.protocol
 
-    def warm_up(self, model: GPT, compiled: Compiled, config: EvalConfig, world: World, *,
-                tokens: np.ndarray | None = None, static_training: bool = False) -> None:
+    def warm_up(
+        self,
+        model: GPT,
+        compiled: Compiled,
+        config: EvalConfig,
+        world: World,
+        *,
+        tokens: np.ndarray | None = None,
+        static_training: bool = False,
+    ) -> None:
         """Compile what ``config`` needs on ``model`` (the shapes of ``tokens``' evaluation when given), so the
         evaluation itself never compiles; nothing when ``config.compile`` is off. ``static_training``: an
         explicit warm-up (``EvalSession.warmup``), which may compile graphs an evaluation would not."""
         ...
 
-    def run(self, model: GPT, compiled: Compiled, tokens: np.ndarray, source: ByteSource, config: EvalConfig,
-            world: World, progress: ProgressFn | None, cancel: CancelEvent | None) -> ProtocolRun:
+    def run(
+        self,
+        model: GPT,
+        compiled: Compiled,
+        tokens: np.ndarray,
+        source: ByteSource,
+        config: EvalConfig,
+        world: World,
+        progress: ProgressFn | None,
+        cancel: CancelEvent | None,
+    ) -> ProtocolRun:
         """The protocol on ``model`` in place over the trimmed val stream ``tokens`` (T + 1 ids), the bytes of its
         targets from ``source``; ``progress`` between batches; ``cancel`` checked there (``EvalCancelled``)."""
         ...

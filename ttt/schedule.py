@@ -73,8 +73,9 @@ class GlobalChunk:
     lr: float
 
 
-def global_chunks(stream_tokens: int, chunk_tokens: int, lr: float, warmup_chunks: int,
-                  warmup_start_lr: float) -> tuple[int, list[GlobalChunk]]:
+def global_chunks(
+    stream_tokens: int, chunk_tokens: int, lr: float, warmup_chunks: int, warmup_start_lr: float
+) -> tuple[int, list[GlobalChunk]]:
     """Spec 2.8: M = ceil((|S| - 1) / K) chunks over |S| - 1 targets; every chunk but the last, with the
     cosine lr (after an optional linear warm-up over the first chunks). Returns M and the trained chunks
     (those with a whole sequence are decided by the caller)."""

@@ -154,14 +154,27 @@ class EvalSession:
 
         model = build_model(ckpt, precision="fp32", device="cpu")
         tokenizer = ckpt.tokenizer
-        return cls(model, checkpoint_sha256=ckpt.sha256, source=str(ckpt.path), load_s=load_s,
-                   tokenizer_sha256=None if tokenizer is None else tokenizer.sha256,
-                   tokenizer_name=None if tokenizer is None else tokenizer.name, cuda_graphs=cuda_graphs,
-                   preset=ckpt.provenance.get("preset"))
+        return cls(
+            model,
+            checkpoint_sha256=ckpt.sha256,
+            source=str(ckpt.path),
+            load_s=load_s,
+            tokenizer_sha256=None if tokenizer is None else tokenizer.sha256,
+            tokenizer_name=None if tokenizer is None else tokenizer.name,
+            cuda_graphs=cuda_graphs,
+            preset=ckpt.provenance.get("preset"),
+        )
 
     @classmethod
-    def load(cls, path: str | Path, *, preset: str | None = None, overrides: Any = None,
-             tokenizer: str | Path | None = None, cuda_graphs: bool = True) -> EvalSession:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        preset: str | None = None,
+        overrides: Any = None,
+        tokenizer: str | Path | None = None,
+        cuda_graphs: bool = True,
+    ) -> EvalSession:
         from pgttt.checkpoints.loading import load_checkpoint
 
         t0 = time.perf_counter()
@@ -183,8 +196,14 @@ class EvalSession:
                 self._workers[key] = _Worker(model, pristine)
             return self._workers[key]
 
-    def warmup(self, config: EvalConfig | None = None, *, device: str | torch.device | None = None,
-               seq_lens: list[int | None] | None = None, world_sizes: Iterable[int] = (1,)) -> float:
+    def warmup(
+        self,
+        config: EvalConfig | None = None,
+        *,
+        device: str | torch.device | None = None,
+        seq_lens: list[int | None] | None = None,
+        world_sizes: Iterable[int] = (1,),
+    ) -> float:
         """Compile every batch shape of ``config`` (at each of ``seq_lens``), so no evaluation compiles;
         training batches get static graphs at the shares of every rank of each of ``world_sizes`` (jobs
         this device may run with others). Returns the seconds spent; nothing happens when compilation is
@@ -198,8 +217,9 @@ class EvalSession:
             with worker.lock:
                 for size in world_sizes:
                     for rank in range(size):
-                        PROTOCOLS[cfg.protocol].warm_up(worker.model, self._compiled(worker), cfg, World(rank, size),
-                                                        static_training=True)
+                        PROTOCOLS[cfg.protocol].warm_up(
+                            worker.model, self._compiled(worker), cfg, World(rank, size), static_training=True
+                        )
         return time.perf_counter() - t0
 
     def _compiled(self, worker: _Worker) -> Compiled:
@@ -245,8 +265,9 @@ class EvalSession:
             eval_s = time.perf_counter() - t0
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         tokens_per_second = run.tokens / eval_s if eval_s > 0 else 0.0
-        projection = project_full_eval(tokens_per_second, world.size, cfg.to_dict(),
-                                       dataset_family_hint(valset), self.config.to_dict())
+        projection = project_full_eval(
+            tokens_per_second, world.size, cfg.to_dict(), dataset_family_hint(valset), self.config.to_dict()
+        )
         trained = sum(1 for c in run.chunks if c.lr is not None)
         return EvalResult(
             val_loss=run.val_loss,

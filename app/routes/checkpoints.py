@@ -23,20 +23,22 @@ _UPLOAD_SCHEMA = {
         "file": {"type": "string", "format": "binary", "description": "a model.bin or a challenge .ptz"},
         "name": {"type": "string", "example": "run7"},
         "preset": {"type": "string", "description": ".ptz only", "example": "pg-2026-04-09"},
-        "overrides": {"type": "string", "description": ".ptz only: a JSON object", "example": "{\"num_layers\": 9}"},
+        "overrides": {"type": "string", "description": ".ptz only: a JSON object", "example": '{"num_layers": 9}'},
     },
 }
 
 
-@router.get("/checkpoints", response_model=CheckpointList, responses=error_responses(401, 503),
-            summary="Checkpoints served")
+@router.get(
+    "/checkpoints", response_model=CheckpointList, responses=error_responses(401, 503), summary="Checkpoints served"
+)
 async def list_checkpoints(service: ServiceDep) -> dict:
     catalog = service.require_catalog()
     return {"checkpoints": [entry.to_api(service.devices) for entry in catalog.checkpoints.values()]}
 
 
-@router.get("/checkpoints/{name}", response_model=Checkpoint, responses=error_responses(401, 404, 503),
-            summary="One checkpoint")
+@router.get(
+    "/checkpoints/{name}", response_model=Checkpoint, responses=error_responses(401, 404, 503), summary="One checkpoint"
+)
 async def get_checkpoint(name: str, service: ServiceDep) -> dict:
     return service.checkpoint_api(name)
 
@@ -55,8 +57,14 @@ async def get_checkpoint(name: str, service: ServiceDep) -> dict:
                     "schema": RegisterCheckpoint.model_json_schema(),
                     "examples": {
                         "model.bin": {"value": {"name": "run7", "path": "runs/run7/model.bin"}},
-                        "ptz": {"value": {"name": "record", "path": "final_model.int6.ptz",
-                                          "preset": "pg-2026-04-09", "overrides": {}}},
+                        "ptz": {
+                            "value": {
+                                "name": "record",
+                                "path": "final_model.int6.ptz",
+                                "preset": "pg-2026-04-09",
+                                "overrides": {},
+                            }
+                        },
                     },
                 },
                 "multipart/form-data": {"schema": _UPLOAD_SCHEMA},

@@ -30,8 +30,12 @@ def key_error(expected: str | None, header_key: str | None, authorization: str |
     given = header_key or (credentials.strip() if scheme.lower() == "bearer" else None)
     if given and secrets.compare_digest(given.encode(errors="surrogateescape"), expected.encode()):
         return None
-    return ApiError(401, "unauthorized", "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
-                    headers={"WWW-Authenticate": "Bearer"})
+    return ApiError(
+        401,
+        "unauthorized",
+        "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def require_key(
@@ -42,7 +46,10 @@ def require_key(
     """Declares the key in OpenAPI (the docs' Authorize button); ``main.KeyCheck`` enforces it first, before
     the body is read, so an unauthenticated client learns nothing from a 400 or 422."""
     expected = service.settings.api_key
-    error = key_error(None if expected is None else expected.get_secret_value(), header_key,
-                      None if bearer is None else f"Bearer {bearer.credentials}")
+    error = key_error(
+        None if expected is None else expected.get_secret_value(),
+        header_key,
+        None if bearer is None else f"Bearer {bearer.credentials}",
+    )
     if error is not None:
         raise error

@@ -15,19 +15,24 @@ from ..errors import invalid_field
 from .deps import require_key
 
 router = APIRouter(tags=["estimate"])
-_KNOBS = {"chunked": set(ChunkedSettings.__dataclass_fields__) - {"protocol"},
-          "phased": set(PhasedSettings.__dataclass_fields__) - {"protocol"}}
+_KNOBS = {
+    "chunked": set(ChunkedSettings.__dataclass_fields__) - {"protocol"},
+    "phased": set(PhasedSettings.__dataclass_fields__) - {"protocol"},
+}
 
 
 class EstimateRequest(BaseModel):
     """The settings to price; knobs omitted take the record's values (chunked: 04-09's, phased: 1.0611's)."""
 
     model_config = ConfigDict(
-        strict=True, extra="forbid",
-        json_schema_extra={"examples": [
-            {"protocol": "chunked", "dataset": "sp8192", "ttt_epochs": 4, "chunk_tokens": 65536},
-            {"protocol": "phased", "dataset": "caseops", "ttt_chunk_size": 32},
-        ]},
+        strict=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"protocol": "chunked", "dataset": "sp8192", "ttt_epochs": 4, "chunk_tokens": 65536},
+                {"protocol": "phased", "dataset": "caseops", "ttt_chunk_size": 32},
+            ]
+        },
     )
 
     protocol: Literal["chunked", "phased"] = "chunked"
@@ -68,9 +73,13 @@ class EstimateResponse(BaseModel):
     assumptions: list[str]
 
 
-@router.post("/estimate", response_model=EstimateResponse, dependencies=[Depends(require_key)],
-             responses=error_responses(401, 422),
-             summary="Predict the reference evaluator's TTT-loop seconds on 8xH100 for a setting (no job)")
+@router.post(
+    "/estimate",
+    response_model=EstimateResponse,
+    dependencies=[Depends(require_key)],
+    responses=error_responses(401, 422),
+    summary="Predict the reference evaluator's TTT-loop seconds on 8xH100 for a setting (no job)",
+)
 async def post_estimate(body: EstimateRequest) -> EstimateResponse:
     values = body.model_dump(exclude={"protocol", "dataset", "budget_s"}, exclude_none=True)
     wrong = sorted(set(values) - _KNOBS[body.protocol])

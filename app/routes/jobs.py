@@ -88,12 +88,14 @@ async def job_events(job_id: str, service: ServiceDep) -> StreamingResponse:
 @router.get(
     "/jobs/{job_a}/compare/{job_b}",
     responses={
-        200: {"description": "Δval_bpb = bpb(B) - bpb(A) with its paired bootstrap interval over the units both "
-                             "scored, the shares of units B improved and worsened, the largest contributors"},
+        200: {
+            "description": "Δval_bpb = bpb(B) - bpb(A) with its paired bootstrap interval over the units both "
+            "scored, the shares of units B improved and worsened, the largest contributors"
+        },
         **error_responses(401, 404, 409, 422),
     },
     summary="Compare two finished jobs unit by unit (same checkpoint, val set and units); 409 if one has not "
-            "succeeded, 422 if they cannot be paired",
+    "succeeded, 422 if they cannot be paired",
 )
 async def compare_jobs(
     job_a: str,

@@ -96,8 +96,9 @@ def test_every_view_lists_the_same_fields_with_the_same_bounds(tmp_path, capsys)
         assert action.default in (None, [])  # only given flags reach the config: no retyped default
         assert k.default_text() in action.help and k.range_text() in action.help
     # The HTTP request model, as the real app's /openapi.json shows it.
-    app = create_app(Settings(checkpoint_dirs=[demo_dir()], data_dirs=[demo_dir()], state_dir=tmp_path,
-                              devices=["cpu"]))
+    app = create_app(
+        Settings(checkpoint_dirs=[demo_dir()], data_dirs=[demo_dir()], state_dir=tmp_path, devices=["cpu"])
+    )
     spec = app.openapi()
     ref = spec["paths"]["/eval"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     properties = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
@@ -131,8 +132,9 @@ def test_a_made_up_knob_appears_in_every_view(capsys, monkeypatch):
     # pgttt eval --help, and the flag reaches the config.
     text = eval_help(WithMadeUp, capsys)
     assert "--ttt-made-up TTT_MADE_UP" in text and "a made-up knob; in [0.0, 2.0]; default 0.25" in text
-    args = eval_parser(WithMadeUp).parse_args(["eval", "--checkpoint", "m.bin", "--tokenizer", "t.model", "--val",
-                                               "v", "--ttt-made-up", "1.5"])
+    args = eval_parser(WithMadeUp).parse_args(
+        ["eval", "--checkpoint", "m.bin", "--tokenizer", "t.model", "--val", "v", "--ttt-made-up", "1.5"]
+    )
     assert cli.eval_settings(args, WithMadeUp) == {"ttt_made_up": 1.5}
     # /openapi.json with its bounds, and the error JSON naming it.
     model = eval_request_model(WithMadeUp)
@@ -151,7 +153,10 @@ def test_a_made_up_knob_appears_in_every_view(capsys, monkeypatch):
     assert ok.json() == {"ttt_made_up": 1.0}
     refused = client.post("/eval", json={"checkpoint": "c", "dataset": "d", "ttt_made_up": 3.0}).json()["error"]
     assert (refused["code"], refused["detail"]["field"], refused["detail"]["value"]) == (
-        "invalid_field", "ttt_made_up", 3.0)
+        "invalid_field",
+        "ttt_made_up",
+        3.0,
+    )
     # Sweep specs read its type off the request model.
     monkeypatch.setattr(sweep_spec, "KINDS", sweep_spec.field_kinds(model))
     spec = {"checkpoint": "c", "dataset": "d", "grid": {"ttt_made_up": [0.5, 1]}}
@@ -160,8 +165,13 @@ def test_a_made_up_knob_appears_in_every_view(capsys, monkeypatch):
         sweep_spec.parse_spec({**spec, "grid": {"ttt_made_up": ["fast"]}})
     # Report columns: in declared order (before gpus), not after every declared field.
     monkeypatch.setattr(report_rows, "FIELD_ORDER", report_rows.field_order(WithMadeUp))
-    record = {"key": "k", "checkpoint": "c", "dataset": "d", "request": {"gpus": 1, "ttt_made_up": 0.5},
-              "result": {"val_bpb": 1.5, "config": {"ttt_made_up": 0.5}}}
+    record = {
+        "key": "k",
+        "checkpoint": "c",
+        "dataset": "d",
+        "request": {"gpus": 1, "ttt_made_up": 0.5},
+        "result": {"val_bpb": 1.5, "config": {"ttt_made_up": 0.5}},
+    }
     assert report_rows.build_rows([record])[1] == ["ttt_made_up", "gpus"]
 
 
@@ -189,5 +199,10 @@ def test_an_untranslated_error_reaches_http_with_its_field_and_value():
 
     answer = TestClient(app).get("/refuse")
     assert answer.status_code == 422
-    assert answer.json() == {"error": {"code": "invalid_input", "message": "ttt_lr=11.0: must be within 0.0..10.0",
-                                       "detail": {"field": "ttt_lr", "value": 11.0}}}
+    assert answer.json() == {
+        "error": {
+            "code": "invalid_input",
+            "message": "ttt_lr=11.0: must be within 0.0..10.0",
+            "detail": {"field": "ttt_lr", "value": 11.0},
+        }
+    }

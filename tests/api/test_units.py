@@ -35,13 +35,16 @@ def test_identity_ignores_losses_but_not_which_units():
     assert UnitSums(u.kind, u.first_token + 1, u.tokens, u.bytes, u.loss_sum).identity() != u.identity()
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(kind="page"), "kind"),
-    (dict(tokens=np.ones(4, dtype=np.int64)), "4 entries"),
-    (dict(loss_sum=np.full(5, np.nan)), "not finite"),
-    (dict(bytes=-np.ones(5, dtype=np.int64)), "negative"),
-    (dict(first_token=np.zeros((5, 1), dtype=np.int64)), "one dimension"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(kind="page"), "kind"),
+        (dict(tokens=np.ones(4, dtype=np.int64)), "4 entries"),
+        (dict(loss_sum=np.full(5, np.nan)), "not finite"),
+        (dict(bytes=-np.ones(5, dtype=np.int64)), "negative"),
+        (dict(first_token=np.zeros((5, 1), dtype=np.int64)), "one dimension"),
+    ],
+)
 def test_inconsistent_arrays_are_refused(bad, match):
     u = sample()
     fields = dict(kind=u.kind, first_token=u.first_token, tokens=u.tokens, bytes=u.bytes, loss_sum=u.loss_sum)
@@ -57,8 +60,9 @@ def _npz(**members: np.ndarray) -> bytes:
 
 def test_hostile_files_are_refused_with_their_name():
     u = sample()
-    good = dict(kind=np.array("document"), first_token=u.first_token, tokens=u.tokens, bytes=u.bytes,
-                loss_sum=u.loss_sum)
+    good = dict(
+        kind=np.array("document"), first_token=u.first_token, tokens=u.tokens, bytes=u.bytes, loss_sum=u.loss_sum
+    )
     with pytest.raises(UnitsError, match="x.npz: not a units file"):
         UnitSums.from_bytes(b"not a zip", name="x.npz")
     with pytest.raises(UnitsError, match="members"):

@@ -28,13 +28,20 @@ def api(tmp_path_factory):
     write_model_bin(root / OUTSIDE)
     (ckpts / "escape.bin").symlink_to(root / OUTSIDE)
     upload_limit = (DEMO / "model.bin").stat().st_size + 64 * 1024
-    settings = Settings(checkpoint_dirs=[DEMO, ckpts], data_dirs=[DEMO], state_dir=root / "state", devices=["cpu"],
-                        queue_limit=3, max_upload_bytes=upload_limit)
+    settings = Settings(
+        checkpoint_dirs=[DEMO, ckpts],
+        data_dirs=[DEMO],
+        state_dir=root / "state",
+        devices=["cpu"],
+        queue_limit=3,
+        max_upload_bytes=upload_limit,
+    )
     app = create_app(settings)
     with TestClient(app) as client:
         wait_ready(client)
-        yield SimpleNamespace(client=client, service=app.state.service, root=root, ckpts=ckpts,
-                              upload_limit=upload_limit)
+        yield SimpleNamespace(
+            client=client, service=app.state.service, root=root, ckpts=ckpts, upload_limit=upload_limit
+        )
 
 
 def submit(api, **fields) -> dict:
@@ -130,8 +137,11 @@ def test_cancel_running_and_queued_jobs(api):
     c = api.client
     running = submit(api, **LONG, seed=14)
     queued = submit(api, seed=15, force=True)
-    wait_for(lambda: (j := c.get(f"/jobs/{running['id']}").json())["state"] == "running" and j["progress"],
-             60, "the long job to report progress")
+    wait_for(
+        lambda: (j := c.get(f"/jobs/{running['id']}").json())["state"] == "running" and j["progress"],
+        60,
+        "the long job to report progress",
+    )
     assert c.get(f"/jobs/{queued['id']}").json()["state"] == "queued"
     r = c.delete(f"/jobs/{queued['id']}")
     assert r.status_code == 200 and r.json()["state"] == "cancelled"  # at once
@@ -176,8 +186,10 @@ def test_list_jobs_newest_first_with_filters(api):
 def test_register_upload_and_evaluate_new_checkpoints(api):
     c = api.client
     tokenizer = next(DEMO.glob("*.model")).name  # relative to a data folder
-    r = c.post("/checkpoints", json={"name": "record", "path": "record.ptz", "preset": "tiny", "overrides": {},
-                                     "tokenizer": tokenizer})
+    r = c.post(
+        "/checkpoints",
+        json={"name": "record", "path": "record.ptz", "preset": "tiny", "overrides": {}, "tokenizer": tokenizer},
+    )
     assert r.status_code == 201, r.text
     assert r.json()["kind"] == "ptz" and r.json()["config"]["num_layers"] == 4
     assert r.json()["tokenizer"]["name"] == tokenizer
@@ -207,8 +219,14 @@ def test_metrics_and_docs(api):
     c = api.client
     wait_job(c, submit(api, seed=19)["id"])
     text = c.get("/metrics").text
-    for needle in ('pgttt_jobs{state="succeeded"}', "pgttt_queue_depth", 'pgttt_worker_state{device="cpu",state="idle"',
-                   "pgttt_eval_seconds_bucket", "pgttt_tokens_scored_total", "pgttt_cache_hits_total"):
+    for needle in (
+        'pgttt_jobs{state="succeeded"}',
+        "pgttt_queue_depth",
+        'pgttt_worker_state{device="cpu",state="idle"',
+        "pgttt_eval_seconds_bucket",
+        "pgttt_tokens_scored_total",
+        "pgttt_cache_hits_total",
+    ):
         assert needle in text, needle
     scored = next(line for line in text.splitlines() if line.startswith("pgttt_tokens_scored_total"))
     assert float(scored.split()[-1]) >= 512
@@ -229,8 +247,13 @@ def bad_requests():
         ("POST", e, {"json": {**QUICK, "dataset": "nope"}}, 404, "dataset"),
         ("POST", e, {"json": {**QUICK, "ttt_lr": -1}}, 422, "ttt_lr"),
         ("POST", e, {"json": {**QUICK, "ttt_lr": "fast"}}, 422, "ttt_lr"),
-        ("POST", e, {"content": json.dumps({**QUICK, "ttt_lr": float("nan")}),
-                     "headers": {"content-type": "application/json"}}, 422, "ttt_lr"),
+        (
+            "POST",
+            e,
+            {"content": json.dumps({**QUICK, "ttt_lr": float("nan")}), "headers": {"content-type": "application/json"}},
+            422,
+            "ttt_lr",
+        ),
         ("POST", e, {"json": {**QUICK, "ttt_epochs": -1}}, 422, "ttt_epochs"),
         ("POST", e, {"json": {**QUICK, "ttt_epochs": 1.5}}, 422, "ttt_epochs"),
         ("POST", e, {"json": {**QUICK, "chunk_tokens": 0}}, 422, "chunk_tokens"),
@@ -268,28 +291,61 @@ def bad_requests():
         ("POST", "/checkpoints", {"json": {"name": "x", "path": "extra/model.bin", "preset": "tiny"}}, 422, "preset"),
         ("POST", "/checkpoints", {"json": {"name": "x", "path": "record.ptz"}}, 422, "preset"),
         ("POST", "/checkpoints", {"json": {"name": "x", "path": "record.ptz", "preset": "huge"}}, 422, "preset"),
-        ("POST", "/checkpoints", {"json": {"name": "x", "path": "record.ptz", "preset": "tiny",
-                                           "overrides": {"mlp_mult": 3.0}}}, 422, "path"),
-        ("POST", "/checkpoints", {"json": {"name": "x", "path": "record.ptz", "preset": "tiny",
-                                           "overrides": {"bogus": 1}}}, 422, "overrides"),
+        (
+            "POST",
+            "/checkpoints",
+            {"json": {"name": "x", "path": "record.ptz", "preset": "tiny", "overrides": {"mlp_mult": 3.0}}},
+            422,
+            "path",
+        ),
+        (
+            "POST",
+            "/checkpoints",
+            {"json": {"name": "x", "path": "record.ptz", "preset": "tiny", "overrides": {"bogus": 1}}},
+            422,
+            "overrides",
+        ),
         ("POST", "/checkpoints", {"json": {"name": "x"}}, 422, "path"),
-        ("POST", "/checkpoints", {"json": {"name": "x", "path": "record.ptz", "preset": "tiny",
-                                           "tokenizer": "../tok.model"}}, 422, "tokenizer"),
-        ("POST", "/checkpoints", {"json": {"name": "x", "path": "extra/model.bin",
-                                           "tokenizer": "tokenizer.model"}}, 422, "tokenizer"),
+        (
+            "POST",
+            "/checkpoints",
+            {"json": {"name": "x", "path": "record.ptz", "preset": "tiny", "tokenizer": "../tok.model"}},
+            422,
+            "tokenizer",
+        ),
+        (
+            "POST",
+            "/checkpoints",
+            {"json": {"name": "x", "path": "extra/model.bin", "tokenizer": "tokenizer.model"}},
+            422,
+            "tokenizer",
+        ),
         ("POST", "/checkpoints", {"content": b"{", "headers": {"content-type": "application/json"}}, 400, None),
         ("POST", "/checkpoints", {"content": b"x", "headers": {"content-type": "text/plain"}}, 415, None),
         ("POST", "/checkpoints", {"data": {"name": "x"}, "files": {"other": ("a", b"b")}}, 422, "file"),
-        ("POST", "/checkpoints", {"data": {"name": "x", "preset": "tiny"},
-                                  "files": {"file": ("m.bin", b"PGTTTBIN...")}}, 422, "preset"),
-        ("POST", "/checkpoints", {"data": {"name": "x", "preset": "tiny", "overrides": "{not json"},
-                                  "files": {"file": ("a.ptz", b"zz")}}, 422, "overrides"),
+        (
+            "POST",
+            "/checkpoints",
+            {"data": {"name": "x", "preset": "tiny"}, "files": {"file": ("m.bin", b"PGTTTBIN...")}},
+            422,
+            "preset",
+        ),
+        (
+            "POST",
+            "/checkpoints",
+            {"data": {"name": "x", "preset": "tiny", "overrides": "{not json"}, "files": {"file": ("a.ptz", b"zz")}},
+            422,
+            "overrides",
+        ),
     ]
     return rows
 
 
-@pytest.mark.parametrize("method,url,kwargs,status,field", bad_requests(),
-                         ids=[f"{i:02d}-{r[0]}-{r[4] or r[3]}" for i, r in enumerate(bad_requests())])
+@pytest.mark.parametrize(
+    "method,url,kwargs,status,field",
+    bad_requests(),
+    ids=[f"{i:02d}-{r[0]}-{r[4] or r[3]}" for i, r in enumerate(bad_requests())],
+)
 def test_bad_requests_get_the_right_status_and_name_the_field(api, method, url, kwargs, status, field):
     if kwargs.get("json", {}) and isinstance(kwargs["json"], dict) and kwargs["json"].get("path") == "OUTSIDE_ABS":
         kwargs = {"json": {**kwargs["json"], "path": str(api.root / OUTSIDE)}}
@@ -316,8 +372,9 @@ def test_a_worker_that_dies_fails_its_job_and_comes_back(api):
 
 
 def test_api_key_and_not_ready(tmp_path):
-    app = create_app(Settings(checkpoint_dirs=[DEMO], data_dirs=[DEMO], state_dir=tmp_path, devices=["cpu"],
-                              api_key="s3cret"))
+    app = create_app(
+        Settings(checkpoint_dirs=[DEMO], data_dirs=[DEMO], state_dir=tmp_path, devices=["cpu"], api_key="s3cret")
+    )
     c = TestClient(app)  # no lifespan: nothing loaded, so never ready; the store answers
     assert c.get("/healthz").json() == {"status": "ok"}
     r = c.get("/readyz")
@@ -336,8 +393,16 @@ def test_non_finite_numbers_are_null_in_json():
     from pgttt.app.service import job_to_api
     from pgttt.app.store import JobRecord
 
-    job = JobRecord(id="j", state="succeeded", checkpoint="c", dataset="d", request={}, gpus=1, created_at="t",
-                    result={"val_bpb": float("nan"), "chunks": [{"loss": float("inf")}, {"loss": 1.5}]})
+    job = JobRecord(
+        id="j",
+        state="succeeded",
+        checkpoint="c",
+        dataset="d",
+        request={},
+        gpus=1,
+        created_at="t",
+        result={"val_bpb": float("nan"), "chunks": [{"loss": float("inf")}, {"loss": 1.5}]},
+    )
     out = job_to_api(job)
     assert out["result"] == {"val_bpb": None, "chunks": [{"loss": None}, {"loss": 1.5}]}
     json.dumps(out, allow_nan=False)

@@ -120,9 +120,20 @@ def test_settings_from_the_environment_and_flags(tmp_path, monkeypatch):
     assert s.checkpoint_dirs == [tmp_path / "x", tmp_path / "y"] and s.queue_limit == 7
     assert s.database_path == tmp_path / "state" / "jobs.sqlite" and s.data_dirs[0].name == "demo"
     assert s.compile_cache_dir == tmp_path / "state" / "compile-cache"
-    args = build_parser("serve").parse_args(["serve", "--devices", "cpu", "--queue-limit", "3", "--no-warmup",
-                                             "--checkpoint-dir", f"{tmp_path}/c1",
-                                             "--checkpoint-dir", f"{tmp_path}/c2"])
+    args = build_parser("serve").parse_args(
+        [
+            "serve",
+            "--devices",
+            "cpu",
+            "--queue-limit",
+            "3",
+            "--no-warmup",
+            "--checkpoint-dir",
+            f"{tmp_path}/c1",
+            "--checkpoint-dir",
+            f"{tmp_path}/c2",
+        ]
+    )
     s = settings_from_args(args)
     assert s.devices == ["cpu"] and s.queue_limit == 3 and s.warmup is False  # flags win over the environment
     assert s.checkpoint_dirs == [tmp_path / "c1", tmp_path / "c2"]

@@ -44,8 +44,9 @@ def test_a_result_is_never_dropped_when_the_disk_is_full(tmp_path, monkeypatch):
         assert r.status_code == 202 and r.json()["state"] == "running"  # marked running in the store already
         job_id = r.json()["id"]
         disk.full = True  # before it can finish
-        job = wait_for(lambda: (j := c.get(f"/jobs/{job_id}").json())["state"] != "running" and j, 120,
-                       "the job to finish")
+        job = wait_for(
+            lambda: (j := c.get(f"/jobs/{job_id}").json())["state"] != "running" and j, 120, "the job to finish"
+        )
         # Honest: finished, with its result, and said not to be stored (it was dropped: "running" forever).
         assert job["state"] == "succeeded" and job["result"]["tokens_scored"] == 512 and job["stored"] is False
         assert service.store.get(job_id).state == "running"

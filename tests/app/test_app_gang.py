@@ -64,8 +64,13 @@ def test_workers_warm_one_gpu_jobs_and_gangs_of_powers_of_two_and_all():
 
 def test_the_cuda_graphs_setting_reaches_every_workers_engine(tmp_path):
     for wanted in (False, True):
-        settings = Settings(checkpoint_dirs=[DEMO], data_dirs=[DEMO], state_dir=tmp_path / str(wanted),
-                            devices=["cpu"], cuda_graphs=wanted)
+        settings = Settings(
+            checkpoint_dirs=[DEMO],
+            data_dirs=[DEMO],
+            state_dir=tmp_path / str(wanted),
+            devices=["cpu"],
+            cuda_graphs=wanted,
+        )
         engine = Service(settings).pool._engine_factory("cpu")
         engine.load(CheckpointSpec("demo", str(DEMO / "model.bin")))
         assert (engine.world_sizes, engine.sessions["demo"].cuda_graphs) == ((1,), wanted)

@@ -34,8 +34,9 @@ def write_ptz_vocab(path: Path, vocab_size: int) -> Path:
     buf = io.BytesIO()
     torch.save({"w": w, "m": dict.fromkeys(w, "passthrough (float16)")}, buf)
     path.write_bytes(buf.getvalue())
-    path.with_name(path.name + ".json").write_text(json.dumps({"preset": "tiny",
-                                                               "overrides": {"vocab_size": vocab_size}}))
+    path.with_name(path.name + ".json").write_text(
+        json.dumps({"preset": "tiny", "overrides": {"vocab_size": vocab_size}})
+    )
     return path
 
 
@@ -57,15 +58,22 @@ def api(tmp_path_factory):
     write_ptz(ckpts / "plain.ptz")  # registered below
     write_ptz_vocab(ckpts / "wide.ptz", 2048)  # its sidecar names no tokenizer
     write_ptz_view(ckpts / "view.ptz")  # registered below
-    settings = Settings(checkpoint_dirs=[DEMO, ckpts], data_dirs=[DEMO], state_dir=root / "state", devices=["cpu"],
-                        warmup=False, validate_timeout_s=120)
+    settings = Settings(
+        checkpoint_dirs=[DEMO, ckpts],
+        data_dirs=[DEMO],
+        state_dir=root / "state",
+        devices=["cpu"],
+        warmup=False,
+        validate_timeout_s=120,
+    )
     app = create_app(settings)
     service = app.state.service
     catalog = Catalog([DEMO, ckpts, settings.upload_dir], [DEMO])
     catalog.discover()
     service.catalog = catalog
-    yield SimpleNamespace(client=TestClient(app, raise_server_exceptions=False), service=service, root=root,
-                          ckpts=ckpts)
+    yield SimpleNamespace(
+        client=TestClient(app, raise_server_exceptions=False), service=service, root=root, ckpts=ckpts
+    )
     service.store.close()
     service._state_lock.close()
 
@@ -74,8 +82,13 @@ def hostile_requests():
     deep = b"[" * 100_000 + b"]" * 100_000
     return [
         # echoed in the error body, which then failed to encode: 500
-        ("POST", "/eval", {"content": b'{"checkpoint": "\\ud800", "dataset": "demo"}', "headers": JSON}, 422,
-         "checkpoint"),
+        (
+            "POST",
+            "/eval",
+            {"content": b'{"checkpoint": "\\ud800", "dataset": "demo"}', "headers": JSON},
+            422,
+            "checkpoint",
+        ),
         ("POST", "/checkpoints", {"content": b'{"name": "x\\ud800", "path": "a.bin"}', "headers": JSON}, 422, "name"),
         ("POST", "/checkpoints", {"content": b'{"name": "x", "path": "\\ud800.bin"}', "headers": JSON}, 422, "path"),
         ("GET", f"/jobs?offset={2**63}", {}, 422, "offset"),  # SQLite's OverflowError: 500
@@ -94,8 +107,11 @@ def hostile_requests():
     ]
 
 
-@pytest.mark.parametrize("method,url,kwargs,status,field", hostile_requests(),
-                         ids=[f"{i:02d}-{r[4] or r[3]}" for i, r in enumerate(hostile_requests())])
+@pytest.mark.parametrize(
+    "method,url,kwargs,status,field",
+    hostile_requests(),
+    ids=[f"{i:02d}-{r[4] or r[3]}" for i, r in enumerate(hostile_requests())],
+)
 def test_hostile_requests_get_a_4xx_naming_the_field(api, method, url, kwargs, status, field):
     r = api.client.request(method, url, **kwargs)
     assert r.status_code == status, r.text
@@ -114,8 +130,9 @@ def test_vocabulary_mismatch_names_both(api):
 
 
 def test_the_key_is_checked_before_the_body(tmp_path):
-    app = create_app(Settings(checkpoint_dirs=[DEMO], data_dirs=[DEMO], state_dir=tmp_path, devices=["cpu"],
-                              api_key="s3cret"))
+    app = create_app(
+        Settings(checkpoint_dirs=[DEMO], data_dirs=[DEMO], state_dir=tmp_path, devices=["cpu"], api_key="s3cret")
+    )
     c = TestClient(app)
     for url in ("/eval", "/checkpoints"):
         r = c.post(url, content=b'{"checkpoint": ', headers=JSON)
@@ -139,15 +156,25 @@ def test_docs_are_served_from_the_package(api):
 # ---- files that kill their reader ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target,needle", [("hog_memory", "ran out of memory"), ("die", "died from SIGKILL"),
-                                           ("hang", "took over"), ("strange_error", "OverflowError")])
+@pytest.mark.parametrize(
+    "target,needle",
+    [
+        ("hog_memory", "ran out of memory"),
+        ("die", "died from SIGKILL"),
+        ("hang", "took over"),
+        ("strange_error", "OverflowError"),
+    ],
+)
 def test_a_file_that_kills_its_reader_is_a_422_and_the_server_stays_up(api, target, needle, monkeypatch):
     registrar = api.service.registrar
     monkeypatch.setattr(registrar, "inspect_target", f"tests.helpers.app:{target}")
     if target == "hang":
         monkeypatch.setattr(api.service.settings, "validate_timeout_s", 3.0)
-    r = api.client.post("/checkpoints", data={"name": f"bomb-{target}", "preset": "tiny"},
-                        files={"file": ("bomb.ptz", b"\x28\xb5\x2f\xfd" * 512)})
+    r = api.client.post(
+        "/checkpoints",
+        data={"name": f"bomb-{target}", "preset": "tiny"},
+        files={"file": ("bomb.ptz", b"\x28\xb5\x2f\xfd" * 512)},
+    )
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert error["detail"]["field"] == "file" and needle in error["message"] and "bomb-" in error["message"]
@@ -180,8 +207,11 @@ def test_discovery_lists_any_failing_file_as_a_problem(tmp_path, monkeypatch):
     write_model_bin(tmp_path / "good.bin")
     write_ptz(tmp_path / "view.ptz")
     (tmp_path / "view.ptz.json").write_text(json.dumps({"preset": "tiny"}))
-    monkeypatch.setattr(engine_bridge, "inspect_checkpoint",
-                        lambda spec: app_helpers.strange_error(spec) if "view" in spec.path else real(spec))
+    monkeypatch.setattr(
+        engine_bridge,
+        "inspect_checkpoint",
+        lambda spec: app_helpers.strange_error(spec) if "view" in spec.path else real(spec),
+    )
     catalog = Catalog([tmp_path], [DEMO])
     catalog.discover()  # an OverflowError here made the server 503 not_ready on every request
     assert sorted(catalog.checkpoints) == ["good"] and "demo" in catalog.datasets
@@ -194,8 +224,11 @@ def test_a_changed_ptz_is_refused_at_the_next_start(api):
     assert r.status_code == 201, r.text
     sha = r.json()["sha256"]
     assert [s.sha256 for s in service.store.registrations() if s.name == "plain"] == [sha]
-    r = c.post("/checkpoints", data={"name": "up", "preset": "tiny"},
-               files={"file": ("up.ptz", (api.ckpts / "plain.ptz").read_bytes())})
+    r = c.post(
+        "/checkpoints",
+        data={"name": "up", "preset": "tiny"},
+        files={"file": ("up.ptz", (api.ckpts / "plain.ptz").read_bytes())},
+    )
     assert r.status_code == 201 and r.json()["sha256"] == sha, r.text
     uploaded = Path(r.json()["path"])
     assert json.loads(uploaded.with_name("up.ptz.json").read_text())["sha256"] == sha

@@ -14,8 +14,14 @@ from pgttt.app.store import STOPPED_REASON, CheckpointSpec, JobRecord, JobStore,
 
 def make_job(store: JobStore, **kw) -> JobRecord:
     fields = dict(
-        id=new_job_id(), state="queued", checkpoint="demo", dataset="demo", request={"ttt_epochs": 1}, gpus=1,
-        created_at=utc_now(), cache_key="k1",
+        id=new_job_id(),
+        state="queued",
+        checkpoint="demo",
+        dataset="demo",
+        request={"ttt_epochs": 1},
+        gpus=1,
+        created_at=utc_now(),
+        cache_key="k1",
     )
     fields.update(kw)
     return store.create(JobRecord(**fields))

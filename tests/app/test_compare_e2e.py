@@ -33,9 +33,14 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def jobs(server) -> dict[str, str]:
     with Client(server.url) as api:
-        ids = {name: api.submit("demo", "demo", wait=True, wait_timeout_s=300, **{**BASE, **fields}).id
-               for name, fields in (("good", {"ttt_lr": GOOD}), ("worse", {"ttt_lr": WORSE}),
-                                    ("short", {"ttt_lr": GOOD, "max_tokens": 2048}))}
+        ids = {
+            name: api.submit("demo", "demo", wait=True, wait_timeout_s=300, **{**BASE, **fields}).id
+            for name, fields in (
+                ("good", {"ttt_lr": GOOD}),
+                ("worse", {"ttt_lr": WORSE}),
+                ("short", {"ttt_lr": GOOD, "max_tokens": 2048}),
+            )
+        }
         for job_id in ids.values():
             assert api.wait(job_id, timeout_s=300, poll_s=0.2).state == "succeeded"
     return ids
@@ -113,8 +118,7 @@ def test_hostile_units_files_are_4xx(server, jobs):
     good = UnitSums.from_bytes(original)
     swapped = UnitSums(good.kind, good.first_token, good.tokens, good.bytes, good.loss_sum * 0.5).to_bytes()
     try:
-        for data, match in ((b"not a zip", "not a units file"), (bomb(), "declares"),
-                            (swapped, "not this result's")):
+        for data, match in ((b"not a zip", "not a units file"), (bomb(), "declares"), (swapped, "not this result's")):
             path.write_bytes(data)
             with Client(server.url) as api, pytest.raises(RequestError) as info:
                 api.compare(jobs["good"], jobs["worse"])
@@ -129,8 +133,20 @@ def test_eval_json_files_compare_without_a_server(server, jobs, tmp_path, capsys
     files = {}
     for name, lr in (("good", GOOD), ("worse", WORSE)):
         files[name] = tmp_path / f"{name}.json"
-        args = ["eval", "--checkpoint", str(DEMO / "model.bin"), "--tokenizer", str(DEMO / "tokenizer.model"),
-                "--val", str(DEMO), "--quiet", "--json", str(files[name]), "--ttt-lr", str(lr)]
+        args = [
+            "eval",
+            "--checkpoint",
+            str(DEMO / "model.bin"),
+            "--tokenizer",
+            str(DEMO / "tokenizer.model"),
+            "--val",
+            str(DEMO),
+            "--quiet",
+            "--json",
+            str(files[name]),
+            "--ttt-lr",
+            str(lr),
+        ]
         for key, value in BASE.items():
             args += ["--" + key.replace("_", "-"), str(value)]
         assert main(args) == 0
@@ -141,16 +157,25 @@ def test_eval_json_files_compare_without_a_server(server, jobs, tmp_path, capsys
     assert main(["compare", str(files["good"]), str(files["worse"]), "--json"]) == 0
     local = json.loads(capsys.readouterr().out)
     remote = api_compare(server, jobs)
-    assert {k: local[k] for k in ("delta_bpb", "low", "high", "units")} == \
-        {k: remote[k] for k in ("delta_bpb", "low", "high", "units")}  # the same engine, the same numbers
+    assert {k: local[k] for k in ("delta_bpb", "low", "high", "units")} == {
+        k: remote[k] for k in ("delta_bpb", "low", "high", "units")
+    }  # the same engine, the same numbers
     assert main(["compare", str(files["good"]), str(files["good"])]) == 0
     assert "Δval_bpb (B - A) +0.000000  95% interval [+0.000000, +0.000000]" in capsys.readouterr().out
 
 
 def test_a_halving_sweep_finds_the_grids_best_for_fewer_token_evaluations(server, tmp_path, capsys):
     spec = tmp_path / "sweep.yaml"
-    spec.write_text(json.dumps({"checkpoint": "demo", "dataset": "demo", "fixed": BASE,
-                                "grid": {"ttt_lr": [0.001, 0.01, 0.1, 0.3, 1.0, 3.0]}}))
+    spec.write_text(
+        json.dumps(
+            {
+                "checkpoint": "demo",
+                "dataset": "demo",
+                "fixed": BASE,
+                "grid": {"ttt_lr": [0.001, 0.01, 0.1, 0.3, 1.0, 3.0]},
+            }
+        )
+    )
     common = ["sweep", str(spec), "--server", server.url, "--quiet", "--poll-s", "0.1"]
     assert main([*common, "--out", str(tmp_path / "halving"), "--halving", "--halving-start", "1024"]) == 0
     err = capsys.readouterr().err
@@ -163,8 +188,10 @@ def test_a_halving_sweep_finds_the_grids_best_for_fewer_token_evaluations(server
 
     assert best("halving")["key"] == best("grid")["key"]
     halving = json.loads((tmp_path / "halving" / "halving.json").read_text())
-    grid_cost = sum(json.loads(line)["result"]["tokens_scored"]
-                    for line in (tmp_path / "grid" / "results.jsonl").read_text().splitlines())
+    grid_cost = sum(
+        json.loads(line)["result"]["tokens_scored"]
+        for line in (tmp_path / "grid" / "results.jsonl").read_text().splitlines()
+    )
     assert halving["full_grid_token_evaluations"] == grid_cost
     assert halving["token_evaluations"] < grid_cost and halving["summary"] in err
     assert [r["size"] for r in halving["rungs"]] == [1024, 3072, None]

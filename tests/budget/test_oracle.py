@@ -22,12 +22,16 @@ def test_leave_one_configuration_out_error_is_within_bounds(capsys):
     rows = leave_one_out()
     errors = [abs(r["error"]) for r in rows]
     with capsys.disabled():
-        print(f"\nleave-one-configuration-out over {len(rows)} configurations "
-              f"({sum(r['seeds'] for r in rows)} seeds): median |error| {statistics.median(errors):.1%}, "
-              f"worst {max(errors):.1%}")
+        print(
+            f"\nleave-one-configuration-out over {len(rows)} configurations "
+            f"({sum(r['seeds'] for r in rows)} seeds): median |error| {statistics.median(errors):.1%}, "
+            f"worst {max(errors):.1%}"
+        )
         for r in rows:
-            print(f"  {r['id'][:48]:48s} predicted {r['predicted_s']:6.1f} s  logged {r['logged_s']:6.1f} s  "
-                  f"{r['error']:+.1%}")
+            print(
+                f"  {r['id'][:48]:48s} predicted {r['predicted_s']:6.1f} s  logged {r['logged_s']:6.1f} s  "
+                f"{r['error']:+.1%}"
+            )
     assert {r["protocol"] for r in rows} == {"chunked", "phased"}
     assert len(rows) >= 15
     assert statistics.median(errors) <= 0.08
@@ -42,18 +46,21 @@ def test_the_seed_records_change_is_predicted_in_direction_and_band():
     assert after.fits_budget and after.low < after.seconds < after.high
 
 
-@pytest.mark.parametrize("protocol, knob, low, high", [
-    ("chunked", "ttt_epochs", 3, 5),
-    ("chunked", "stride", 128, 64),  # a smaller stride scores more windows
-    ("phased", "ttt_chunk_size", 64, 32),  # smaller LoRA chunks: more steps
-    # Between about 500 and 6000 prefix documents the model is flat (421-443 s at 1.0611's other settings):
-    # the longer global SGD is offset by a shorter barrier stall behind the longest batch. A known limit
-    # (docs/budget.md); phases against none, and many more documents, do cost more.
-    ("phased", "phased_ttt_prefix_docs", 0, 2000),
-    ("phased", "phased_ttt_prefix_docs", 2000, 12000),
-    ("phased", "ttt_lora_rank", 64, 192),
-    ("phased", "ttt_grad_steps", 1, 2),
-])
+@pytest.mark.parametrize(
+    "protocol, knob, low, high",
+    [
+        ("chunked", "ttt_epochs", 3, 5),
+        ("chunked", "stride", 128, 64),  # a smaller stride scores more windows
+        ("phased", "ttt_chunk_size", 64, 32),  # smaller LoRA chunks: more steps
+        # Between about 500 and 6000 prefix documents the model is flat (421-443 s at 1.0611's other settings):
+        # the longer global SGD is offset by a shorter barrier stall behind the longest batch. A known limit
+        # (docs/budget.md); phases against none, and many more documents, do cost more.
+        ("phased", "phased_ttt_prefix_docs", 0, 2000),
+        ("phased", "phased_ttt_prefix_docs", 2000, 12000),
+        ("phased", "ttt_lora_rank", 64, 192),
+        ("phased", "ttt_grad_steps", 1, 2),
+    ],
+)
 def test_more_work_costs_more_time(protocol, knob, low, high):
     cheap = estimate(make_settings(protocol, {knob: low}), dataset="caseops")
     dear = estimate(make_settings(protocol, {knob: high}), dataset="caseops")
@@ -72,6 +79,7 @@ def test_full_val_size_is_per_family_and_documents_sum_to_it():
 def test_the_phase_schedule_matches_the_logged_pauses():
     # frontier spec 2.11: documents completed at the pauses under the 8-rank schedule
     from pgttt.budget import oracle
+
     row = next(r for r in calibration_rows() if r.id == "0427-1855")
     work = oracle._work(row.settings, row.family, row.shape, None)
     f = oracle.fitted("phased")
@@ -94,8 +102,10 @@ def test_cli_prints_the_estimate_and_names_a_wrong_knob(capsys):
 
 
 def test_the_budget_package_never_imports_torch():
-    code = "import sys, pgttt.budget.cli; pgttt.budget.estimate(pgttt.budget.make_settings('phased', {})); " \
-           "print('torch' in sys.modules)"
+    code = (
+        "import sys, pgttt.budget.cli; pgttt.budget.estimate(pgttt.budget.make_settings('phased', {})); "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -129,16 +139,36 @@ def test_phased_defaults_are_the_1_0611_records_as_run_values():
     record_defaults = pytest.importorskip("pgttt.ttt.record_defaults", reason="the phased config is not on this branch")
     row = record_defaults.RECORD_TTT_DEFAULTS["pr1855"]
     defaults = make_settings("phased", {})
-    for key in ("ttt_lora_rank", "ttt_chunk_size", "ttt_eval_seq_len", "ttt_batch_size", "ttt_grad_steps",
-                "phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_epochs", "global_ttt_chunk_tokens",
-                "global_ttt_batch_seqs"):
+    for key in (
+        "ttt_lora_rank",
+        "ttt_chunk_size",
+        "ttt_eval_seq_len",
+        "ttt_batch_size",
+        "ttt_grad_steps",
+        "phased_ttt_prefix_docs",
+        "phased_ttt_num_phases",
+        "global_ttt_epochs",
+        "global_ttt_chunk_tokens",
+        "global_ttt_batch_seqs",
+    ):
         assert getattr(defaults, key) == row[key], key
 
 
 def test_an_engine_config_reads_in_with_what_does_not_change_time_ignored():
     from pgttt.budget import settings_from_dict
-    config = {"ttt_epochs": 2, "chunk_tokens": 8192, "ttt_lr": 0.01, "seed": 3, "precision": "bf16", "max_tokens": 9,
-              "seq_len": 2048, "stride": 64, "batch_seqs": 32, "ttt_lora_rank": None}
+
+    config = {
+        "ttt_epochs": 2,
+        "chunk_tokens": 8192,
+        "ttt_lr": 0.01,
+        "seed": 3,
+        "precision": "bf16",
+        "max_tokens": 9,
+        "seq_len": 2048,
+        "stride": 64,
+        "batch_seqs": 32,
+        "ttt_lora_rank": None,
+    }
     s = settings_from_dict(config)
     assert (s.protocol, s.ttt_epochs, s.chunk_tokens) == ("chunked", 2, 8192)
     assert settings_from_dict({"protocol": "phased", "ttt_lora_rank": 96, "ttt_lora_lr": 1e-4}).ttt_lora_rank == 96

@@ -60,8 +60,21 @@ def test_import_with_overrides(capsys, tmp_path, sp1024_tokenizer):
     artifact = tmp_path / "a.ptz"
     artifact.write_bytes(float16_artifact(config))
     out = tmp_path / "model.bin"
-    code, stdout, _ = run(capsys, "import", artifact, "--preset", "tiny", "--set", "num_layers=3",
-                          "--set", "xsa_last_n=3", "--tokenizer", sp1024_tokenizer, "-o", out)
+    code, stdout, _ = run(
+        capsys,
+        "import",
+        artifact,
+        "--preset",
+        "tiny",
+        "--set",
+        "num_layers=3",
+        "--set",
+        "xsa_last_n=3",
+        "--tokenizer",
+        sp1024_tokenizer,
+        "-o",
+        out,
+    )
     assert code == 0 and "with num_layers=3 xsa_last_n=3" in stdout
     mb = read_model_bin(out)
     assert mb.config == config and mb.provenance["overrides"] == {"num_layers": 3, "xsa_last_n": 3}
@@ -114,8 +127,13 @@ def test_import_requires_preset_tokenizer_and_output(capsys, artifact, sp1024_to
 @pytest.fixture
 def model_bin(tmp_path, sp1024_tokenizer):
     path = tmp_path / "model.bin"
-    save_model_bin(path, PRESETS["tiny"], tiny_tensors(), tokenizer=tokenizer_identity(sp1024_tokenizer),
-                   provenance={"source": "train", "steps": 10})
+    save_model_bin(
+        path,
+        PRESETS["tiny"],
+        tiny_tensors(),
+        tokenizer=tokenizer_identity(sp1024_tokenizer),
+        provenance={"source": "train", "steps": 10},
+    )
     return path
 
 
@@ -129,8 +147,10 @@ def test_inspect_text(capsys, model_bin):
     assert "lqer          none" in out
     assert "tokenizer     fineweb_1024_bpe.model (vocab 1024" in out
     assert '"steps": 10' in out
-    assert (f"{size:,} artifact + 0 code (--code-bytes not given: code counted as 0) = {size:,} bytes; "
-            f"limit 16,000,000: within the limit by {16_000_000 - size:,}") in out
+    assert (
+        f"{size:,} artifact + 0 code (--code-bytes not given: code counted as 0) = {size:,} bytes; "
+        f"limit 16,000,000: within the limit by {16_000_000 - size:,}"
+    ) in out
 
 
 def test_inspect_json_and_the_size_limit(capsys, model_bin):
@@ -140,8 +160,12 @@ def test_inspect_json_and_the_size_limit(capsys, model_bin):
     assert code == 0 and report["parameters"] == TINY_PARAMS and report["kind"] == "model.bin"
     assert report["config"] == PRESETS["tiny"].to_dict() and report["provenance"]["steps"] == 10
     assert report["size_check"] == {
-        "artifact_bytes": size, "code_bytes": 16_000_000 - size, "code_bytes_given": True,
-        "code_bytes_rule": "given (--code-bytes)", "total_bytes": 16_000_000, "limit_bytes": 16_000_000,
+        "artifact_bytes": size,
+        "code_bytes": 16_000_000 - size,
+        "code_bytes_given": True,
+        "code_bytes_rule": "given (--code-bytes)",
+        "total_bytes": 16_000_000,
+        "limit_bytes": 16_000_000,
         "within_limit": True,
     }
     code, out, _ = run(capsys, "inspect", model_bin, "--json", "--code-bytes", 16_000_001 - size)

@@ -170,8 +170,9 @@ def drop_last_tensor(header, raw):
 
 
 def add_extra_tensor(header, raw):
-    header["tensors"].append({"name": "extra.weight", "scheme": "float16", "shape": [2], "q": [len(raw), 4],
-                              "scale": None, "lqer": None})
+    header["tensors"].append(
+        {"name": "extra.weight", "scheme": "float16", "shape": [2], "q": [len(raw), 4], "scale": None, "lqer": None}
+    )
     return raw + bytes(4)
 
 
@@ -233,16 +234,24 @@ DAMAGE = [
     ("header is not a JSON object", bad_json_header, "header is not valid JSON"),
     ("header missing a tensor", lambda d: repack(d, drop_last_tensor), "missing keys: blocks.3.mlp.proj.weight"),
     ("header with an extra tensor", lambda d: repack(d, add_extra_tensor), "unexpected keys: extra.weight"),
-    ("header config disagrees with tensors", lambda d: repack(d, set_config(model_dim=32, num_heads=2)),
-     "shape mismatches (file vs config): skip_weights (3, 64) vs (3, 32)"),
+    (
+        "header config disagrees with tensors",
+        lambda d: repack(d, set_config(model_dim=32, num_heads=2)),
+        "shape mismatches (file vs config): skip_weights (3, 64) vs (3, 32)",
+    ),
     ("header config invalid", lambda d: repack(d, set_config(num_heads=3)), "num_heads=3: must divide model_dim"),
-    ("scales do not match rows", lambda d: repack(d, short_scales),
-     "tensor blocks.1.attn.c_q.weight scales (one per row): byte span"),
+    (
+        "scales do not match rows",
+        lambda d: repack(d, short_scales),
+        "tensor blocks.1.attn.c_q.weight scales (one per row): byte span",
+    ),
     ("int6 value above +31", lambda d: repack(d, int6_value(32)), "blocks.1.attn.c_q.weight: int6 values exceed +-31"),
     ("int6 value -128", lambda d: repack(d, int6_value(-128)), "blocks.1.attn.c_q.weight: int6 values exceed +-31"),
-    ("unknown compression", lambda d: repack(d, set_header("payload", {"compression": "zstd", "shuffle_stride": 2,
-                                                                        "raw_bytes": 0})),
-     "unsupported payload compression 'zstd'"),
+    (
+        "unknown compression",
+        lambda d: repack(d, set_header("payload", {"compression": "zstd", "shuffle_stride": 2, "raw_bytes": 0})),
+        "unsupported payload compression 'zstd'",
+    ),
     ("unexpected header key", lambda d: repack(d, set_header("optimizer", {})), "header must have exactly the keys"),
     ("tokenizer entry malformed", lambda d: repack(d, set_header("tokenizer", {"sha256": 1})), "header tokenizer"),
 ]

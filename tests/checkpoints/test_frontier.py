@@ -141,7 +141,8 @@ def test_loops_apply_the_scripts_schedule():
     assert order == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5] == config.layer_schedule()
     # The scripts' formula for loop_end < loop_start repeats nothing (accepted, as the scripts do).
     assert resolve_config("pr1855", {"loop_start": 5, "loop_end": 2}).layer_schedule() == [0, 1, 2, 3, 4] + list(
-        range(3, 11))
+        range(3, 11)
+    )
 
 
 @pytest.mark.parametrize("lane", ["mean", "attn", "mlp"])
@@ -156,16 +157,27 @@ def test_config_clamps_and_bounds():
     assert resolve_config("pr1855", {"num_loops": -1}).layer_schedule() == list(range(11))
     assert resolve_config("pr1855", {"rope_dims": 0}).rotary_dims == 64
     assert GPT(tiny("pr1855", parallel_start_layer=-2)).lane_start is None
-    for overrides, key in [({"num_layers": 8000}, "num_layers=8000"), ({"model_dim": 1 << 20}, "model_dim"),
-                           ({"gate_window": 600}, "gate_window=600"), ({"parallel_residual_start": 7}, "frontier"),
-                           ({"family": "2026-04-09"}, "parallel_residual_start"), ({"num_loops": 99}, "num_loops"),
-                           ({"sparse_attn_gate_scale": float("nan")}, "finite"), ({"family": "x"}, "family='x'")]:
+    for overrides, key in [
+        ({"num_layers": 8000}, "num_layers=8000"),
+        ({"model_dim": 1 << 20}, "model_dim"),
+        ({"gate_window": 600}, "gate_window=600"),
+        ({"parallel_residual_start": 7}, "frontier"),
+        ({"family": "2026-04-09"}, "parallel_residual_start"),
+        ({"num_loops": 99}, "num_loops"),
+        ({"sparse_attn_gate_scale": float("nan")}, "finite"),
+        ({"family": "x"}, "family='x'"),
+    ]:
         with pytest.raises(ConfigError, match=key):
             resolve_config("pr1855", overrides)
     with pytest.raises(ConfigError, match="parallel_start_layer"):
         resolve_config("pg-2026-04-09", ["parallel_start_layer=8"])
-    assert resolve_config("pr1855", ["parallel_start_layer=none", "family=2026-04-09", "parallel_final_lane=null",
-                                     "parallel_residual_start=7"]).num_parameters() == 35_944_536 + 13 + 11 * 96
+    assert (
+        resolve_config(
+            "pr1855",
+            ["parallel_start_layer=none", "family=2026-04-09", "parallel_final_lane=null", "parallel_residual_start=7"],
+        ).num_parameters()
+        == 35_944_536 + 13 + 11 * 96
+    )
 
 
 def test_bf16_policy_on_a_frontier_model():

@@ -24,8 +24,10 @@ def test_family_runs_forward_backward_and_round_trips_model_bin(tmp_path, name):
     if config.smear_gate_enabled:
         assert grads["smear_gate.weight"].abs().sum() > 0 and grads["smear_lambda"].abs().sum() > 0
 
-    tensors = {n: quantize_rows(t.detach(), "int6" if t.ndim == 2 and min(t.shape) >= 16 else "float16")
-               for n, t in model.state_dict().items()}
+    tensors = {
+        n: quantize_rows(t.detach(), "int6" if t.ndim == 2 and min(t.shape) >= 16 else "float16")
+        for n, t in model.state_dict().items()
+    }
     path = tmp_path / "model.bin"
     tok = TokenizerIdentity(sha256="cd" * 32, vocab_size=config.vocab_size, name="t.model")
     save_model_bin(path, config, tensors, tokenizer=tok, provenance={"source": "test"})
@@ -83,8 +85,9 @@ def test_smear_is_not_reset_at_a_piece_cut():
     second_alone = model.forward_hidden(row[:, 4:])
     assert not torch.allclose(hidden[:, 4], second_alone[:, 0], atol=1e-4)  # token 4 still smears token 3
     model.smear_lambda.data.zero_()
-    torch.testing.assert_close(model.forward_hidden(row, cu_seqlens=cut)[:, 4:], model.forward_hidden(row[:, 4:]),
-                               rtol=0, atol=2e-5)
+    torch.testing.assert_close(
+        model.forward_hidden(row, cu_seqlens=cut)[:, 4:], model.forward_hidden(row[:, 4:]), rtol=0, atol=2e-5
+    )
 
 
 # ---- adapters (spec 2.6) --------------------------------------------------------------------------
@@ -111,8 +114,9 @@ def test_adapters_equal_hand_changed_weights():
     gen = torch.Generator().manual_seed(7)
     d, kv = 32, 16
     shapes = {"q": (d, d), "k": (kv, d), "v": (kv, d), "o": (d, d), "mlp": (d, d)}
-    maps = {(slot, site): 0.1 * torch.randn(shape, generator=gen)
-            for slot in range(4) for site, shape in shapes.items()}
+    maps = {
+        (slot, site): 0.1 * torch.randn(shape, generator=gen) for slot in range(4) for site, shape in shapes.items()
+    }
     head = 0.1 * torch.randn(64, d, generator=gen)
     ids = random_ids(config, 2, 9, bos_every=4)
     with torch.no_grad():

@@ -144,38 +144,64 @@ HOSTILE = [
     ("stream length beyond the file", set_length(0, 2**31), "run past the end of the file"),
     ("empty remainder", edit_stream(7, lambda s: b""), "remainder stream (7) is empty"),
     ("corrupt remainder", edit_stream(7, lambda s: s[:10] + bytes(50)), "PGRP remainder stream: brotli data is"),
-    ("remainder bomb", edit_stream(7, lambda s: brotli.compress(bytes(256 << 20), quality=1)),
-     "decompresses to more than"),
+    (
+        "remainder bomb",
+        edit_stream(7, lambda s: brotli.compress(bytes(256 << 20), quality=1)),
+        "decompresses to more than",
+    ),
     ("remainder pickle runs code", edit_stream(7, pickle_with_code), "refused to unpickle"),
     ("remainder without shapes", edit_remainder(lambda o: o.pop("s")), "must be a dict with keys ['m', 'r', 's']"),
-    ("declared shape disagrees", shapes("attn.c_k.weight.q", [(33, 64)] + [(32, 64)] * 3),
-     "PGRP declares blocks.0.attn.c_k.weight.q with shape (33, 64); the architecture has shape (32, 64)"),
-    ("declared terabyte tensor", shapes("_tok_emb.weight.q", [(2**20, 2**20)]),
-     "PGRP declares tok_emb.weight.q with shape (1048576, 1048576)"),
+    (
+        "declared shape disagrees",
+        shapes("attn.c_k.weight.q", [(33, 64)] + [(32, 64)] * 3),
+        "PGRP declares blocks.0.attn.c_k.weight.q with shape (33, 64); the architecture has shape (32, 64)",
+    ),
+    (
+        "declared terabyte tensor",
+        shapes("_tok_emb.weight.q", [(2**20, 2**20)]),
+        "PGRP declares tok_emb.weight.q with shape (1048576, 1048576)",
+    ),
     ("unknown group", shapes("attn.c_z.weight.q", [(2, 2)]), "unknown groups ['attn.c_z.weight.q']"),
     ("a layer missing", shapes("mlp.proj.weight.q", [(64, 128)] * 3), "declares 3 tensors; the architecture has 4"),
     ("shapes for an empty stream", edit_stream(6, lambda s: b""), "declares 4 shapes but its stream is empty"),
     ("permutation lists a row twice", edit_stream(8, duplicate_row), "is not a permutation of 0..1023"),
     ("permutation row out of range", edit_stream(8, out_of_range_row), "is not a permutation"),
-    ("permutations too short", edit_stream(8, lambda s: brotli.compress(brotli.decompress(s)[:-2])),
-     "permutation stream holds"),
+    (
+        "permutations too short",
+        edit_stream(8, lambda s: brotli.compress(brotli.decompress(s)[:-2])),
+        "permutation stream holds",
+    ),
     ("permutations missing", edit_stream(8, lambda s: b""), "permutation stream (8) is empty"),
     ("group stream not lrzip", edit_stream(0, lambda s: b"GARBAGE" * 10), "not an lrzip stream"),
     ("lrzip header announces another size", edit_stream(0, lrzip_size(10**12)), "lrzip header announces"),
     ("lrzip stream truncated", edit_stream(0, lambda s: s[: len(s) // 2]), "PGRP group stream: lrzip failed"),
     ("lrzip stream with a flipped bit", edit_stream(0, flip_middle), "PGRP group stream: lrzip"),
-    ("LQER factor of the wrong shape", remainder_tensor("tok_emb.weight.lqA_a", torch.zeros(1023, 4, dtype=torch.int8)),
-     "tok_emb.weight: LQER a has shape (1023, 4), expected (1024, 4)"),
-    ("LQER group scales that do not divide B", remainder_tensor("tok_emb.weight.lqBs_a", torch.ones(5).half()),
-     "not a whole number of groups"),
-    ("LQER asym A out of range", remainder_tensor("blocks.0.mlp.fc.weight.lqA_a", torch.full((128, 4), 2,
-                                                                                                dtype=torch.int8)),
-     "LQER A values exceed [-2, 1]"),
-    ("gate value -128", remainder_tensor("blocks.1.attn.attn_gate_w.gq", torch.full((4, 6), -128, dtype=torch.int8)),
-     "gate_int8_row values exceed +-127"),
+    (
+        "LQER factor of the wrong shape",
+        remainder_tensor("tok_emb.weight.lqA_a", torch.zeros(1023, 4, dtype=torch.int8)),
+        "tok_emb.weight: LQER a has shape (1023, 4), expected (1024, 4)",
+    ),
+    (
+        "LQER group scales that do not divide B",
+        remainder_tensor("tok_emb.weight.lqBs_a", torch.ones(5).half()),
+        "not a whole number of groups",
+    ),
+    (
+        "LQER asym A out of range",
+        remainder_tensor("blocks.0.mlp.fc.weight.lqA_a", torch.full((128, 4), 2, dtype=torch.int8)),
+        "LQER A values exceed [-2, 1]",
+    ),
+    (
+        "gate value -128",
+        remainder_tensor("blocks.1.attn.attn_gate_w.gq", torch.full((4, 6), -128, dtype=torch.int8)),
+        "gate_int8_row values exceed +-127",
+    ),
     ("unknown category", meta("blocks.0.mlp.fc.weight", "gptq (int5)+lqer_asym"), "unknown quantization meta"),
-    ("terabyte view in the remainder", remainder_tensor("skip_gates", torch.zeros(1, dtype=torch.float16)
-                                                        .expand(2**20, 2**19)), "a view larger than its data"),
+    (
+        "terabyte view in the remainder",
+        remainder_tensor("skip_gates", torch.zeros(1, dtype=torch.float16).expand(2**20, 2**19)),
+        "a view larger than its data",
+    ),
 ]
 
 
@@ -196,8 +222,11 @@ def test_without_lrzip_a_pgrp_artifact_is_refused_saying_so(tmp_path, record, mo
     path = tmp_path / "final_model.int6.ptz"
     path.write_bytes(record[2])
     monkeypatch.setenv("PATH", str(tmp_path))  # no lrzip on it
-    with pytest.raises(CheckpointError, match=r"PGRP \(per-group lrzip\) artifact and the lrzip program is not "
-                                              r"installed; install the lrzip program \(Debian/Ubuntu: apt-get"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"PGRP \(per-group lrzip\) artifact and the lrzip program is not "
+        r"installed; install the lrzip program \(Debian/Ubuntu: apt-get",
+    ):
         read_ptz(path, CONFIG)
 
 

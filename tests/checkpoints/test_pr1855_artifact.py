@@ -22,10 +22,21 @@ from tests.helpers.artifact import GROUPS, SORTED_GROUPS, record_reconstruct, un
 
 pytestmark = pytest.mark.skipif(shutil.which("lrzip") is None, reason="needs the lrzip program (apt-get install lrzip)")
 PARAMS = 35_945_671
-ARCH = {k: v for k, v in PRESETS["pr1855"].to_dict().items()
-        if k not in ("family", "parallel_residual_start", "smear_gate_bos_mask")}
-QUANT = {"embed_bits": 7, "matrix_bits": 6, "lqer_enabled": True, "lqer_top_k": 3, "lqer_rank": 4,
-         "gated_attn_quant_gate": True, "ttt_lora_rank": 80, "compressor": "pergroup"}
+ARCH = {
+    k: v
+    for k, v in PRESETS["pr1855"].to_dict().items()
+    if k not in ("family", "parallel_residual_start", "smear_gate_bos_mask")
+}
+QUANT = {
+    "embed_bits": 7,
+    "matrix_bits": 6,
+    "lqer_enabled": True,
+    "lqer_top_k": 3,
+    "lqer_rank": 4,
+    "gated_attn_quant_gate": True,
+    "ttt_lora_rank": 80,
+    "compressor": "pergroup",
+}
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +85,11 @@ def test_import_then_inspect_reports_the_records_parameters(imported, capsys):
     assert main(["inspect", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["parameters"] == PARAMS and report["preset"] == "pr1855"
-    assert {e["name"] for e in report["lqer"]} == {"tok_emb.weight", "blocks.0.attn.c_q.weight",
-                                                   "blocks.0.mlp.fc.weight"}
+    assert {e["name"] for e in report["lqer"]} == {
+        "tok_emb.weight",
+        "blocks.0.attn.c_q.weight",
+        "blocks.0.mlp.fc.weight",
+    }
     assert report["quantization"]["int7"]["tensors"] == 1 and report["quantization"]["gate_int8_row"]["tensors"] == 11
     assert report["provenance"]["compression"] == "pergroup"
 

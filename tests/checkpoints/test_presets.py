@@ -12,12 +12,19 @@ from pgttt.checkpoints.model import GPT
 
 # Spec section 3 (and 5 for 04-09): parameters of each record family.
 COUNTS = {
-    "pg-2026-04-09": 35_944_536, "pr1493": 35_944_536,
-    "pr1530": 35_944_602, "pr1610": 35_944_602, "pr1626": 35_944_602, "pr1729": 35_944_602,
+    "pg-2026-04-09": 35_944_536,
+    "pr1493": 35_944_536,
+    "pr1530": 35_944_602,
+    "pr1610": 35_944_602,
+    "pr1626": 35_944_602,
+    "pr1729": 35_944_602,
     "pr1667": 35_945_671,
-    "pr1736": 35_989_658, "pr1769": 35_989_658,
+    "pr1736": 35_989_658,
+    "pr1769": 35_989_658,
     "pr1787": 35_945_658,
-    "pr1851": 35_945_671, "pr1855": 35_945_671, "pr1868": 35_945_671,
+    "pr1851": 35_945_671,
+    "pr1855": 35_945_671,
+    "pr1868": 35_945_671,
 }
 
 
@@ -31,17 +38,27 @@ def test_record_presets_have_the_spec_parameter_counts(name, count):
 def spec_pr1855_shapes() -> dict[str, tuple[int, ...]]:
     """Spec 4.1: the unbanked state dict of the 04-27 artifact."""
     shapes = {
-        "tok_emb.weight": (8192, 512), "skip_weights": (8, 512), "skip_gates": (8, 512),
-        "smear_gate.weight": (1, 12), "smear_lambda": (1,),
-        "parallel_post_lambdas": (11, 2, 2), "parallel_resid_lambdas": (11, 2),
+        "tok_emb.weight": (8192, 512),
+        "skip_weights": (8, 512),
+        "skip_gates": (8, 512),
+        "smear_gate.weight": (1, 12),
+        "smear_lambda": (1,),
+        "parallel_post_lambdas": (11, 2, 2),
+        "parallel_resid_lambdas": (11, 2),
     }
     for i in range(11):
         shapes |= {
-            f"blocks.{i}.attn.q_gain": (8,), f"blocks.{i}.attn_scale": (512,), f"blocks.{i}.mlp_scale": (512,),
-            f"blocks.{i}.resid_mix": (2, 512), f"blocks.{i}.attn.c_q.weight": (512, 512),
-            f"blocks.{i}.attn.c_k.weight": (256, 512), f"blocks.{i}.attn.c_v.weight": (256, 512),
-            f"blocks.{i}.attn.proj.weight": (512, 512), f"blocks.{i}.attn.attn_gate_w": (8, 12),
-            f"blocks.{i}.mlp.fc.weight": (2048, 512), f"blocks.{i}.mlp.proj.weight": (512, 2048),
+            f"blocks.{i}.attn.q_gain": (8,),
+            f"blocks.{i}.attn_scale": (512,),
+            f"blocks.{i}.mlp_scale": (512,),
+            f"blocks.{i}.resid_mix": (2, 512),
+            f"blocks.{i}.attn.c_q.weight": (512, 512),
+            f"blocks.{i}.attn.c_k.weight": (256, 512),
+            f"blocks.{i}.attn.c_v.weight": (256, 512),
+            f"blocks.{i}.attn.proj.weight": (512, 512),
+            f"blocks.{i}.attn.attn_gate_w": (8, 12),
+            f"blocks.{i}.mlp.fc.weight": (2048, 512),
+            f"blocks.{i}.mlp.proj.weight": (512, 2048),
         }
     return shapes
 
@@ -68,8 +85,17 @@ def test_gate_names_per_family():
         ("pr1736", {"smear_gate_enabled": False, "attn_gate": "dense"}),
         ("pr1787", {"attn_gate": "sparse", "sparse_attn_gate_scale": 1.0, "smear_gate_enabled": False}),
         ("pr1851", {"attn_gate": "sparse", "sparse_attn_gate_scale": 1.0, "smear_gate_bos_mask": True}),
-        ("pr1855", {"attn_gate": "sparse", "sparse_attn_gate_scale": 0.5, "smear_gate_enabled": True,
-                    "smear_gate_bos_mask": True, "gate_window": 12, "parallel_final_lane": "mean"}),
+        (
+            "pr1855",
+            {
+                "attn_gate": "sparse",
+                "sparse_attn_gate_scale": 0.5,
+                "smear_gate_enabled": True,
+                "smear_gate_bos_mask": True,
+                "gate_window": 12,
+                "parallel_final_lane": "mean",
+            },
+        ),
         ("pg-2026-04-09", {"family": "2026-04-09", "rope_yarn": True, "parallel_residual_start": 7}),
     ],
 )

@@ -107,8 +107,17 @@ def artifact(tmp_path, tensors):
 # ---- lossless import ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("compressor", "stride"),
-    [("brotli", 2), ("brotli", None), ("xz", 2), ("xz", None), ("lzma", 2), ("none", 2), ("none", None),
-     ("brotli", 3), ("brotli", 1)],
+    [
+        ("brotli", 2),
+        ("brotli", None),
+        ("xz", 2),
+        ("xz", None),
+        ("lzma", 2),
+        ("none", 2),
+        ("none", None),
+        ("brotli", 3),
+        ("brotli", 1),
+    ],
 )
 def test_every_packing_imports_the_same_integers_and_scales(tmp_path, tensors, compressor, stride):
     path = tmp_path / "a.ptz"
@@ -203,40 +212,110 @@ def old_record_layout(tensors):
 
 
 WRONG = [
-    ("wrong preset", lambda t: pack(challenge_layout(t)), "tiny-flat", [],
-     "missing keys: lm_head.weight"),
-    ("wrong preset lists unexpected keys", lambda t: pack(challenge_layout(t)), "tiny-flat", [],
-     "unexpected keys: skip_gates, blocks.3.attn_scale"),
-    ("wrong override: layers", lambda t: pack(challenge_layout(t)), "tiny", ["num_layers=3", "xsa_last_n=3"],
-     "unexpected keys: blocks.3.attn_scale"),
-    ("wrong override: shapes", lambda t: pack(challenge_layout(t)), "tiny", ["mlp_mult=3"],
-     "shape mismatches (file vs config): blocks.0.mlp.fc.weight (128, 64) vs (192, 64)"),
-    ("older record layout", lambda t: pack(old_record_layout(t)), "tiny", [],
-     "unsupported payload layout: an older record's layout with top-level keys ['passthrough', 'quantized', 'scales']"),
-    ("plain state dict", lambda t: pack({n: qt.dequantize() for n, qt in t.items()}), "tiny", [],
-     "a plain state dict of 43 tensors"),
-    ("unknown top-level keys", lambda t: pack({"model": 1, "step": 2}), "tiny", [],
-     "unsupported payload layout: top-level keys ['model', 'step']"),
+    ("wrong preset", lambda t: pack(challenge_layout(t)), "tiny-flat", [], "missing keys: lm_head.weight"),
+    (
+        "wrong preset lists unexpected keys",
+        lambda t: pack(challenge_layout(t)),
+        "tiny-flat",
+        [],
+        "unexpected keys: skip_gates, blocks.3.attn_scale",
+    ),
+    (
+        "wrong override: layers",
+        lambda t: pack(challenge_layout(t)),
+        "tiny",
+        ["num_layers=3", "xsa_last_n=3"],
+        "unexpected keys: blocks.3.attn_scale",
+    ),
+    (
+        "wrong override: shapes",
+        lambda t: pack(challenge_layout(t)),
+        "tiny",
+        ["mlp_mult=3"],
+        "shape mismatches (file vs config): blocks.0.mlp.fc.weight (128, 64) vs (192, 64)",
+    ),
+    (
+        "older record layout",
+        lambda t: pack(old_record_layout(t)),
+        "tiny",
+        [],
+        "unsupported payload layout: an older record's layout with top-level keys "
+        "['passthrough', 'quantized', 'scales']",
+    ),
+    (
+        "plain state dict",
+        lambda t: pack({n: qt.dequantize() for n, qt in t.items()}),
+        "tiny",
+        [],
+        "a plain state dict of 43 tensors",
+    ),
+    (
+        "unknown top-level keys",
+        lambda t: pack({"model": 1, "step": 2}),
+        "tiny",
+        [],
+        "unsupported payload layout: top-level keys ['model', 'step']",
+    ),
     ("not a dict", lambda t: pack([t["skip_weights"].q]), "tiny", [], "unsupported payload layout: a list, not a dict"),
-    ("unknown meta string", lambda t: pack(with_meta(t, "blocks.1.mlp.fc.weight", "gptq (int4)")), "tiny", [],
-     "unknown quantization meta 'gptq (int4)' (e.g. for blocks.1.mlp.fc.weight)"),
-    ("quantized entry without scales", lambda t: pack(without_scale(t)), "tiny", [],
-     "m describes blocks.0.mlp.fc.weight as 'gptq (int6)' but w has no blocks.0.mlp.fc.weight.scale"),
-    ("stray tensor", lambda t: pack(with_stray_tensor(t)), "tiny", [],
-     "w holds tensors that m does not describe: leftover"),
-    ("int6 value out of range", lambda t: pack(with_int6_value(t, 32)), "tiny", [],
-     "blocks.2.attn.c_v.weight: int6 values exceed +-31"),
-    ("int6 value -128", lambda t: pack(with_int6_value(t, -128)), "tiny", [],
-     "blocks.2.attn.c_v.weight: int6 values exceed +-31"),
-    ("passthrough not float16", lambda t: pack(with_dtype(t)), "tiny", [],
-     "blocks.0.attn_scale: float16 passthrough holds torch.float32"),
+    (
+        "unknown meta string",
+        lambda t: pack(with_meta(t, "blocks.1.mlp.fc.weight", "gptq (int4)")),
+        "tiny",
+        [],
+        "unknown quantization meta 'gptq (int4)' (e.g. for blocks.1.mlp.fc.weight)",
+    ),
+    (
+        "quantized entry without scales",
+        lambda t: pack(without_scale(t)),
+        "tiny",
+        [],
+        "m describes blocks.0.mlp.fc.weight as 'gptq (int6)' but w has no blocks.0.mlp.fc.weight.scale",
+    ),
+    (
+        "stray tensor",
+        lambda t: pack(with_stray_tensor(t)),
+        "tiny",
+        [],
+        "w holds tensors that m does not describe: leftover",
+    ),
+    (
+        "int6 value out of range",
+        lambda t: pack(with_int6_value(t, 32)),
+        "tiny",
+        [],
+        "blocks.2.attn.c_v.weight: int6 values exceed +-31",
+    ),
+    (
+        "int6 value -128",
+        lambda t: pack(with_int6_value(t, -128)),
+        "tiny",
+        [],
+        "blocks.2.attn.c_v.weight: int6 values exceed +-31",
+    ),
+    (
+        "passthrough not float16",
+        lambda t: pack(with_dtype(t)),
+        "tiny",
+        [],
+        "blocks.0.attn_scale: float16 passthrough holds torch.float32",
+    ),
     ("random bytes", lambda t: bytes(range(7, 250)) * 10, "tiny", [], "not PGRP, brotli, xz or lzma compressed"),
     ("corrupt xz", lambda t: b"\xfd7zXZ\x00" + bytes(100), "tiny", [], "xz data is corrupt"),
-    ("truncated brotli artifact", lambda t: pack(challenge_layout(t))[:5000], "tiny", [],
-     "not PGRP, brotli, xz or lzma compressed"),
+    (
+        "truncated brotli artifact",
+        lambda t: pack(challenge_layout(t))[:5000],
+        "tiny",
+        [],
+        "not PGRP, brotli, xz or lzma compressed",
+    ),
     ("BSHF with stride 0", lambda t: b"BSHF\x00" + bytes(10), "tiny", [], "without a valid stride byte"),
-    ("compressed data that is not torch.save", lambda t: brotli.compress(b"hello, world" * 10), "tiny", [],
-     "decompressed data is not a torch.save archive"),
+    (
+        "compressed data that is not torch.save",
+        lambda t: brotli.compress(b"hello, world" * 10),
+        "tiny",
+        [],
+        "decompressed data is not a torch.save archive",
+    ),
 ]
 
 
@@ -263,8 +342,9 @@ def compat_imported(tmp_path_factory):
     artifact = shared_path("compat", "pg0409_s42.int6.ptz")
     tokenizer = shared_path("data", "tokenizers", "fineweb_8192_bpe.model")
     out = tmp_path_factory.mktemp("compat") / "model.bin"
-    assert main(["import", str(artifact), "--preset", "pg-2026-04-09", "--tokenizer", str(tokenizer),
-                 "-o", str(out)]) == 0
+    assert (
+        main(["import", str(artifact), "--preset", "pg-2026-04-09", "--tokenizer", str(tokenizer), "-o", str(out)]) == 0
+    )
     obj = torch.load(io.BytesIO(unpack_brotli_bshf(artifact.read_bytes())), weights_only=True)
     return artifact, out, obj["w"], obj["m"]
 
@@ -281,12 +361,15 @@ def test_compat_artifact_import_is_lossless(compat_imported):
             expected = w[name].float()
         else:
             expected = w[name + ".q"].float() * w[name + ".scale"].float()[:, None]
-            assert torch.equal(mb.tensors[name].q, w[name + ".q"]) and torch.equal(mb.tensors[name].scale,
-                                                                                  w[name + ".scale"])
+            assert torch.equal(mb.tensors[name].q, w[name + ".q"]) and torch.equal(
+                mb.tensors[name].scale, w[name + ".scale"]
+            )
         assert torch.equal(mb.tensors[name].dequantize(), expected), name
     model = build_model(load_checkpoint(out), precision="fp32", device="cpu")
-    assert torch.equal(model.blocks[4].mlp.fc.weight, w["blocks.4.mlp.fc.weight.q"].float()
-                       * w["blocks.4.mlp.fc.weight.scale"].float()[:, None])
+    assert torch.equal(
+        model.blocks[4].mlp.fc.weight,
+        w["blocks.4.mlp.fc.weight.q"].float() * w["blocks.4.mlp.fc.weight.scale"].float()[:, None],
+    )
 
 
 def test_compat_inspect_reports_the_parameter_count(compat_imported, capsys):
@@ -301,4 +384,3 @@ def test_compat_inspect_reports_the_parameter_count(compat_imported, capsys):
     assert "parameters    35,944,536" in text
     assert "25,052,636 artifact + 0 code (--code-bytes not given: code counted as 0)" in text
     assert "OVER the limit by 9,052,636" in text
-

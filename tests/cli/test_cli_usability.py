@@ -23,8 +23,19 @@ from pgttt.training.demo import DEMO_DIR, TOKENIZER_FILE, VAL_FILE
 from pgttt.ttt.data import open_shard, write_shard
 
 DEMO = demo_dir()
-DEMO_EVAL = ["eval", "--checkpoint", str(DEMO / "model.bin"), "--tokenizer", str(DEMO / "tokenizer.model"),
-             "--val", str(DEMO), "--device", "cpu", "--threads", "1"]
+DEMO_EVAL = [
+    "eval",
+    "--checkpoint",
+    str(DEMO / "model.bin"),
+    "--tokenizer",
+    str(DEMO / "tokenizer.model"),
+    "--val",
+    str(DEMO),
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 
 
 class Terminal(io.StringIO):
@@ -42,8 +53,13 @@ def restore_threads():
 def serve(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGTTT_")}
     env["PGTTT_STATE_DIR"] = str(tmp_path / "state")
-    return subprocess.run([sys.executable, "-m", "pgttt.main", "serve", "--log-level", "warning", *flags],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pgttt.main", "serve", "--log-level", "warning", *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def one_line_error(stderr: str, command: str, fragment: str) -> None:
@@ -51,8 +67,9 @@ def one_line_error(stderr: str, command: str, fragment: str) -> None:
     assert fragment in stderr and "Traceback" not in stderr
 
 
-@pytest.mark.parametrize(("flag", "what"), [("--checkpoint-dir", "nothing-here"), ("--data-dir", "nothing-here"),
-                                            ("--data-dir", "a-file")])
+@pytest.mark.parametrize(
+    ("flag", "what"), [("--checkpoint-dir", "nothing-here"), ("--data-dir", "nothing-here"), ("--data-dir", "a-file")]
+)
 def test_serve_refuses_a_missing_folder(tmp_path, flag, what):
     (tmp_path / "a-file").write_text("x")
     done = serve(tmp_path, flag, str(tmp_path / what), "--port", "0")
@@ -72,15 +89,22 @@ def test_serve_refuses_a_port_in_use_with_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["eval", "train"])
-@pytest.mark.parametrize(("device", "fragment"), [
-    ("gpu", "--device 'gpu': not a device; use cpu, cuda or cuda:N"),
-    ("cuda", "--device 'cuda': "), ("cuda:7", "--device 'cuda:7': "),
-])
+@pytest.mark.parametrize(
+    ("device", "fragment"),
+    [
+        ("gpu", "--device 'gpu': not a device; use cpu, cuda or cuda:N"),
+        ("cuda", "--device 'cuda': "),
+        ("cuda:7", "--device 'cuda:7': "),
+    ],
+)
 def test_a_device_this_machine_lacks_is_one_line_exit_2(tmp_path, capsys, command, device, fragment):
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has the GPU")
-    argv = DEMO_EVAL[:-4] if command == "eval" else [
-        "train", "--data", str(DEMO), "--tokenizer", str(DEMO / "tokenizer.model"), "-o", str(tmp_path / "m.bin")]
+    argv = (
+        DEMO_EVAL[:-4]
+        if command == "eval"
+        else ["train", "--data", str(DEMO), "--tokenizer", str(DEMO / "tokenizer.model"), "-o", str(tmp_path / "m.bin")]
+    )
     assert main([*argv, "--device", device]) == 2
     out, err = capsys.readouterr()
     assert out == ""
@@ -92,8 +116,19 @@ def test_a_device_this_machine_lacks_is_one_line_exit_2(tmp_path, capsys, comman
 def test_train_refuses_to_overwrite_without_force(tmp_path, capsys):
     out = tmp_path / "model.bin"
     out.write_bytes(b"precious")
-    argv = ["train", "--data", str(tmp_path), "--tokenizer", str(DEMO / "tokenizer.model"), "-o", str(out),
-            "--preset", "tiny", "--device", "cpu"]
+    argv = [
+        "train",
+        "--data",
+        str(tmp_path),
+        "--tokenizer",
+        str(DEMO / "tokenizer.model"),
+        "-o",
+        str(out),
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 2
     one_line_error(capsys.readouterr().err, "train", f"{out}: already exists (use --force to overwrite)")
     assert out.read_bytes() == b"precious"
@@ -111,8 +146,9 @@ def test_a_ttt_run_that_trained_on_nothing_says_so(capsys):
     out, err = capsys.readouterr()
     result = json.loads(out)
     assert result["trained_chunks"] == 0 and len(result["warnings"]) == 1 and err == ""
-    sliding = json.loads((main([*DEMO_EVAL, "--ttt-epochs", "0", "--max-tokens", "16384", "--json"]),
-                          capsys.readouterr().out)[1])
+    sliding = json.loads(
+        (main([*DEMO_EVAL, "--ttt-epochs", "0", "--max-tokens", "16384", "--json"]), capsys.readouterr().out)[1]
+    )
     assert sliding["val_bpb"] == result["val_bpb"] and sliding["warnings"] == [] and sliding["trained_chunks"] == 0
 
 
@@ -130,9 +166,13 @@ def test_threads_come_from_the_flag_then_the_environment_then_the_cores():
     assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
 
 
-@pytest.mark.parametrize(("flag", "env", "fragment"), [
-    ("0", {}, "--threads=0: must be at least 1"), (None, {"PGTTT_THREADS": "two"}, "PGTTT_THREADS='two': not a whole"),
-])
+@pytest.mark.parametrize(
+    ("flag", "env", "fragment"),
+    [
+        ("0", {}, "--threads=0: must be at least 1"),
+        (None, {"PGTTT_THREADS": "two"}, "PGTTT_THREADS='two': not a whole"),
+    ],
+)
 def test_bad_thread_counts_are_one_line_exit_2(capsys, monkeypatch, restore_threads, flag, env, fragment):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -169,11 +209,43 @@ def test_train_shows_its_warm_up_on_a_terminal(tmp_path, capsys, monkeypatch):
     shutil.copyfile(DEMO_DIR / VAL_FILE, data / VAL_FILE)
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    argv = ["train", "--data", str(data), "--tokenizer", str(DEMO_DIR / TOKENIZER_FILE), "-o", str(tmp_path / "m.bin"),
-            "--preset", "tiny", "--set", "model_dim=32", "--set", "num_heads=2", "--set", "num_kv_heads=1",
-            "--set", "train_seq_len=64", "--set", "iterations=2", "--set", "max_wallclock_seconds=0",
-            "--set", "warmup_steps=3", "--set", "train_batch_tokens=512", "--set", "enable_looping_at=0.5",
-            "--set", "gptq_calibration_batches=1", "--eval-max-tokens", "512", "--device", "cpu", "--threads", "1"]
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--tokenizer",
+        str(DEMO_DIR / TOKENIZER_FILE),
+        "-o",
+        str(tmp_path / "m.bin"),
+        "--preset",
+        "tiny",
+        "--set",
+        "model_dim=32",
+        "--set",
+        "num_heads=2",
+        "--set",
+        "num_kv_heads=1",
+        "--set",
+        "train_seq_len=64",
+        "--set",
+        "iterations=2",
+        "--set",
+        "max_wallclock_seconds=0",
+        "--set",
+        "warmup_steps=3",
+        "--set",
+        "train_batch_tokens=512",
+        "--set",
+        "enable_looping_at=0.5",
+        "--set",
+        "gptq_calibration_batches=1",
+        "--eval-max-tokens",
+        "512",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     assert main(argv) == 0
     assert "warm-up" in terminal.getvalue() and "6/6" in terminal.getvalue()  # 3 steps, recurrence off then on
     assert "warm-up: 3 steps run and undone" in capsys.readouterr().out
@@ -190,7 +262,9 @@ def test_a_subcommand_whose_module_fails_to_import_fails_loudly(monkeypatch):
 
 
 def test_a_subcommand_imports_only_its_own_module():
-    code = ("import sys; from pgttt.main import build_parser; build_parser('inspect'); "
-            "print(sorted(m for m in sys.modules if m.startswith(('pgttt.app', 'pgttt.client', 'fastapi'))))")
+    code = (
+        "import sys; from pgttt.main import build_parser; build_parser('inspect'); "
+        "print(sorted(m for m in sys.modules if m.startswith(('pgttt.app', 'pgttt.client', 'fastapi'))))"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr

@@ -20,9 +20,24 @@ URL = "http://pod.test:8000"
 
 
 def job_json(job_id: str = "j1", state: str = "queued", **extra) -> dict:
-    return {"id": job_id, "url": f"/jobs/{job_id}", "state": state, "cached": False, "checkpoint": "demo",
-            "dataset": "demo", "request": {}, "config": None, "gpus": 1, "created_at": "2026-01-01T00:00:00Z",
-            "started_at": None, "finished_at": None, "progress": None, "result": None, "error": None, **extra}
+    return {
+        "id": job_id,
+        "url": f"/jobs/{job_id}",
+        "state": state,
+        "cached": False,
+        "checkpoint": "demo",
+        "dataset": "demo",
+        "request": {},
+        "config": None,
+        "gpus": 1,
+        "created_at": "2026-01-01T00:00:00Z",
+        "started_at": None,
+        "finished_at": None,
+        "progress": None,
+        "result": None,
+        "error": None,
+        **extra,
+    }
 
 
 class Script:
@@ -42,14 +57,21 @@ class Script:
 
 def client(handler, attempts: int = 4, **kwargs) -> tuple[Client, list[float]]:
     sleeps: list[float] = []
-    api = Client(URL, transport=httpx.MockTransport(handler), retry=RetryPolicy(attempts=attempts),
-                 sleep=sleeps.append, rng=random.Random(0), **kwargs)
+    api = Client(
+        URL,
+        transport=httpx.MockTransport(handler),
+        retry=RetryPolicy(attempts=attempts),
+        sleep=sleeps.append,
+        rng=random.Random(0),
+        **kwargs,
+    )
     return api, sleeps
 
 
 def error(status: int, code: str, message: str, headers: dict | None = None, **detail) -> httpx.Response:
-    return httpx.Response(status, json={"error": {"code": code, "message": message, "detail": detail or None}},
-                          headers=headers)
+    return httpx.Response(
+        status, json={"error": {"code": code, "message": message, "detail": detail or None}}, headers=headers
+    )
 
 
 def test_503_then_200_is_retried_once():
@@ -73,8 +95,10 @@ def test_retry_after_seconds_is_honoured_on_429():
 
 def test_retry_after_http_date_is_honoured():
     when = datetime.now(UTC) + timedelta(seconds=30)
-    script = Script(error(503, "not_ready", "later", {"Retry-After": format_datetime(when, usegmt=True)}),
-                    httpx.Response(200, json={"status": "ok"}))
+    script = Script(
+        error(503, "not_ready", "later", {"Retry-After": format_datetime(when, usegmt=True)}),
+        httpx.Response(200, json={"status": "ok"}),
+    )
     api, sleeps = client(script)
     api.health()
     assert 27 <= sleeps[0] <= 30
@@ -181,8 +205,9 @@ def test_401_is_an_api_error():
 
 
 def test_jobs_list_sends_only_the_filters_given():
-    script = Script(httpx.Response(200, json={"jobs": [job_json("a"), job_json("b")], "total": 7, "limit": 2,
-                                              "offset": 0}))
+    script = Script(
+        httpx.Response(200, json={"jobs": [job_json("a"), job_json("b")], "total": 7, "limit": 2, "offset": 0})
+    )
     api, _ = client(script)
     jobs, total = api.jobs(state="queued", limit=2)
     assert [j.id for j in jobs] == ["a", "b"] and total == 7
@@ -207,9 +232,11 @@ def test_ready_reads_the_503_body_and_wait_ready_polls():
 
 
 def test_wait_polls_until_finished_and_reports_each_poll():
-    script = Script(httpx.Response(200, json=job_json(state="queued")),
-                    httpx.Response(200, json=job_json(state="running")),
-                    httpx.Response(200, json=job_json(state="succeeded", result={"val_bpb": 1.5})))
+    script = Script(
+        httpx.Response(200, json=job_json(state="queued")),
+        httpx.Response(200, json=job_json(state="running")),
+        httpx.Response(200, json=job_json(state="succeeded", result={"val_bpb": 1.5})),
+    )
     api, sleeps = client(script)
     seen = []
     job = api.wait("j1", poll_s=0.1, on_update=lambda j: seen.append(j.state))
@@ -225,16 +252,32 @@ def test_wait_times_out_with_an_api_error():
 
 
 def test_sse_parsing_follows_the_event_stream_rules():
-    lines = [": keep-alive", "event: progress", 'data: {"state":', 'data: "running"}', "id: 3", "",
-             "data: plain text", "", "event: end", "data: {}", ""]
+    lines = [
+        ": keep-alive",
+        "event: progress",
+        'data: {"state":',
+        'data: "running"}',
+        "id: 3",
+        "",
+        "data: plain text",
+        "",
+        "event: end",
+        "data: {}",
+        "",
+    ]
     events = list(iter_sse(iter(lines)))
     assert [(e.event, e.data, e.id) for e in events] == [
-        ("progress", {"state": "running"}, "3"), ("message", "plain text", "3"), ("end", {}, "3")]
+        ("progress", {"state": "running"}, "3"),
+        ("message", "plain text", "3"),
+        ("end", {}, "3"),
+    ]
 
 
 def test_events_streams_until_end():
-    body = "".join(f"event: {name}\ndata: {json.dumps(job_json(state=state))}\n\n"
-                   for name, state in [("state", "running"), ("progress", "running"), ("state", "succeeded")])
+    body = "".join(
+        f"event: {name}\ndata: {json.dumps(job_json(state=state))}\n\n"
+        for name, state in [("state", "running"), ("progress", "running"), ("state", "succeeded")]
+    )
     body += "event: end\ndata: {}\n\nevent: progress\ndata: {}\n\n"
     script = Script(httpx.Response(200, text=body, headers={"Content-Type": "text/event-stream"}))
     api, _ = client(script)
@@ -258,11 +301,13 @@ def test_parse_retry_after(value, expected):
 
 
 def test_client_modules_import_neither_torch_nor_the_server():
-    code = ("import pkgutil, sys, importlib, pgttt.client as c; "
-            "names = [m.name for m in pkgutil.iter_modules(c.__path__, 'pgttt.client.')]; "
-            "[importlib.import_module(n) for n in names]; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fastapi', 'starlette', 'uvicorn') "
-            "or m.startswith(('pgttt.app', 'pgttt.ttt', 'pgttt.checkpoints', 'pgttt.training'))); "
-            "print(len(names), bad); sys.exit(1 if bad or len(names) < 5 else 0)")
+    code = (
+        "import pkgutil, sys, importlib, pgttt.client as c; "
+        "names = [m.name for m in pkgutil.iter_modules(c.__path__, 'pgttt.client.')]; "
+        "[importlib.import_module(n) for n in names]; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fastapi', 'starlette', 'uvicorn') "
+        "or m.startswith(('pgttt.app', 'pgttt.ttt', 'pgttt.checkpoints', 'pgttt.training'))); "
+        "print(len(names), bad); sys.exit(1 if bad or len(names) < 5 else 0)"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr

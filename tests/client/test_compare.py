@@ -24,8 +24,9 @@ def units(n: int = 300, seed: int = 0) -> UnitSums:
 
 
 def side(label: str, u: UnitSums, **overrides) -> Side:
-    fields = dict(checkpoint="demo", checkpoint_sha256=SHA, val_fingerprint=FP, tokenizer_sha256=TOK,
-                  config={"ttt_lr": 0.005})
+    fields = dict(
+        checkpoint="demo", checkpoint_sha256=SHA, val_fingerprint=FP, tokenizer_sha256=TOK, config={"ttt_lr": 0.005}
+    )
     return Side(label, u, **{**fields, **overrides})
 
 
@@ -84,15 +85,18 @@ def test_a_clearly_worse_setting_has_an_interval_above_zero_and_the_seed_fixes_i
     assert compare(side("A", a), side("B", b), seed=1).low != c.low
 
 
-@pytest.mark.parametrize("change, field, match", [
-    (dict(checkpoint_sha256="b" * 64), "checkpoint", "sha256 aaaaaaaaaaaa, B is sha256 bbbbbbbbbbbb"),
-    (dict(checkpoint_sha256=None, checkpoint="other"), "checkpoint", "'demo', B is 'other'"),
-    (dict(val_fingerprint="e" * 64), "dataset", "val_fingerprint"),
-    (dict(tokenizer_sha256="s" * 64), "dataset", "tokenizer_sha256"),
-    (dict(u=units(n=299)), "units", "A has 300 documents, B has 299"),
-    (dict(u=units(seed=3)), "units", "document 1 has first_token 343 in A, 328 in B"),
-    (dict(val_bpb=9.0), "units", "the result says 9.00000000"),
-])
+@pytest.mark.parametrize(
+    "change, field, match",
+    [
+        (dict(checkpoint_sha256="b" * 64), "checkpoint", "sha256 aaaaaaaaaaaa, B is sha256 bbbbbbbbbbbb"),
+        (dict(checkpoint_sha256=None, checkpoint="other"), "checkpoint", "'demo', B is 'other'"),
+        (dict(val_fingerprint="e" * 64), "dataset", "val_fingerprint"),
+        (dict(tokenizer_sha256="s" * 64), "dataset", "tokenizer_sha256"),
+        (dict(u=units(n=299)), "units", "A has 300 documents, B has 299"),
+        (dict(u=units(seed=3)), "units", "document 1 has first_token 343 in A, 328 in B"),
+        (dict(val_bpb=9.0), "units", "the result says 9.00000000"),
+    ],
+)
 def test_what_cannot_be_paired_is_refused_naming_the_field(change, field, match):
     a = side("A", units())
     with pytest.raises(CompareError, match=match) as info:
@@ -117,9 +121,12 @@ def test_result_files_name_their_units_file_beside_them(tmp_path):
     out = tmp_path / "run.json"
     assert units_path(out) == tmp_path / "run.units.npz"
     u.save(units_path(out))
-    result = {"val_bpb": u.total[0] / math.log(2) / u.total[2], "config": {"ttt_lr": 0.005},
-              "identity": {"checkpoint_sha256": SHA, "val_fingerprint": FP, "tokenizer_sha256": TOK},
-              "units": {"file": "run.units.npz"}}
+    result = {
+        "val_bpb": u.total[0] / math.log(2) / u.total[2],
+        "config": {"ttt_lr": 0.005},
+        "identity": {"checkpoint_sha256": SHA, "val_fingerprint": FP, "tokenizer_sha256": TOK},
+        "units": {"file": "run.units.npz"},
+    }
     out.write_text(json.dumps(result))
     loaded = load_side(out)
     assert loaded.label == str(out) and loaded.checkpoint_sha256 == SHA and loaded.units.identity() == u.identity()

@@ -61,9 +61,14 @@ class FakeApi:
         loss = tokens * (quality(request["ttt_lr"]) + DOC_HARDNESS[:n] + noise)
         units = UnitSums("document", np.cumsum(tokens) - tokens, tokens, 4 * tokens, loss)
         bpb = units.total[0] / math.log(2) / units.total[2]
-        result = {"val_bpb": bpb, "val_loss": bpb, "tokens_scored": int(tokens.sum()), "config": request,
-                  "identity": {"checkpoint_sha256": "c" * 64, "val_fingerprint": "f" * 64},
-                  "timings": {"eval_s": 0.001 * tokens.sum()}}
+        result = {
+            "val_bpb": bpb,
+            "val_loss": bpb,
+            "tokens_scored": int(tokens.sum()),
+            "config": request,
+            "identity": {"checkpoint_sha256": "c" * 64, "val_fingerprint": "f" * 64},
+            "timings": {"eval_s": 0.001 * tokens.sum()},
+        }
         return result, units
 
     def handle(self, request: httpx.Request) -> httpx.Response:
@@ -73,23 +78,36 @@ class FakeApi:
         if path == "/checkpoints/demo":
             return httpx.Response(200, json={"name": "demo", "sha256": "c" * 64})
         if path == "/datasets":
-            return httpx.Response(200, json={"datasets": [{"name": "demo", "fingerprint": "f",
-                                                           "val_tokens": int(DOC_TOKENS.sum())}]})
+            return httpx.Response(
+                200, json={"datasets": [{"name": "demo", "fingerprint": "f", "val_tokens": int(DOC_TOKENS.sum())}]}
+            )
         if request.method == "POST" and path == "/eval":
             body = json.loads(request.content)
             self.submitted.append(body)
             fields = {k: v for k, v in body.items() if k not in ("checkpoint", "dataset", "gpus", "force")}
             job_id = f"j{next(self._ids)}"
             result, self.units[job_id] = self.evaluate(fields)
-            self.jobs[job_id] = {"id": job_id, "state": "succeeded", "cached": False, "checkpoint": "demo",
-                                 "dataset": "demo", "request": fields, "result": result, "error": None}
+            self.jobs[job_id] = {
+                "id": job_id,
+                "state": "succeeded",
+                "cached": False,
+                "checkpoint": "demo",
+                "dataset": "demo",
+                "request": fields,
+                "result": result,
+                "error": None,
+            }
             return httpx.Response(202, json=self.jobs[job_id])
         parts = path.split("/")
         if len(parts) == 5 and parts[3] == "compare":
             a, b = (Side.from_result(j, self.jobs[j]["result"], self.units[j]) for j in (parts[2], parts[4]))
             try:
-                return httpx.Response(200, json=compare(a, b, **{k: float(v) if k == "confidence" else int(v)
-                                                                   for k, v in request.url.params.items()}).to_dict())
+                return httpx.Response(
+                    200,
+                    json=compare(
+                        a, b, **{k: float(v) if k == "confidence" else int(v) for k, v in request.url.params.items()}
+                    ).to_dict(),
+                )
             except CompareError as exc:
                 return httpx.Response(422, json={"error": {"code": "not_comparable", "message": str(exc)}})
         return httpx.Response(200, json=self.jobs[parts[2]])
@@ -97,8 +115,10 @@ class FakeApi:
 
 def client_for(api: FakeApi):
     def make(url: str) -> Client:
-        return Client(url, transport=httpx.MockTransport(api.handle), retry=RetryPolicy(attempts=2),
-                      sleep=lambda s: None)
+        return Client(
+            url, transport=httpx.MockTransport(api.handle), retry=RetryPolicy(attempts=2), sleep=lambda s: None
+        )
+
     return make
 
 
@@ -118,8 +138,9 @@ def test_halving_finds_the_full_grids_best_for_fewer_token_evaluations(tmp_path)
     full_cost = sum(r["tokens_scored"] for r in full)
 
     api = FakeApi()
-    halving = run_halving(points, tmp_path / "out", runners(api), client_for(api), start=2000, factor=3,
-                          full=int(DOC_TOKENS.sum()))
+    halving = run_halving(
+        points, tmp_path / "out", runners(api), client_for(api), start=2000, factor=3, full=int(DOC_TOKENS.sum())
+    )
     sizes = [r.size for r in halving.rungs]
     assert sizes == [2000, 6000, None] and [r.points for r in halving.rungs] == [9, 3, 1]  # one left: the full set
     final = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[0])
@@ -133,8 +154,9 @@ def test_halving_finds_the_full_grids_best_for_fewer_token_evaluations(tmp_path)
     assert all(r.fallback is None for r in halving.rungs)
 
     submitted = len(api.submitted)
-    rerun = run_halving(points, tmp_path / "out", runners(api), client_for(api), start=2000, factor=3,
-                        full=int(DOC_TOKENS.sum()))
+    rerun = run_halving(
+        points, tmp_path / "out", runners(api), client_for(api), start=2000, factor=3, full=int(DOC_TOKENS.sum())
+    )
     assert len(api.submitted) == submitted and rerun.to_dict() == halving.to_dict()  # resumed from the files
 
     report = write_report(tmp_path / "out" / "results.jsonl")
@@ -182,8 +204,12 @@ def test_a_point_the_rung_cannot_tell_from_the_best_is_kept_a_clearly_worse_one_
     keeps one point; the rung keeps A (top) and B (undecided) and cuts C and D."""
     rng = np.random.default_rng(3)
     base = 2.0 + DOC_HARDNESS
-    units = {"a": sums(base), "b": sums(base + rng.normal(0, 0.01, 400)), "c": sums(base + 0.05),
-             "d": sums(base + 0.002)}
+    units = {
+        "a": sums(base),
+        "b": sums(base + rng.normal(0, 0.01, 400)),
+        "c": sums(base + 0.05),
+        "d": sums(base + 0.002),
+    }
     sides = {k: Side.from_result(k, {"val_bpb": None}, u) for k, u in units.items()}
     bpb = {k: s.bpb for k, s in sides.items()}
     assert min(bpb, key=bpb.get) == "a"  # the seed makes B's noise cost a little: A is the rung's best
@@ -210,15 +236,19 @@ def test_a_point_the_rung_cannot_tell_from_the_best_is_kept_a_clearly_worse_one_
 
 def test_a_rung_without_usable_intervals_keeps_by_val_bpb_and_says_why():
     records = [{"key": k, "result": {"val_bpb": v}} for k, v in (("a", 2.0), ("b", 2.01), ("c", 2.3))]
-    one_unit = {k: {"against": "a", "low": d, "high": d, "delta": d, "units": 1} for k, d in
-                (("a", 0.0), ("b", 0.0), ("c", 0.3))}  # zero width at Δ: b's "interval" holds 0 by accident
+    one_unit = {
+        k: {"against": "a", "low": d, "high": d, "delta": d, "units": 1}
+        for k, d in (("a", 0.0), ("b", 0.0), ("c", 0.3))
+    }  # zero width at Δ: b's "interval" holds 0 by accident
     status, fallback = decide(records, 1, one_unit)
     assert status == {"a": KEPT_TOP, "b": CUT, "c": CUT} and "1 unit(s)" in fallback
     # Two chunks, the first scored alike by every setting: a quarter of the resamples are that chunk alone, so every
     # 95% interval's lower end is 0; it tells nothing. Four units are the fewest a 95% interval is one over.
     assert (bootstrap_units(0.95), bootstrap_units(0.99)) == (4, 5)
-    two = {k: {"against": "a", "low": 0.0, "high": 2 * d, "delta": d, "units": 2, "confidence": 0.95} for k, d in
-           (("a", 0.0), ("b", 0.01), ("c", 0.3))}
+    two = {
+        k: {"against": "a", "low": 0.0, "high": 2 * d, "delta": d, "units": 2, "confidence": 0.95}
+        for k, d in (("a", 0.0), ("b", 0.01), ("c", 0.3))
+    }
     status, fallback = decide(records, 1, two)
     assert status == {"a": KEPT_TOP, "b": CUT, "c": CUT} and "2 unit(s): a 95% bootstrap interval needs 4" in fallback
     four = {k: {**i, "units": 4} for k, i in two.items()}
@@ -232,8 +262,9 @@ def test_the_report_says_what_each_rung_decided(tmp_path):
     api = FakeApi()
     close = [0.004, 0.005, 0.006, 0.3]  # 0.004 and 0.006 lose 0.0002 nats a token to 0.005: within the noise
     points = parse_spec({"checkpoint": "demo", "dataset": "demo", "grid": {"ttt_lr": close}}).expand()
-    halving = run_halving(points, tmp_path / "out", runners(api), client_for(api), start=3000, factor=4,
-                          full=int(DOC_TOKENS.sum()))
+    halving = run_halving(
+        points, tmp_path / "out", runners(api), client_for(api), start=3000, factor=4, full=int(DOC_TOKENS.sum())
+    )
     first = halving.rungs[0]
     assert [r["status"] for r in first.table] == [KEPT_TOP, KEPT_UNDECIDED, KEPT_UNDECIDED, CUT]
     assert first.table[-1]["label"] == "ttt_lr=0.3" and first.table[-1]["low"] > 0
@@ -244,8 +275,9 @@ def test_the_report_says_what_each_rung_decided(tmp_path):
     assert "### max_tokens=3000: 4 point(s), " in text and "3 kept (1 top, 2 undecided)" in text
 
     # A first subset inside one document: one unit, intervals of zero width; the rung says it fell back.
-    halving = run_halving(points, tmp_path / "one", runners(api), client_for(api), start=100, factor=4,
-                          full=int(DOC_TOKENS.sum()))
+    halving = run_halving(
+        points, tmp_path / "one", runners(api), client_for(api), start=100, factor=4, full=int(DOC_TOKENS.sum())
+    )
     assert "1 unit(s)" in halving.rungs[0].fallback and len(halving.rungs[0].kept) == 1
     text = write_report(tmp_path / "one" / "results.jsonl").markdown.read_text()
     assert "Kept by val_bpb alone: the subset holds 1 unit(s)" in text

@@ -16,20 +16,38 @@ from pgttt.main import main
 
 # (ttt_epochs, chunk_tokens, val_bpb, eval seconds): a grid where more epochs cost time and mostly help.
 GRID = [
-    (0, 8192, 1.900, 10.0), (0, 32768, 1.900, 11.0),
-    (1, 8192, 1.850, 30.0), (1, 32768, 1.870, 20.0),
-    (2, 8192, 1.830, 50.0), (2, 32768, 1.860, 35.0),
-    (3, 8192, 1.835, 70.0), (3, 32768, 1.840, 45.0),
+    (0, 8192, 1.900, 10.0),
+    (0, 32768, 1.900, 11.0),
+    (1, 8192, 1.850, 30.0),
+    (1, 32768, 1.870, 20.0),
+    (2, 8192, 1.830, 50.0),
+    (2, 32768, 1.860, 35.0),
+    (3, 8192, 1.835, 70.0),
+    (3, 32768, 1.840, 45.0),
 ]
 
 
 def record(i: int, epochs: int, chunk: int, bpb: float, secs: float, **result) -> dict:
     request = {"ttt_epochs": epochs, "chunk_tokens": chunk, "max_tokens": 65536}
     config = {**request, "seq_len": 256, "stride": 64, "precision": "fp32", "ttt_lr": 0.005, "seed": 0}
-    return {"key": f"k{i:02d}", "checkpoint": "demo", "dataset": "demo", "request": request, "server": "http://x",
-            "job_id": f"job{i}", "cached": False,
-            "result": {"val_bpb": bpb, "val_loss": bpb * 0.7, "tokens_scored": 65536, "bytes_scored": 200000,
-                       "config": config, "timings": {"eval_s": secs, "total_s": secs + 1.5}, **result}}
+    return {
+        "key": f"k{i:02d}",
+        "checkpoint": "demo",
+        "dataset": "demo",
+        "request": request,
+        "server": "http://x",
+        "job_id": f"job{i}",
+        "cached": False,
+        "result": {
+            "val_bpb": bpb,
+            "val_loss": bpb * 0.7,
+            "tokens_scored": 65536,
+            "bytes_scored": 200000,
+            "config": config,
+            "timings": {"eval_s": secs, "total_s": secs + 1.5},
+            **result,
+        },
+    }
 
 
 def write_results(path, records, tail: str = "") -> None:
@@ -37,8 +55,12 @@ def write_results(path, records, tail: str = "") -> None:
 
 
 def dominated(row, rows, time) -> bool:
-    return any(getattr(o, time) <= getattr(row, time) and o.val_bpb <= row.val_bpb
-               and (getattr(o, time), o.val_bpb) != (getattr(row, time), row.val_bpb) for o in rows)
+    return any(
+        getattr(o, time) <= getattr(row, time)
+        and o.val_bpb <= row.val_bpb
+        and (getattr(o, time), o.val_bpb) != (getattr(row, time), row.val_bpb)
+        for o in rows
+    )
 
 
 def png_size(path) -> tuple[int, int]:
@@ -52,7 +74,7 @@ def section(markdown: str, title: str) -> list[str]:
     lines = markdown.split("\n")
     start = next(i for i, line in enumerate(lines) if line.startswith("### " + title))
     keys = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.startswith("#"):
             break
         if line.startswith("| ") and "`" in line:
@@ -105,8 +127,13 @@ def test_projected_seconds_add_a_panel_and_decide_the_budget(tmp_path):
     text = report.markdown.read_text()
     # 600 s projected = 30 s measured: k00, k01, k02 (1.850), k03 -> k02
     assert section(text, "Best within the 600 s budget (projected 8-GPU seconds)") == ["k02"]
-    assert section(text, "Pareto frontier: val_bpb against projected 8-GPU seconds") == ["k00", "k03", "k02", "k07",
-                                                                                           "k04"]
+    assert section(text, "Pareto frontier: val_bpb against projected 8-GPU seconds") == [
+        "k00",
+        "k03",
+        "k02",
+        "k07",
+        "k04",
+    ]
     two_panels, _ = png_size(report.png)
     write_results(tmp_path / "one.jsonl", [record(i, *g) for i, g in enumerate(GRID)])
     one_panel, _ = png_size(write_report(tmp_path / "one.jsonl", tmp_path / "one").png)
@@ -150,8 +177,15 @@ def test_repeats_over_seeds_get_mean_and_std(tmp_path):
 
 
 def test_pareto_front_keeps_ties_out():
-    rows, _ = build_rows([record(0, 1, 1, 1.8, 10.0), record(1, 2, 1, 1.8, 10.0), record(2, 3, 1, 1.9, 5.0),
-                          record(3, 4, 1, 1.7, 20.0), record(4, 5, 1, 1.75, 20.0)])
+    rows, _ = build_rows(
+        [
+            record(0, 1, 1, 1.8, 10.0),
+            record(1, 2, 1, 1.8, 10.0),
+            record(2, 3, 1, 1.9, 5.0),
+            record(3, 4, 1, 1.7, 20.0),
+            record(4, 5, 1, 1.75, 20.0),
+        ]
+    )
     assert [r.key for r in pareto_front(rows, "eval_s")] == ["k02", "k00", "k03"]
 
 
@@ -169,11 +203,14 @@ def test_read_results_keeps_a_last_line_without_newline(tmp_path):
     assert len(read_results(path)) == 1
 
 
-@pytest.mark.parametrize("content, message", [
-    ("not json\n" + json.dumps(record(0, 1, 1, 1.8, 3.0)) + "\n", "results.jsonl:1: not JSON"),
-    ("\n[1, 2]\n", "results.jsonl:2: not a sweep result (a JSON list)"),
-    ('{"key": "a", "checkpoint": "c"}\n', "results.jsonl:1: not a sweep result (missing dataset, request, result)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("not json\n" + json.dumps(record(0, 1, 1, 1.8, 3.0)) + "\n", "results.jsonl:1: not JSON"),
+        ("\n[1, 2]\n", "results.jsonl:2: not a sweep result (a JSON list)"),
+        ('{"key": "a", "checkpoint": "c"}\n', "results.jsonl:1: not a sweep result (missing dataset, request, result)"),
+    ],
+)
 def test_bad_results_files_name_the_line(tmp_path, content, message):
     (tmp_path / "results.jsonl").write_text(content)
     with pytest.raises(ResultsError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -188,11 +225,14 @@ def test_report_cli(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["pareto.png", "report.md", "results.csv"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing.jsonl"], "missing.jsonl: cannot read the results"),
-    (["empty.jsonl"], "empty.jsonl: no results yet"),
-    (["results.jsonl", "--budget-s", "0"], "--budget-s 0.0: must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.jsonl"], "missing.jsonl: cannot read the results"),
+        (["empty.jsonl"], "empty.jsonl: no results yet"),
+        (["results.jsonl", "--budget-s", "0"], "--budget-s 0.0: must be a positive number"),
+    ],
+)
 def test_report_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.jsonl").write_text("")
@@ -204,8 +244,10 @@ def test_report_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, mes
 
 def test_reference_seconds_are_the_time_axis_and_decide_the_budget(tmp_path):
     # the record's script on 8xH100 (projection.reference): 12x pgttt's measured seconds here
-    records = [record(i, *g, projected_8gpu_s=g[3] * 2, projection={"reference": {"seconds": g[3] * 12}})
-               for i, g in enumerate(GRID)]
+    records = [
+        record(i, *g, projected_8gpu_s=g[3] * 2, projection={"reference": {"seconds": g[3] * 12}})
+        for i, g in enumerate(GRID)
+    ]
     write_results(tmp_path / "results.jsonl", records)
     report = write_report(tmp_path / "results.jsonl", budget_s=600)
     with report.csv.open() as f:
@@ -225,9 +267,15 @@ def test_paired_intervals_beside_the_results_reach_the_csv_the_tables_and_the_pl
     records = [record(i, *g) for i, g in enumerate(GRID)]
     write_results(tmp_path / "results.jsonl", records)
     best = min(records, key=lambda r: r["result"]["val_bpb"])["key"]  # k04, 1.830
-    intervals = {r["key"]: {"against": best, "delta": r["result"]["val_bpb"] - 1.830,
-                            "low": r["result"]["val_bpb"] - 1.840, "high": r["result"]["val_bpb"] - 1.820}
-                 for r in records}
+    intervals = {
+        r["key"]: {
+            "against": best,
+            "delta": r["result"]["val_bpb"] - 1.830,
+            "low": r["result"]["val_bpb"] - 1.840,
+            "high": r["result"]["val_bpb"] - 1.820,
+        }
+        for r in records
+    }
     intervals[best] = {"against": best, "delta": 0.0, "low": 0.0, "high": 0.0}
     (tmp_path / "intervals.json").write_text(json.dumps(intervals))
     bars = []
@@ -241,9 +289,12 @@ def test_paired_intervals_beside_the_results_reach_the_csv_the_tables_and_the_pl
     report = write_report(tmp_path / "results.jsonl")
     with report.csv.open() as f:
         rows = {r["key"]: r for r in csv.DictReader(f)}
-    assert float(rows["k02"]["delta_bpb"]) == pytest.approx(0.02) and float(rows["k02"]["delta_low"]) == \
-        pytest.approx(0.01) and float(rows["k02"]["delta_high"]) == pytest.approx(0.03)
+    assert (
+        float(rows["k02"]["delta_bpb"]) == pytest.approx(0.02)
+        and float(rows["k02"]["delta_low"]) == pytest.approx(0.01)
+        and float(rows["k02"]["delta_high"]) == pytest.approx(0.03)
+    )
     assert "| +0.0200 [+0.0100, +0.0300] |" in report.markdown.read_text()  # k02's row
-    (x, y, (below, above)), = bars  # one group: one set of error bars, the best (Δ = 0) without one
+    ((x, y, (below, above)),) = bars  # one group: one set of error bars, the best (Δ = 0) without one
     assert len(x) == len(GRID) - 1 and 1.830 not in y
     assert below == pytest.approx([0.01] * 7) and above == pytest.approx([0.01] * 7)

@@ -45,12 +45,15 @@ def test_a_bad_spec_names_the_file_and_key(tmp_path, capsys):
     assert err == f"pgttt sweep: error: {path}: grid.ttt_lr[1]: ttt_lr must be a finite number, got 'fast'\n"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--concurrency", "0"], "--concurrency 0: must be at least 1"),
-    (["--retries", "0"], "--retries 0: must be at least 1"),
-    (["--max-attempts", "0"], "--max-attempts 0: must be at least 1"),
-    (["--poll-s", "0"], "--poll-s 0.0: must be a positive number of seconds"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--concurrency", "0"], "--concurrency 0: must be at least 1"),
+        (["--retries", "0"], "--retries 0: must be at least 1"),
+        (["--max-attempts", "0"], "--max-attempts 0: must be at least 1"),
+        (["--poll-s", "0"], "--poll-s 0.0: must be a positive number of seconds"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(tmp_path, spec_file, capsys, flags, message):
     code, err = run(capsys, spec_file, "--server", "http://127.0.0.1:1", "--out", tmp_path / "out", *flags)
     assert code == 2 and err == f"pgttt sweep: error: {message}\n"
@@ -68,7 +71,19 @@ def test_points_predicted_over_budget_are_marked_or_skipped(tmp_path, capsys):
     url = f"http://127.0.0.1:{closed_port()}"
     code, err = run(capsys, spec, "--server", url, "--out", tmp_path / "out", "--retries", "1", "--quiet")
     assert code == 2 and "over budget: ttt_epochs=12: reference ~" in err and "ttt_epochs=3:" not in err
-    code, err = run(capsys, spec, "--server", url, "--out", tmp_path / "out", "--retries", "1", "--quiet",
-                    "--skip-over-budget", "--budget-s", "100")
+    code, err = run(
+        capsys,
+        spec,
+        "--server",
+        url,
+        "--out",
+        tmp_path / "out",
+        "--retries",
+        "1",
+        "--quiet",
+        "--skip-over-budget",
+        "--budget-s",
+        "100",
+    )
     assert code == 2 and "skipped: ttt_epochs=3:" in err and "skipped: ttt_epochs=12:" in err
     assert "every point of" in err.strip().splitlines()[-1]

@@ -46,10 +46,23 @@ class Server:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pgttt.main", "serve", "--port", str(self.port), "--state-dir",
-                 str(self.state_dir), "--log-level", "warning"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={k: v for k, v in os.environ.items() if not k.startswith("PGTTT_")})  # its defaults: the demo
+                [
+                    sys.executable,
+                    "-m",
+                    "pgttt.main",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--state-dir",
+                    str(self.state_dir),
+                    "--log-level",
+                    "warning",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={k: v for k, v in os.environ.items() if not k.startswith("PGTTT_")},
+            )  # its defaults: the demo
         deadline = time.monotonic() + READY_TIMEOUT_S
         with self.client(attempts=1) as api:
             while time.monotonic() < deadline:
@@ -94,11 +107,17 @@ def write_spec(path: Path, names: dict, epochs: list[int], force: bool = False) 
     """Points ``epochs`` x two chunk sizes on the first 4 sequences of the val stream; stride = seq_len keeps the
     windows few. ``force``: evaluate again what an earlier test left in the server's result cache."""
     seq = names["seq_len"]
-    path.write_text(json.dumps({
-        "checkpoint": names["checkpoint"], "dataset": names["dataset"], "force": force,
-        "fixed": {"max_tokens": seq * 4, "seq_len": seq, "stride": seq},
-        "grid": {"ttt_epochs": epochs, "chunk_tokens": [seq, seq * 2]},
-    }))  # JSON is YAML
+    path.write_text(
+        json.dumps(
+            {
+                "checkpoint": names["checkpoint"],
+                "dataset": names["dataset"],
+                "force": force,
+                "fixed": {"max_tokens": seq * 4, "seq_len": seq, "stride": seq},
+                "grid": {"ttt_epochs": epochs, "chunk_tokens": [seq, seq * 2]},
+            }
+        )
+    )  # JSON is YAML
     return path
 
 
@@ -108,8 +127,13 @@ def sweep_process(spec: Path, out: Path, *servers: str, extra: tuple[str, ...] =
         args += ["--server", url]
     # A pytest started in the background (`&`) has SIGINT ignored, and a child inherits that: the Ctrl-C test's
     # SIGINT would then never arrive. Default handling in the child makes Python turn it into KeyboardInterrupt.
-    return subprocess.Popen([*args, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [*args, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
@@ -140,8 +164,23 @@ def all_jobs(server: Server) -> list:
 def test_a_six_point_sweep_and_its_report_agree_with_the_jobs(server, names, tmp_path, capsys):
     spec, out = write_spec(tmp_path / "sweep.yaml", names, [0, 1, 2]), tmp_path / "out"
     dead = f"http://127.0.0.1:{free_port()}"
-    code = main(["sweep", str(spec), "--server", server.url, "--server", dead, "--out", str(out), "--quiet",
-                 "--poll-s", "0.1", "--retries", "3"])
+    code = main(
+        [
+            "sweep",
+            str(spec),
+            "--server",
+            server.url,
+            "--server",
+            dead,
+            "--out",
+            str(out),
+            "--quiet",
+            "--poll-s",
+            "0.1",
+            "--retries",
+            "3",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err
     assert f"server {dead} is unreachable and will not be used: {dead}/checkpoints/" in err
@@ -175,10 +214,12 @@ def test_a_six_point_sweep_and_its_report_agree_with_the_jobs(server, names, tmp
         assert float(rows[r["key"]]["gain_bpb"]) == pytest.approx(base - jobs[r["job_id"]].result["val_bpb"])
 
     # the frontier in report.md is exactly the non-dominated jobs
-    points = [(jobs[r["job_id"]].result["timings"]["eval_s"], jobs[r["job_id"]].result["val_bpb"], r["key"])
-              for r in records]
-    front = sorted((t, b, k) for t, b, k in points
-                   if not any(t2 <= t and b2 <= b and (t2, b2) != (t, b) for t2, b2, _ in points))
+    points = [
+        (jobs[r["job_id"]].result["timings"]["eval_s"], jobs[r["job_id"]].result["val_bpb"], r["key"]) for r in records
+    ]
+    front = sorted(
+        (t, b, k) for t, b, k in points if not any(t2 <= t and b2 <= b and (t2, b2) != (t, b) for t2, b2, _ in points)
+    )
     text = (out / "report.md").read_text()
     table = text.split("### Pareto frontier: val_bpb against eval seconds")[1].split("###")[0]
     assert [line.rsplit("`", 2)[1] for line in table.splitlines() if "`" in line] == [k for _, _, k in front]
@@ -235,17 +276,27 @@ def test_a_server_restarted_mid_sweep_costs_only_time(server, names, tmp_path):
     spec = tmp_path / "sweep.yaml"
     # a quick point; then one of a few batches (32 sequences' worth of windows, stride seq/4), long enough to be
     # killed while it runs; then a quick one
-    spec.write_text(json.dumps({
-        "checkpoint": names["checkpoint"], "dataset": names["dataset"], "force": True,
-        "fixed": {"seq_len": seq, "chunk_tokens": seq * 2},
-        "points": [{"ttt_epochs": 0, "max_tokens": seq * 4, "stride": seq},
-                   {"ttt_epochs": 0, "max_tokens": seq * 32, "stride": seq // 4},
-                   {"ttt_epochs": 1, "max_tokens": seq * 4, "stride": seq}],
-    }))
+    spec.write_text(
+        json.dumps(
+            {
+                "checkpoint": names["checkpoint"],
+                "dataset": names["dataset"],
+                "force": True,
+                "fixed": {"seq_len": seq, "chunk_tokens": seq * 2},
+                "points": [
+                    {"ttt_epochs": 0, "max_tokens": seq * 4, "stride": seq},
+                    {"ttt_epochs": 0, "max_tokens": seq * 32, "stride": seq // 4},
+                    {"ttt_epochs": 1, "max_tokens": seq * 4, "stride": seq},
+                ],
+            }
+        )
+    )
     proc = sweep_process(spec, out, server.url, extra=("--concurrency", "1", "--retries", "14"))
     with server.client() as api:
+
         def running() -> bool:
             return bool(result_lines(out)) and api.jobs(state="running")[1] > 0
+
         wait_for(lambda: running() or proc.poll() is not None, 120, "a finished point and a running job")
     server.kill()
     server.start()  # same port, same job store

@@ -17,8 +17,12 @@ from pgttt.client.retry import RetryPolicy
 from pgttt.client.sweep_runner import SweepRunner
 from pgttt.client.sweep_spec import SweepError, parse_spec
 
-SPEC = {"checkpoint": "demo", "dataset": "demo", "fixed": {"max_tokens": 4096},
-        "grid": {"ttt_epochs": [0, 1, 2], "chunk_tokens": [1024, 2048]}}
+SPEC = {
+    "checkpoint": "demo",
+    "dataset": "demo",
+    "fixed": {"max_tokens": 4096},
+    "grid": {"ttt_epochs": [0, 1, 2], "chunk_tokens": [1024, 2048]},
+}
 _ids = itertools.count()
 
 
@@ -27,10 +31,24 @@ class FakeServer:
     from the request. ``down`` refuses connections for that many requests; ``restart()`` also fails the
     unfinished jobs the way the real store does after a restart."""
 
-    def __init__(self, url: str, *, polls: int = 2, sha256: str = "c0ffee", fingerprint: str = "f1",
-                 forget: bool = False, key: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        polls: int = 2,
+        sha256: str = "c0ffee",
+        fingerprint: str = "f1",
+        forget: bool = False,
+        key: str | None = None,
+    ) -> None:
         self.url, self.polls, self.sha256, self.fingerprint, self.forget, self.key = (
-            url, polls, sha256, fingerprint, forget, key)
+            url,
+            polls,
+            sha256,
+            fingerprint,
+            forget,
+            key,
+        )
         self.lock = threading.Lock()
         self.jobs: dict[str, dict] = {}
         self.seen: dict[str, int] = {}
@@ -49,8 +67,10 @@ class FakeServer:
     def restart(self, down_for: int) -> None:
         for job in self.jobs.values():
             if job["state"] in ("queued", "running"):
-                job.update(state="failed", error={"code": "server_stopped",
-                                                  "message": "server stopped while the job was running"})
+                job.update(
+                    state="failed",
+                    error={"code": "server_stopped", "message": "server stopped while the job was running"},
+                )
         self.down = down_for
 
     def handle(self, request: httpx.Request) -> httpx.Response:
@@ -107,9 +127,18 @@ class FakeServer:
         self.submitted.append(body)
         request = {k: v for k, v in body.items() if k not in ("checkpoint", "dataset", "gpus", "force")}
         job_id = f"j{next(_ids)}"
-        self.jobs[job_id] = {"id": job_id, "url": f"/jobs/{job_id}", "state": "queued", "cached": False,
-                             "checkpoint": body["checkpoint"], "dataset": body["dataset"], "request": request,
-                             "result": None, "error": None, "created_at": "2026-01-01T00:00:00Z"}
+        self.jobs[job_id] = {
+            "id": job_id,
+            "url": f"/jobs/{job_id}",
+            "state": "queued",
+            "cached": False,
+            "checkpoint": body["checkpoint"],
+            "dataset": body["dataset"],
+            "request": request,
+            "result": None,
+            "error": None,
+            "created_at": "2026-01-01T00:00:00Z",
+        }
         self.seen[job_id] = 0
         self.max_active = max(self.max_active, self.active())
         if self.on_submit:
@@ -119,24 +148,42 @@ class FakeServer:
 
 def made_up_result(request: dict) -> dict:
     epochs = request.get("ttt_epochs", 3)
-    return {"val_bpb": 2.0 - 0.01 * epochs + request.get("chunk_tokens", 0) * 1e-6, "val_loss": 1.4,
-            "tokens_scored": 4096, "config": {"ttt_epochs": epochs}, "timings": {"eval_s": 1.0 + epochs}}
+    return {
+        "val_bpb": 2.0 - 0.01 * epochs + request.get("chunk_tokens", 0) * 1e-6,
+        "val_loss": 1.4,
+        "tokens_scored": 4096,
+        "config": {"ttt_epochs": epochs},
+        "timings": {"eval_s": 1.0 + epochs},
+    }
 
 
 def error(status: int, code: str, message: str, **detail) -> httpx.Response:
     return httpx.Response(status, json={"error": {"code": code, "message": message, "detail": detail or None}})
 
 
-def runner(tmp_path, *servers: FakeServer, concurrency: int = 2, api_key: str | None = None,
-           progress: bool = False, **kwargs) -> SweepRunner:
+def runner(
+    tmp_path, *servers: FakeServer, concurrency: int = 2, api_key: str | None = None, progress: bool = False, **kwargs
+) -> SweepRunner:
     by_url = {s.url: s for s in servers}
 
     def client(url: str) -> Client:
-        return Client(url, api_key=api_key, transport=httpx.MockTransport(by_url[url].handle),
-                      retry=RetryPolicy(attempts=3, initial_s=0.001), sleep=lambda s: None)
+        return Client(
+            url,
+            api_key=api_key,
+            transport=httpx.MockTransport(by_url[url].handle),
+            retry=RetryPolicy(attempts=3, initial_s=0.001),
+            sleep=lambda s: None,
+        )
 
-    return SweepRunner(list(by_url), tmp_path / "out", concurrency=concurrency, poll_s=0.001, progress=progress,
-                       client_factory=client, **kwargs)
+    return SweepRunner(
+        list(by_url),
+        tmp_path / "out",
+        concurrency=concurrency,
+        poll_s=0.001,
+        progress=progress,
+        client_factory=client,
+        **kwargs,
+    )
 
 
 def lines(tmp_path) -> list[dict]:
@@ -194,8 +241,10 @@ def test_a_rerun_submits_only_what_is_missing(tmp_path):
     outcome = runner(tmp_path, again).run(points)
     assert (outcome.already, outcome.done) == (3, 3) and len(again.submitted) == 3
     kept_keys = {json.loads(line)["key"] for line in kept}
-    sent = {json.dumps({k: v for k, v in s.items() if k not in ("checkpoint", "dataset", "gpus", "force")},
-                       sort_keys=True) for s in again.submitted}
+    sent = {
+        json.dumps({k: v for k, v in s.items() if k not in ("checkpoint", "dataset", "gpus", "force")}, sort_keys=True)
+        for s in again.submitted
+    }
     assert sent == {json.dumps(p.fields, sort_keys=True) for p in points if p.key not in kept_keys}
     assert sorted(r["key"] for r in lines(tmp_path)) == sorted(p.key for p in points)  # the partial line is gone
     third = FakeServer("http://a:1")
@@ -234,7 +283,7 @@ def test_a_job_the_server_forgot_is_resubmitted(tmp_path):
     server = FakeServer("http://a:1", forget=True)
     outcome = runner(tmp_path, server, max_attempts=2).run(parse_spec({**SPEC, "grid": {"ttt_epochs": [1]}}).expand())
     assert outcome.done == 0 and len(server.submitted) == 2
-    (point, why), = outcome.failed
+    ((point, why),) = outcome.failed
     assert "404 not_found: no job" in why and "|" in why  # both attempts' reasons
 
 
@@ -283,12 +332,19 @@ def test_losing_the_last_server_mid_sweep_keeps_what_finished(tmp_path):
     assert len(lines(tmp_path)) == 2
 
 
-@pytest.mark.parametrize("servers, message", [
-    ([FakeServer("http://a:1"), FakeServer("http://b:2", sha256="beef")],
-     "servers disagree about checkpoint 'demo': http://a:1 has sha256 c0ffee, http://b:2 has sha256 beef"),
-    ([FakeServer("http://a:1"), FakeServer("http://b:2", fingerprint="f2")],
-     "servers disagree about dataset 'demo': http://a:1 has fingerprint f1, http://b:2 has fingerprint f2"),
-])
+@pytest.mark.parametrize(
+    "servers, message",
+    [
+        (
+            [FakeServer("http://a:1"), FakeServer("http://b:2", sha256="beef")],
+            "servers disagree about checkpoint 'demo': http://a:1 has sha256 c0ffee, http://b:2 has sha256 beef",
+        ),
+        (
+            [FakeServer("http://a:1"), FakeServer("http://b:2", fingerprint="f2")],
+            "servers disagree about dataset 'demo': http://a:1 has fingerprint f1, http://b:2 has fingerprint f2",
+        ),
+    ],
+)
 def test_servers_must_agree_on_what_they_evaluate(tmp_path, servers, message):
     with pytest.raises(SweepError, match=re.escape(message)):
         runner(tmp_path, *servers).run(parse_spec(SPEC).expand())

@@ -24,7 +24,12 @@ from pgttt.checkpoints.quant import default_scheme, quantize_rows
 DEMO = demo_dir()  # the demo checkpoint, tokenizer and val shard shipped in the package
 # Small evaluations of the demo checkpoint: fast on two CPU cores.
 QUICK = {
-    "checkpoint": "demo", "dataset": "demo", "ttt_epochs": 1, "chunk_tokens": 256, "max_tokens": 512, "batch_seqs": 8,
+    "checkpoint": "demo",
+    "dataset": "demo",
+    "ttt_epochs": 1,
+    "chunk_tokens": 256,
+    "max_tokens": 512,
+    "batch_seqs": 8,
 }
 # Long enough to be caught running (many TTT epochs), cancelled or killed long before it ends.
 LONG = {"checkpoint": "demo", "dataset": "demo", "ttt_epochs": 100, "chunk_tokens": 1024, "max_tokens": 8192}
@@ -117,8 +122,17 @@ class Server:
     def start(self) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGTTT_")}
         env["PGTTT_STATE_DIR"] = str(self.state_dir)
-        command = [sys.executable, "-m", "pgttt.main", "serve", "--port", str(self.port), "--log-level", "warning",
-                   *self.args]
+        command = [
+            sys.executable,
+            "-m",
+            "pgttt.main",
+            "serve",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *self.args,
+        ]
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -17,8 +17,15 @@ import brotli
 import numpy as np
 import torch
 
-GROUPS = ["_tok_emb.weight.q", "attn.c_k.weight.q", "attn.c_q.weight.q", "attn.c_v.weight.q",
-          "attn.proj.weight.q", "mlp.fc.weight.q", "mlp.proj.weight.q"]
+GROUPS = [
+    "_tok_emb.weight.q",
+    "attn.c_k.weight.q",
+    "attn.c_q.weight.q",
+    "attn.c_v.weight.q",
+    "attn.proj.weight.q",
+    "mlp.fc.weight.q",
+    "mlp.proj.weight.q",
+]
 SORTED_GROUPS = {"_tok_emb.weight.q", "attn.c_q.weight.q", "mlp.fc.weight.q"}
 
 
@@ -144,8 +151,12 @@ def group_blobs(w: dict, num_layers: int) -> tuple[dict[str, bytes], dict, dict,
 
 
 def pack_streams(streams: list[bytes]) -> bytes:
-    return b"PGRP" + struct.pack("<I", len(streams)) + b"".join(struct.pack("<I", len(s)) for s in streams) + \
-        b"".join(streams)
+    return (
+        b"PGRP"
+        + struct.pack("<I", len(streams))
+        + b"".join(struct.pack("<I", len(s)) for s in streams)
+        + b"".join(streams)
+    )
 
 
 def remainder_stream(remainder: dict, m: dict, manifest: dict) -> bytes:

@@ -11,9 +11,20 @@ from pgttt.checkpoints.model import GPT, init_weights
 FAMILIES = ["pr1530", "pr1667", "pr1736", "pr1787", "pr1851", "pr1855"]
 
 TINY = {
-    "vocab_size": 64, "num_layers": 4, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2, "mlp_mult": 2.0,
-    "rope_dims": 4, "train_seq_len": 16, "num_loops": 1, "loop_start": 1, "loop_end": 2,
-    "parallel_start_layer": 2, "xsa_last_n": 4, "gate_window": 6,
+    "vocab_size": 64,
+    "num_layers": 4,
+    "model_dim": 32,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "mlp_mult": 2.0,
+    "rope_dims": 4,
+    "train_seq_len": 16,
+    "num_loops": 1,
+    "loop_start": 1,
+    "loop_end": 2,
+    "parallel_start_layer": 2,
+    "xsa_last_n": 4,
+    "gate_window": 6,
 }
 
 

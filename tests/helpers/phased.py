@@ -31,7 +31,20 @@ def stream(tokens: int = 1400, docs: int = 14, seed: int = 0) -> tuple[np.ndarra
 
 
 def phased(**knobs) -> EvalConfig:
-    base = dict(protocol="phased", seq_len=128, ttt_lora_rank=4, ttt_chunk_size=32, ttt_eval_seq_len=64,
-                ttt_batch_size=3, phased_ttt_prefix_docs=8, phased_ttt_num_phases=2, global_ttt_chunk_tokens=128,
-                global_ttt_batch_seqs=1, ttt_lora_lr=3e-3, global_ttt_lr=3e-2, seed=7, emulate_ranks=1)
+    base = dict(
+        protocol="phased",
+        seq_len=128,
+        ttt_lora_rank=4,
+        ttt_chunk_size=32,
+        ttt_eval_seq_len=64,
+        ttt_batch_size=3,
+        phased_ttt_prefix_docs=8,
+        phased_ttt_num_phases=2,
+        global_ttt_chunk_tokens=128,
+        global_ttt_batch_seqs=1,
+        ttt_lora_lr=3e-3,
+        global_ttt_lr=3e-2,
+        seed=7,
+        emulate_ranks=1,
+    )
     return EvalConfig(**{**base, **knobs}).resolved(TINY, "cpu")

@@ -26,12 +26,21 @@ CASES = {
 def run_case(name: str) -> dict:
     ids, nbytes = stream()
     run = run_phased(tiny_model(), ids, nbytes, phased(**CASES[name]))
-    return {"loss_sum": run.loss_sum, "tokens": run.tokens, "bytes": run.bytes, "val_bpb": run.val_bpb,
-            "counts": run.counts, "pauses": run.schedule["pauses"], "compliance": run.compliance,
-            "trained": [p["trained"] for p in run.schedule["phases"]],
-            "batches": [(b.queue_index, b.emulated_rank, b.loss_sum) for b in run.batches],
-            "units": {"kind": run.units.kind, **{name: getattr(run.units, name).tolist()
-                                                 for name in ("first_token", "tokens", "bytes", "loss_sum")}}}
+    return {
+        "loss_sum": run.loss_sum,
+        "tokens": run.tokens,
+        "bytes": run.bytes,
+        "val_bpb": run.val_bpb,
+        "counts": run.counts,
+        "pauses": run.schedule["pauses"],
+        "compliance": run.compliance,
+        "trained": [p["trained"] for p in run.schedule["phases"]],
+        "batches": [(b.queue_index, b.emulated_rank, b.loss_sum) for b in run.batches],
+        "units": {
+            "kind": run.units.kind,
+            **{name: getattr(run.units, name).tolist() for name in ("first_token", "tokens", "bytes", "loss_sum")},
+        },
+    }
 
 
 def main() -> None:

@@ -60,8 +60,9 @@ def find_documents(tokens: list[int]) -> list[tuple[int, int]]:
     return documents
 
 
-def select_documents(documents: list[tuple[int, int]], fraction: float, seed: int,
-                     max_docs: int | None) -> list[tuple[int, int]]:
+def select_documents(
+    documents: list[tuple[int, int]], fraction: float, seed: int, max_docs: int | None
+) -> list[tuple[int, int]]:
     """pgttt's ``max_docs`` keeps the stream's first documents; then the record's seeded subset (L2915-L2923)."""
     if max_docs is not None:
         documents = documents[:max_docs]
@@ -122,8 +123,9 @@ def pause_points(sizes: list[int], boundaries: list[int], ranks: int) -> list[in
     return pauses
 
 
-def phase_schedule(lengths: list[int], batch_size: int, prefix_docs: int, num_phases: int, ranks: int,
-                   global_chunk_tokens: int) -> list[dict]:
+def phase_schedule(
+    lengths: list[int], batch_size: int, prefix_docs: int, num_phases: int, ranks: int, global_chunk_tokens: int
+) -> list[dict]:
     """Every pause: its batches K, documents completed pd, the selection (document indices), its stream length
     |S| and its number of global-SGD chunks M = ceil((|S| - 1) / K_tokens)."""
     batches = make_batches(lengths, batch_size)
@@ -135,15 +137,17 @@ def phase_schedule(lengths: list[int], batch_size: int, prefix_docs: int, num_ph
         completed.sort(key=lambda entry: (entry[0], entry[1]))
         selected = [doc for _, _, doc in completed[: boundaries[p]]]
         stream = sum(lengths[i] for i in selected)
-        schedule.append({
-            "phase": p + 1,
-            "batches": done,
-            "docs_completed": len(completed),
-            "docs_selected": len(selected),
-            "selected": selected,
-            "tokens": stream,
-            "chunks": max(0, -(-(stream - 1) // global_chunk_tokens)),
-        })
+        schedule.append(
+            {
+                "phase": p + 1,
+                "batches": done,
+                "docs_completed": len(completed),
+                "docs_selected": len(selected),
+                "selected": selected,
+                "tokens": stream,
+                "chunks": max(0, -(-(stream - 1) // global_chunk_tokens)),
+            }
+        )
     return schedule
 
 
@@ -159,12 +163,14 @@ def chunk_window(c: int, predictions: int, chunk: int, window: int) -> tuple[int
 class DocumentLoRA:
     """One document's adapters: per layer application and site u -> s (u A^T) B^T, plus one on the logits."""
 
-    def __init__(self, a: dict[str, list[torch.Tensor]], a_head: torch.Tensor, outs: dict[str, int], vocab: int,
-                 scale: float) -> None:
+    def __init__(
+        self, a: dict[str, list[torch.Tensor]], a_head: torch.Tensor, outs: dict[str, int], vocab: int, scale: float
+    ) -> None:
         self.scale = scale
         self.a = {site: [torch.nn.Parameter(m.clone()) for m in mats] for site, mats in a.items()}
-        self.b = {site: [torch.nn.Parameter(torch.zeros(outs[site], m.size(0))) for m in mats]
-                  for site, mats in a.items()}
+        self.b = {
+            site: [torch.nn.Parameter(torch.zeros(outs[site], m.size(0))) for m in mats] for site, mats in a.items()
+        }
         self.a_head = torch.nn.Parameter(a_head.clone())
         self.b_head = torch.nn.Parameter(torch.zeros(vocab, a_head.size(0)))
 
@@ -211,12 +217,18 @@ class Draws:
 def lora_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
     if cfg.ttt_optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.ttt_lora_lr, momentum=cfg.ttt_beta1, weight_decay=cfg.ttt_weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.ttt_lora_lr, betas=(cfg.ttt_beta1, cfg.ttt_beta2), eps=cfg.ttt_eps,
-                             weight_decay=cfg.ttt_weight_decay)
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.ttt_lora_lr,
+        betas=(cfg.ttt_beta1, cfg.ttt_beta2),
+        eps=cfg.ttt_eps,
+        weight_decay=cfg.ttt_weight_decay,
+    )
 
 
-def chunk_losses(model, tokens: list[int], start: int, c: int, predictions: int, lora: DocumentLoRA,
-                 cfg) -> tuple[torch.Tensor, int, int]:
+def chunk_losses(
+    model, tokens: list[int], start: int, c: int, predictions: int, lora: DocumentLoRA, cfg
+) -> tuple[torch.Tensor, int, int]:
     """Per-target cross-entropy of chunk c (through its own window), and the chunk's first and end index."""
     w, c_start, c_end = chunk_window(c, predictions, cfg.ttt_chunk_size, cfg.ttt_eval_seq_len)
     inputs = tokens[start + w : start + c_end]
@@ -226,8 +238,17 @@ def chunk_losses(model, tokens: list[int], start: int, c: int, predictions: int,
     return nll[c_start - w : c_end - w], c_start, c_end
 
 
-def run_document(model, tokens: list[int], target_bytes: list[int], start: int, length: int, lora: DocumentLoRA,
-                 batch_steps: int, cfg, totals: dict) -> None:
+def run_document(
+    model,
+    tokens: list[int],
+    target_bytes: list[int],
+    start: int,
+    length: int,
+    lora: DocumentLoRA,
+    batch_steps: int,
+    cfg,
+    totals: dict,
+) -> None:
     """Score every chunk of one document, each before the step that trains on it.
 
     The batch steps its optimizer at chunks ``0 .. batch_steps - 1`` (``TTT_GRAD_STEPS`` times each) for as long
@@ -367,8 +388,14 @@ def reference_phased(model, tokens, target_bytes, cfg, units: dict | None = None
     documents = select_documents(find_documents(tokens), cfg.val_doc_fraction, cfg.seed, cfg.max_docs)
     lengths = [length for _, length in documents]
     ranks = cfg.emulate_ranks
-    schedule = phase_schedule(lengths, cfg.ttt_batch_size, cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases,
-                              ranks, cfg.global_ttt_chunk_tokens)
+    schedule = phase_schedule(
+        lengths,
+        cfg.ttt_batch_size,
+        cfg.phased_ttt_prefix_docs,
+        cfg.phased_ttt_num_phases,
+        ranks,
+        cfg.global_ttt_chunk_tokens,
+    )
     batches = make_batches(lengths, cfg.ttt_batch_size)
     queue = queue_order(batches, lengths)
 
@@ -378,8 +405,12 @@ def reference_phased(model, tokens, target_bytes, cfg, units: dict | None = None
     config = model.config
     dim, kv = config.model_dim, config.num_kv_heads * (config.model_dim // config.num_heads)
     outs = {"q": dim, "k": kv, "v": kv, "o": dim, "mlp": dim}
-    sites = ("q", "v") + (("k",) if cfg.ttt_k_lora else ()) + (("mlp",) if cfg.ttt_mlp_lora else ()) \
+    sites = (
+        ("q", "v")
+        + (("k",) if cfg.ttt_k_lora else ())
+        + (("mlp",) if cfg.ttt_mlp_lora else ())
         + (("o",) if cfg.ttt_o_lora else ())
+    )
     rank = cfg.ttt_lora_rank
     scale = 1.0 if cfg.ttt_lora_alpha is None else cfg.ttt_lora_alpha / rank
     full = cfg.ttt_batch_size

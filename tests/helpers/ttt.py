@@ -20,8 +20,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Recurrence, parallel residuals, XSA and skip gates, at a size that runs in milliseconds.
 MICRO = ModelConfig(
-    vocab_size=48, num_layers=2, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2.0, rope_dims=4,
-    train_seq_len=16, num_loops=1, loop_start=0, loop_end=0, parallel_residual_start=1, xsa_last_n=1,
+    vocab_size=48,
+    num_layers=2,
+    model_dim=16,
+    num_heads=2,
+    num_kv_heads=1,
+    mlp_mult=2.0,
+    rope_dims=4,
+    train_seq_len=16,
+    num_loops=1,
+    loop_start=0,
+    loop_end=0,
+    parallel_residual_start=1,
+    xsa_last_n=1,
 )
 
 
@@ -73,8 +84,13 @@ def run_two_ranks(worker: str, out: Path, timeout: float) -> Path:
     and wait for both; ``out`` holds what they wrote."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     procs = [
-        subprocess.Popen([sys.executable, "-m", worker, str(rank), "2", str(out / "init"), str(out)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", worker, str(rank), "2", str(out / "init"), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for rank in range(2)
     ]
     try:

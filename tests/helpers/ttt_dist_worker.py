@@ -28,8 +28,16 @@ CASES = {
     # (A larger rate, 0.2, makes training chaotic enough to amplify float32 noise to 1e-5 in the weights.)
     "ttt": EvalConfig(seq_len=16, stride=5, ttt_epochs=2, chunk_tokens=80, batch_seqs=3, ttt_lr=0.02),
     # One sequence per batch: rank 0 holds none and contributes zero gradients.
-    "ttt_single": EvalConfig(seq_len=8, stride=8, ttt_epochs=1, chunk_tokens=40, batch_seqs=1, ttt_lr=0.1,
-                             optimizer="adamw", adapt_exclude=("tok_emb.*",)),
+    "ttt_single": EvalConfig(
+        seq_len=8,
+        stride=8,
+        ttt_epochs=1,
+        chunk_tokens=40,
+        batch_seqs=1,
+        ttt_lr=0.1,
+        optimizer="adamw",
+        adapt_exclude=("tok_emb.*",),
+    ),
 }
 
 
@@ -41,14 +49,23 @@ def run_case(name: str) -> tuple[dict, torch.nn.Module]:
     cfg = CASES[name].resolved(MICRO, "cpu")
     model = copy.deepcopy(micro_model(seed=5))
     run = run_chunked(model, trim_stream(stream(), cfg.seq_len), random_tables(MICRO.vocab_size, seed=6), cfg)
-    summary = {"loss_sum": run.loss_sum, "tokens": run.tokens, "bytes": run.bytes, "val_bpb": run.val_bpb,
-               "compliance": run.compliance, "chunks": len(run.chunks), "units": units_dict(run.units)}
+    summary = {
+        "loss_sum": run.loss_sum,
+        "tokens": run.tokens,
+        "bytes": run.bytes,
+        "val_bpb": run.val_bpb,
+        "compliance": run.compliance,
+        "chunks": len(run.chunks),
+        "units": units_dict(run.units),
+    }
     return summary, model
 
 
 def units_dict(units) -> dict:
-    return {"kind": units.kind, **{name: getattr(units, name).tolist()
-                                   for name in ("first_token", "tokens", "bytes", "loss_sum")}}
+    return {
+        "kind": units.kind,
+        **{name: getattr(units, name).tolist() for name in ("first_token", "tokens", "bytes", "loss_sum")},
+    }
 
 
 def doc_masked_stream() -> np.ndarray:

@@ -94,8 +94,14 @@ def reference_eval(
                         if has_leading_space[target] and not is_boundary[prev]:
                             nbytes += 1
         first = windows[0] if windows[0] == 0 else windows[0] + context
-        units.append({"first_token": first + 1, "tokens": tokens - before[1], "bytes": nbytes - before[2],
-                      "loss_sum": loss_sum - before[0]})
+        units.append(
+            {
+                "first_token": first + 1,
+                "tokens": tokens - before[1],
+                "bytes": nbytes - before[2],
+                "loss_sum": loss_sum - before[0],
+            }
+        )
 
         if c == num_chunks - 1 or epochs == 0:
             continue

@@ -20,12 +20,40 @@ from pgttt.ttt.session import EvalSession
 
 # A small model on 64-token sequences: a step takes milliseconds.
 SETTINGS = [
-    "--preset", "tiny", "--set", "model_dim=32", "--set", "num_heads=2", "--set", "num_kv_heads=1",
-    "--set", "train_seq_len=64", "--set", "iterations=8", "--set", "max_wallclock_seconds=0",
-    "--set", "warmup_steps=1", "--set", "train_batch_tokens=512", "--set", "grad_accum_micro_batches=2",
-    "--set", "enable_looping_at=0.5", "--set", "muon_momentum_warmup_steps=4", "--set", "ema_decay=0.6",
-    "--set", "gptq_calibration_batches=1", "--set", "train_log_every=2", "--eval-max-tokens", "1024",
-    "--device", "cpu",
+    "--preset",
+    "tiny",
+    "--set",
+    "model_dim=32",
+    "--set",
+    "num_heads=2",
+    "--set",
+    "num_kv_heads=1",
+    "--set",
+    "train_seq_len=64",
+    "--set",
+    "iterations=8",
+    "--set",
+    "max_wallclock_seconds=0",
+    "--set",
+    "warmup_steps=1",
+    "--set",
+    "train_batch_tokens=512",
+    "--set",
+    "grad_accum_micro_batches=2",
+    "--set",
+    "enable_looping_at=0.5",
+    "--set",
+    "muon_momentum_warmup_steps=4",
+    "--set",
+    "ema_decay=0.6",
+    "--set",
+    "gptq_calibration_batches=1",
+    "--set",
+    "train_log_every=2",
+    "--eval-max-tokens",
+    "1024",
+    "--device",
+    "cpu",
 ]
 
 
@@ -41,8 +69,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def train(data: Path, out: Path, *extra: str) -> int:
-    return main(["train", "--data", str(data), "--tokenizer", str(DEMO_DIR / TOKENIZER_FILE), "-o", str(out),
-                 *SETTINGS, *extra])
+    return main(
+        ["train", "--data", str(data), "--tokenizer", str(DEMO_DIR / TOKENIZER_FILE), "-o", str(out), *SETTINGS, *extra]
+    )
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:

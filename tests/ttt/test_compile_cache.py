@@ -28,8 +28,9 @@ print(json.dumps(cache_counts()))
 def compile_once(directory) -> dict[str, int]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(directory)], capture_output=True, text=True, env=env,
-                         timeout=600, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(directory)], capture_output=True, text=True, env=env, timeout=600, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

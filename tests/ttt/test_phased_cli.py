@@ -23,15 +23,47 @@ def files(tmp_path_factory) -> list[str]:
     tensors = {n: quantize_rows(p, default_scheme(n, p)) for n, p in tiny_model().state_dict().items()}
     path = tmp_path_factory.mktemp("ckpt") / "model.bin"
     save_model_bin(path, TINY, tensors, tokenizer=tokenizer_identity(tokenizer), provenance={})
-    return ["eval", "--checkpoint", str(path), "--tokenizer", str(tokenizer),
-            "--val", str(shared_path("data", "gutenberg_sp1024")), "--device", "cpu", "--quiet", "--protocol", "phased"]
+    return [
+        "eval",
+        "--checkpoint",
+        str(path),
+        "--tokenizer",
+        str(tokenizer),
+        "--val",
+        str(shared_path("data", "gutenberg_sp1024")),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--protocol",
+        "phased",
+    ]
 
 
 def test_phased_json(files, capsys):
-    knobs = ["--max-docs", "3", "--ttt-lora-rank", "2", "--ttt-chunk-size", "64", "--ttt-eval-seq-len", "128",
-             "--ttt-batch-size", "2", "--phased-ttt-prefix-docs", "1", "--phased-ttt-num-phases", "1",
-             "--global-ttt-chunk-tokens", "256", "--emulate-ranks", "1", "--ttt-warm-start-a", "0",
-             "--record-defaults", "pr1610"]
+    knobs = [
+        "--max-docs",
+        "3",
+        "--ttt-lora-rank",
+        "2",
+        "--ttt-chunk-size",
+        "64",
+        "--ttt-eval-seq-len",
+        "128",
+        "--ttt-batch-size",
+        "2",
+        "--phased-ttt-prefix-docs",
+        "1",
+        "--phased-ttt-num-phases",
+        "1",
+        "--global-ttt-chunk-tokens",
+        "256",
+        "--emulate-ranks",
+        "1",
+        "--ttt-warm-start-a",
+        "0",
+        "--record-defaults",
+        "pr1610",
+    ]
     assert main([*files, "--json", *knobs]) == 0
     result = json.loads(capsys.readouterr().out)
     cfg = result["config"]

@@ -19,11 +19,18 @@ from tests.conftest import shared_path
 
 # The record's environment variables a case may set, as pgttt eval flags (the rest are pr1855's defaults).
 FLAGS = {
-    "SEED": "--seed", "TTT_BATCH_SIZE": "--ttt-batch-size", "TTT_CHUNK_SIZE": "--ttt-chunk-size",
-    "TTT_EVAL_SEQ_LEN": "--ttt-eval-seq-len", "TTT_LORA_LR": "--ttt-lora-lr", "TTT_LORA_RANK": "--ttt-lora-rank",
-    "TTT_BETA2": "--ttt-beta2", "TTT_WEIGHT_DECAY": "--ttt-weight-decay",
-    "PHASED_TTT_PREFIX_DOCS": "--phased-ttt-prefix-docs", "PHASED_TTT_NUM_PHASES": "--phased-ttt-num-phases",
-    "GLOBAL_TTT_CHUNK_TOKENS": "--global-ttt-chunk-tokens", "GLOBAL_TTT_LR": "--global-ttt-lr",
+    "SEED": "--seed",
+    "TTT_BATCH_SIZE": "--ttt-batch-size",
+    "TTT_CHUNK_SIZE": "--ttt-chunk-size",
+    "TTT_EVAL_SEQ_LEN": "--ttt-eval-seq-len",
+    "TTT_LORA_LR": "--ttt-lora-lr",
+    "TTT_LORA_RANK": "--ttt-lora-rank",
+    "TTT_BETA2": "--ttt-beta2",
+    "TTT_WEIGHT_DECAY": "--ttt-weight-decay",
+    "PHASED_TTT_PREFIX_DOCS": "--phased-ttt-prefix-docs",
+    "PHASED_TTT_NUM_PHASES": "--phased-ttt-num-phases",
+    "GLOBAL_TTT_CHUNK_TOKENS": "--global-ttt-chunk-tokens",
+    "GLOBAL_TTT_LR": "--global-ttt-lr",
     "GLOBAL_TTT_MOMENTUM": "--global-ttt-momentum",
 }
 pytestmark = pytest.mark.slow
@@ -46,12 +53,37 @@ def evaluated(pr1855_checkpoint, expected):
         if name not in results:
             case = expected[name]
             flags = [arg for env, flag in FLAGS.items() if env in case["env"] for arg in (flag, case["env"][env])]
-            done = subprocess.run([
-                sys.executable, "-m", "pgttt.main", "eval", "--checkpoint", str(pr1855_checkpoint),
-                "--protocol", "phased", "--emulate-ranks", "1", "--tokenizer", str(tokenizer),
-                "--val", str(shared_path("data", "gutenberg_caseops")), "--max-tokens", str(case["prefix_tokens"] - 1),
-                "--device", "cpu", "--precision", "fp32", "--json", "--quiet", *flags,
-            ], capture_output=True, text=True, timeout=3600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pgttt.main",
+                    "eval",
+                    "--checkpoint",
+                    str(pr1855_checkpoint),
+                    "--protocol",
+                    "phased",
+                    "--emulate-ranks",
+                    "1",
+                    "--tokenizer",
+                    str(tokenizer),
+                    "--val",
+                    str(shared_path("data", "gutenberg_caseops")),
+                    "--max-tokens",
+                    str(case["prefix_tokens"] - 1),
+                    "--device",
+                    "cpu",
+                    "--precision",
+                    "fp32",
+                    "--json",
+                    "--quiet",
+                    *flags,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=3600,
+                env={**os.environ, "OMP_NUM_THREADS": "2"},
+            )
             assert done.returncode == 0, done.stderr[-4000:]
             results[name] = json.loads(done.stdout)
         return results[name]

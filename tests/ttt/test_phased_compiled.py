@@ -62,8 +62,9 @@ def test_a_shape_that_does_not_compile_runs_the_plain_step():
         raise RuntimeError("no code for this graph")
 
     ids, nbytes = stream(tokens=300, docs=3, seed=4)
-    config = phased(ttt_chunk_size=32, ttt_eval_seq_len=32, ttt_batch_size=3, phased_ttt_prefix_docs=0,
-                    phased_ttt_num_phases=1)
+    config = phased(
+        ttt_chunk_size=32, ttt_eval_seq_len=32, ttt_batch_size=3, phased_ttt_prefix_docs=0, phased_ttt_num_phases=1
+    )
     model = tiny_model(seed=1)
     step = PhasedStep(backend=broken, smallest_width=1)
     run = run_phased(copy.deepcopy(model), ids, nbytes, config, chunk_step=step)

@@ -59,9 +59,14 @@ def test_adaptation_moves_the_number_and_the_ledger_holds(model):
         assert r.compliance["scored_exactly_once"] and r.compliance["score_before_update"], r.compliance
         assert r.compliance["targets"] == r.tokens
     ids, _ = stream()
-    assert both.counts == {"documents": 14, "batches": 5, "tokens": 1399, "bytes": both.bytes,
-                           "chunks": sum(-(-d.targets // 32) for d in find_documents(ids)),
-                           "chunk_steps": sum(b.chunks for b in both.batches)}
+    assert both.counts == {
+        "documents": 14,
+        "batches": 5,
+        "tokens": 1399,
+        "bytes": both.bytes,
+        "chunks": sum(-(-d.targets // 32) for d in find_documents(ids)),
+        "chunk_steps": sum(b.chunks for b in both.batches),
+    }
     phases = both.schedule["phases"]
     assert [p["docs_selected"] for p in phases] == [4, 8] and all(p["chunks"] for p in phases)
     assert both.batches[-1].running_bpb == pytest.approx(both.val_bpb)

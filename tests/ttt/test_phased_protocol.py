@@ -46,11 +46,23 @@ def float64():
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = preset("tiny-frontier").with_overrides({
-    "vocab_size": 48, "num_layers": 2, "model_dim": 16, "num_heads": 2, "num_kv_heads": 1, "rope_dims": 4,
-    "train_seq_len": 32, "num_loops": 1, "loop_start": 0, "loop_end": 0, "parallel_start_layer": 1,
-    "xsa_last_n": 2, "gate_window": 4,
-})
+TINY = preset("tiny-frontier").with_overrides(
+    {
+        "vocab_size": 48,
+        "num_layers": 2,
+        "model_dim": 16,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "rope_dims": 4,
+        "train_seq_len": 32,
+        "num_loops": 1,
+        "loop_start": 0,
+        "loop_end": 0,
+        "parallel_start_layer": 1,
+        "xsa_last_n": 2,
+        "gate_window": 4,
+    }
+)
 MODEL = micro_model(seed=5, config=TINY).double()
 NUM_CASES = 60
 LOSS_RTOL = 1e-9
@@ -142,8 +154,14 @@ def test_the_random_cases_cover_the_protocol():
         tokens, _, cfg = random_case(seed)
         documents = select_documents(find_documents(tokens.tolist()), cfg.val_doc_fraction, cfg.seed, cfg.max_docs)
         lengths = [length for _, length in documents]
-        pauses = phase_schedule(lengths, cfg.ttt_batch_size, cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases,
-                                cfg.emulate_ranks, cfg.global_ttt_chunk_tokens)
+        pauses = phase_schedule(
+            lengths,
+            cfg.ttt_batch_size,
+            cfg.phased_ttt_prefix_docs,
+            cfg.phased_ttt_num_phases,
+            cfg.emulate_ranks,
+            cfg.global_ttt_chunk_tokens,
+        )
         count("window slides inside a document", max(lengths) - 1 > cfg.ttt_eval_seq_len)
         count("every document inside one window", max(lengths) - 1 <= cfg.ttt_eval_seq_len)
         count("one-document batch", cfg.ttt_batch_size == 1 or len(lengths) % cfg.ttt_batch_size == 1)
@@ -186,8 +204,17 @@ def test_reference_counts_every_target_once_and_its_bytes():
 def test_reference_without_learning_is_plain_windows():
     """Both learning rates 0 (and no weight decay): every chunk is scored by the base model in its own window."""
     tokens, target_bytes, cfg = random_case(1001)
-    frozen = EvalConfig(**{**cfg.to_dict(), "ttt_lora_lr": 0.0, "global_ttt_lr": 0.0, "global_ttt_warmup_start_lr": 0.0,
-                           "phased_ttt_prefix_docs": 3, "val_doc_fraction": 1.0, "max_docs": None})
+    frozen = EvalConfig(
+        **{
+            **cfg.to_dict(),
+            "ttt_lora_lr": 0.0,
+            "global_ttt_lr": 0.0,
+            "global_ttt_warmup_start_lr": 0.0,
+            "phased_ttt_prefix_docs": 3,
+            "val_doc_fraction": 1.0,
+            "max_docs": None,
+        }
+    )
     loss, _, _, schedule = run_reference(tokens, target_bytes, frozen)
     assert schedule  # the phases ran, and changed nothing
     plain = 0.0
@@ -252,14 +279,39 @@ def test_engine_equals_reference_when_kept_a_saw_zero_gradient_steps(beta1, phas
         tokens += [1] + [rng.randrange(2, TINY.vocab_size) for _ in range(length)]
     target_bytes = np.array([rng.randint(0, 4) for _ in range(len(tokens) - 1)])
     cfg = EvalConfig(
-        protocol="phased", seq_len=4, stride=4, ttt_lora_rank=2, ttt_lora_lr=0.05, ttt_lora_alpha=4.0,
-        ttt_warm_start_a=True, ttt_chunk_size=3, ttt_eval_seq_len=7, ttt_batch_size=2, ttt_grad_steps=1,
-        ttt_optimizer="adam", ttt_beta1=beta1, ttt_beta2=0.99, ttt_eps=1e-10, ttt_weight_decay=2.0,
-        ttt_k_lora=True, ttt_mlp_lora=True, ttt_o_lora=True, phased_ttt_prefix_docs=2 * phases,
-        phased_ttt_num_phases=max(phases, 1), global_ttt_lr=0.01, global_ttt_momentum=0.9, global_ttt_epochs=1,
-        global_ttt_chunk_tokens=5, global_ttt_batch_seqs=1, global_ttt_grad_clip=1.0,
-        global_ttt_warmup_start_lr=0.0, global_ttt_warmup_chunks=0, global_ttt_respect_doc_boundaries=True,
-        val_doc_fraction=1.0, emulate_ranks=1, seed=3,
+        protocol="phased",
+        seq_len=4,
+        stride=4,
+        ttt_lora_rank=2,
+        ttt_lora_lr=0.05,
+        ttt_lora_alpha=4.0,
+        ttt_warm_start_a=True,
+        ttt_chunk_size=3,
+        ttt_eval_seq_len=7,
+        ttt_batch_size=2,
+        ttt_grad_steps=1,
+        ttt_optimizer="adam",
+        ttt_beta1=beta1,
+        ttt_beta2=0.99,
+        ttt_eps=1e-10,
+        ttt_weight_decay=2.0,
+        ttt_k_lora=True,
+        ttt_mlp_lora=True,
+        ttt_o_lora=True,
+        phased_ttt_prefix_docs=2 * phases,
+        phased_ttt_num_phases=max(phases, 1),
+        global_ttt_lr=0.01,
+        global_ttt_momentum=0.9,
+        global_ttt_epochs=1,
+        global_ttt_chunk_tokens=5,
+        global_ttt_batch_seqs=1,
+        global_ttt_grad_clip=1.0,
+        global_ttt_warmup_start_lr=0.0,
+        global_ttt_warmup_chunks=0,
+        global_ttt_respect_doc_boundaries=True,
+        val_doc_fraction=1.0,
+        emulate_ranks=1,
+        seed=3,
     ).resolved(TINY, "cpu")
     tokens_np = np.array(tokens, dtype=np.uint16)
     run = run_phased(copy.deepcopy(MODEL), tokens_np, target_bytes, cfg)

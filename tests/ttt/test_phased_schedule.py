@@ -214,20 +214,28 @@ def engine_pauses(lengths: list[int], batch: int, prefix: int, phases: int, rank
     for k, b in zip(engine_schedule.pause_points([len(q.docs) for q in queue], bounds, ranks), bounds, strict=False):
         selected = selected_documents(queue, k, b)
         stream = sum(d.length for d in selected)
-        result.append({"batches": k, "docs_completed": sum(len(q.docs) for q in queue[:k]),
-                       "selected": [d.index for d in selected], "tokens": stream,
-                       "chunks": global_chunks(stream, chunk, 1.0, 0, 0.0)[0]})
+        result.append(
+            {
+                "batches": k,
+                "docs_completed": sum(len(q.docs) for q in queue[:k]),
+                "selected": [d.index for d in selected],
+                "tokens": stream,
+                "chunks": global_chunks(stream, chunk, 1.0, 0, 0.0)[0],
+            }
+        )
     return result
 
 
-@pytest.mark.parametrize(("prefix", "phases", "ranks", "batches"),
-                         [(2000, 3, 8, [18, 29, 39]), (2000, 1, 8, [39]), (2500, 3, 8, [21, 34, 47]),
-                          (2500, 3, 1, [14, 27, 40])])
+@pytest.mark.parametrize(
+    ("prefix", "phases", "ranks", "batches"),
+    [(2000, 3, 8, [18, 29, 39]), (2000, 1, 8, [39]), (2500, 3, 8, [21, 34, 47]), (2500, 3, 1, [14, 27, 40])],
+)
 def test_engine_pauses_are_the_logged_batches(prefix, phases, ranks, batches):
     pauses = engine_pauses(LENGTHS, BATCH, prefix, phases, ranks, GLOBAL_CHUNK)
     assert [p["batches"] for p in pauses] == batches
-    assert pauses == [{k: v for k, v in p.items() if k not in ("phase", "docs_selected")}
-                      for p in schedule(prefix, phases, ranks)]
+    assert pauses == [
+        {k: v for k, v in p.items() if k not in ("phase", "docs_selected")} for p in schedule(prefix, phases, ranks)
+    ]
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -237,6 +245,8 @@ def test_engine_schedule_equals_the_reference(seed):
     lengths = [rng.randint(2, rng.choice([5, 50, 500])) for _ in range(rng.randint(1, 400))]
     batch, prefix = rng.randint(1, 20), rng.randint(0, len(lengths) + 5)
     phases, ranks, chunk = rng.randint(1, 5), rng.choice([1, 2, 3, 8]), rng.randint(1, 3000)
-    mine = [{k: v for k, v in p.items() if k not in ("phase", "docs_selected")}
-            for p in phase_schedule(lengths, batch, prefix, phases, ranks, chunk)]
+    mine = [
+        {k: v for k, v in p.items() if k not in ("phase", "docs_selected")}
+        for p in phase_schedule(lengths, batch, prefix, phases, ranks, chunk)
+    ]
     assert engine_pauses(lengths, batch, prefix, phases, ranks, chunk) == mine

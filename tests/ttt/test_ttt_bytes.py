@@ -43,7 +43,7 @@ def test_tables_match_each_piece_on_the_real_tokenizers(which, request):
         assert tables.base_bytes[token_id] == base, token_id
         assert tables.has_leading_space[token_id] == space, token_id
         assert tables.is_boundary[token_id] == boundary, token_id
-    assert tables.is_boundary[sp.vocab_size():].all()
+    assert tables.is_boundary[sp.vocab_size() :].all()
     assert tables.is_boundary[[0, 1, 2, 3]].all()  # <pad> <s> </s> <unk>
     assert tables.base_bytes[[0, 1, 2, 3]].tolist() == [0, 0, 0, 0]
 
@@ -91,11 +91,19 @@ class FakePieces:
 
 
 def test_every_kind_of_piece():
-    sp = FakePieces([
-        ("<unk>", "unknown"), ("<s>", "control"), ("<0xE2>", "byte"), ("\u2581", "normal"),
-        ("\u2581caf\u00e9", "normal"), ("ing", "normal"), ("\u2581\u2581x", "normal"), ("<reserved>", "unused"),
-        ("\u00e9\u2581", "normal"),
-    ])
+    sp = FakePieces(
+        [
+            ("<unk>", "unknown"),
+            ("<s>", "control"),
+            ("<0xE2>", "byte"),
+            ("\u2581", "normal"),
+            ("\u2581caf\u00e9", "normal"),
+            ("ing", "normal"),
+            ("\u2581\u2581x", "normal"),
+            ("<reserved>", "unused"),
+            ("\u00e9\u2581", "normal"),
+        ]
+    )
     tables = build_byte_tables(sp, 10, "sha", where="fake")
     assert tables.base_bytes.tolist() == [0, 0, 1, 0, 5, 3, 4, 0, 5, 0]
     assert tables.has_leading_space.tolist() == [False, False, False, True, True, False, True, False, False, False]

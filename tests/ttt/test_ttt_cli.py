@@ -30,8 +30,20 @@ def files(tmp_path_factory) -> dict[str, str]:
 
 
 def args(files: dict[str, str], *extra: str) -> list[str]:
-    return ["eval", "--checkpoint", files["checkpoint"], "--tokenizer", files["tokenizer"], "--val", files["val"],
-            "--max-tokens", "1024", "--device", "cpu", *extra]
+    return [
+        "eval",
+        "--checkpoint",
+        files["checkpoint"],
+        "--tokenizer",
+        files["tokenizer"],
+        "--val",
+        files["val"],
+        "--max-tokens",
+        "1024",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 class Terminal(io.StringIO):
@@ -52,21 +64,65 @@ def test_summary_line_and_progress(files, capsys, monkeypatch):
 
 
 def test_json_records_every_setting_given(files, capsys):
-    code = main(args(
-        files, "--json", "--quiet", "--ttt-epochs", "2", "--chunk-tokens", "384", "--ttt-lr", "0.01",
-        "--ttt-momentum", "0.5", "--seq-len", "64", "--stride", "32", "--batch-seqs", "4", "--seed", "3",
-        "--optimizer", "adamw", "--lr-schedule", "constant", "--adapt-include", "blocks.*",
-        "--adapt-exclude", "*.mlp.*", "--adapt-exclude", "*scale", "--precision", "fp32", "--no-compile",
-    ))
+    code = main(
+        args(
+            files,
+            "--json",
+            "--quiet",
+            "--ttt-epochs",
+            "2",
+            "--chunk-tokens",
+            "384",
+            "--ttt-lr",
+            "0.01",
+            "--ttt-momentum",
+            "0.5",
+            "--seq-len",
+            "64",
+            "--stride",
+            "32",
+            "--batch-seqs",
+            "4",
+            "--seed",
+            "3",
+            "--optimizer",
+            "adamw",
+            "--lr-schedule",
+            "constant",
+            "--adapt-include",
+            "blocks.*",
+            "--adapt-exclude",
+            "*.mlp.*",
+            "--adapt-exclude",
+            "*scale",
+            "--precision",
+            "fp32",
+            "--no-compile",
+        )
+    )
     assert code == 0
     out, err = capsys.readouterr()
     assert err == ""
     result = json.loads(out)
     assert result["config"] == {
-        "seq_len": 64, "stride": 32, "ttt_epochs": 2, "chunk_tokens": 384, "ttt_lr": 0.01, "ttt_momentum": 0.5,
-        "batch_seqs": 4, "grad_clip": 1.0, "lr_schedule": "constant", "optimizer": "adamw",
-        "adapt_include": ["blocks.*"], "adapt_exclude": ["*.mlp.*", "*scale"], "max_tokens": 1024,
-        "precision": "fp32", "seed": 3, "compile": False, "protocol": "chunked", "val_batch_tokens": 524288,
+        "seq_len": 64,
+        "stride": 32,
+        "ttt_epochs": 2,
+        "chunk_tokens": 384,
+        "ttt_lr": 0.01,
+        "ttt_momentum": 0.5,
+        "batch_seqs": 4,
+        "grad_clip": 1.0,
+        "lr_schedule": "constant",
+        "optimizer": "adamw",
+        "adapt_include": ["blocks.*"],
+        "adapt_exclude": ["*.mlp.*", "*scale"],
+        "max_tokens": 1024,
+        "precision": "fp32",
+        "seed": 3,
+        "compile": False,
+        "protocol": "chunked",
+        "val_batch_tokens": 524288,
     }
     assert result["tokens_scored"] == 1024
     assert [c["lr"] for c in result["chunks"]] == [0.01, 0.01, None]

@@ -35,12 +35,33 @@ def case(expected: dict, kind: str, epochs: int | None = None) -> dict:
 
 def test_sliding_case_through_pgttt_eval(expected, data, capsys):
     c = case(expected, "sliding")
-    code = main([
-        "eval", "--checkpoint", str(data["artifact"]), "--preset", expected["architecture"]["preset"],
-        "--tokenizer", str(data["tokenizer"]), "--val", str(data["val"]), "--ttt-epochs", "0",
-        "--seq-len", str(c["seq_len"]), "--stride", str(c["stride"]), "--max-tokens", str(c["prefix_tokens"]),
-        "--precision", "fp32", "--device", "cpu", "--json", "--quiet",
-    ])
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(data["artifact"]),
+            "--preset",
+            expected["architecture"]["preset"],
+            "--tokenizer",
+            str(data["tokenizer"]),
+            "--val",
+            str(data["val"]),
+            "--ttt-epochs",
+            "0",
+            "--seq-len",
+            str(c["seq_len"]),
+            "--stride",
+            str(c["stride"]),
+            "--max-tokens",
+            str(c["prefix_tokens"]),
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens_scored"] == c["prefix_tokens"]
@@ -60,8 +81,14 @@ def session(expected, data) -> EvalSession:
 def test_ttt_cases(expected, data, session, epochs):
     c = case(expected, "ttt", epochs)
     config = EvalConfig(
-        seq_len=c["seq_len"], stride=c["stride"], ttt_epochs=c["epochs"], chunk_tokens=c["chunk_tokens"],
-        ttt_lr=c["lr"], ttt_momentum=c["momentum"], batch_seqs=c["batch_seqs"], max_tokens=c["prefix_tokens"],
+        seq_len=c["seq_len"],
+        stride=c["stride"],
+        ttt_epochs=c["epochs"],
+        chunk_tokens=c["chunk_tokens"],
+        ttt_lr=c["lr"],
+        ttt_momentum=c["momentum"],
+        batch_seqs=c["batch_seqs"],
+        max_tokens=c["prefix_tokens"],
         precision="fp32",
     )
     result = session.evaluate(data["val"], data["tokenizer"], config, device="cpu")

@@ -25,13 +25,30 @@ def compat_case(name: str) -> tuple[dict, float]:
 
 def test_eval_val_16k(pr1855_checkpoint, capsys):
     case, tolerance = compat_case("eval_val_16k")
-    code = main([
-        "eval", "--checkpoint", str(pr1855_checkpoint), "--tokenizer", str(caseops_tokenizer_path()),
-        "--val", str(shared_path("data", "gutenberg_caseops")), "--protocol", "doc_masked",
-        # The case's prefix of prefix_tokens tokens is the stream cut to max_tokens + 1.
-        "--max-tokens", str(case["prefix_tokens"] - 1), "--val-batch-tokens", case["env"]["VAL_BATCH_TOKENS"],
-        "--precision", "fp32", "--device", "cpu", "--json", "--quiet",
-    ])
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(pr1855_checkpoint),
+            "--tokenizer",
+            str(caseops_tokenizer_path()),
+            "--val",
+            str(shared_path("data", "gutenberg_caseops")),
+            "--protocol",
+            "doc_masked",
+            # The case's prefix of prefix_tokens tokens is the stream cut to max_tokens + 1.
+            "--max-tokens",
+            str(case["prefix_tokens"] - 1),
+            "--val-batch-tokens",
+            case["env"]["VAL_BATCH_TOKENS"],
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["config"]["seq_len"] == 2048 and result["identity"]["bytes_from"] == "sidecar"

@@ -54,8 +54,9 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape():
     assert compiled.compliance == plain.compliance
     # The working models hold each run's TTT weights.
     cpu = torch.device("cpu")
-    for a, b in zip(session.worker(cpu, "fp32").model.parameters(), reference.worker(cpu, "fp32").model.parameters(),
-                    strict=True):
+    for a, b in zip(
+        session.worker(cpu, "fp32").model.parameters(), reference.worker(cpu, "fp32").model.parameters(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
     # Another chunk size (3 sequences a chunk, not 2) takes the dynamic-batch graph: nothing compiles, and no
@@ -65,8 +66,7 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape():
     assert counters["stats"]["unique_graphs"] == graphs, "a new chunk size compiled"
     assert static_shapes() == {(2, 16)}
     plain_other = EvalSession(micro_model(seed=9)).evaluate(val, tables, replace(other, compile=False), device="cpu")
-    assert math.isclose(session.evaluate(val, tables, other, device="cpu").loss_sum, plain_other.loss_sum,
-                        rel_tol=1e-6)
+    assert math.isclose(session.evaluate(val, tables, other, device="cpu").loss_sum, plain_other.loss_sum, rel_tol=1e-6)
 
     # Scoring graphs do not depend on what TTT adapts: a sliding evaluation reuses them.
     sliding = session.evaluate(val, tables, EvalConfig(**{**base, "ttt_epochs": 0}, compile=True), device="cpu")
@@ -76,23 +76,29 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape():
 
 def test_warm_up_covers_the_training_shares_of_gangs():
     # 5 sequences a chunk in batches of 3: one GPU trains on 3 and 2; each of two ranks on 2 and 1, or 1 and 1.
-    config = EvalConfig(seq_len=16, stride=4, ttt_epochs=1, chunk_tokens=80, batch_seqs=3, precision="fp32",
-                        compile=True)
+    config = EvalConfig(
+        seq_len=16, stride=4, ttt_epochs=1, chunk_tokens=80, batch_seqs=3, precision="fp32", compile=True
+    )
     session = EvalSession(micro_model(seed=2))
     session.warmup(config, device="cpu", world_sizes=(1, 2))
     steps = session.worker(torch.device("cpu"), "fp32").twins[("chunked", True)]
     assert {(count, length) for count, length, _ in steps.static_batches} == {(3, 16), (2, 16), (1, 16)}
     graphs = counters["stats"]["unique_graphs"]
-    session.evaluate(ValSet.from_tokens(np.arange(300) % MICRO.vocab_size), random_tables(MICRO.vocab_size, seed=1),
-                     config, device="cpu")
+    session.evaluate(
+        ValSet.from_tokens(np.arange(300) % MICRO.vocab_size),
+        random_tables(MICRO.vocab_size, seed=1),
+        config,
+        device="cpu",
+    )
     assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_the_cuda_graphs_option_reaches_the_training_graphs_and_leaves_the_numbers_alone():
     # On the CPU Inductor runs reduce-overhead graphs without CUDA graphs: this checks the plumbing (session,
     # worker, steps) and that marking each training step does not change what the protocol computes.
-    config = EvalConfig(seq_len=16, stride=4, ttt_epochs=2, chunk_tokens=80, batch_seqs=3, precision="fp32",
-                        compile=True)
+    config = EvalConfig(
+        seq_len=16, stride=4, ttt_epochs=2, chunk_tokens=80, batch_seqs=3, precision="fp32", compile=True
+    )
     val = ValSet.from_tokens(np.random.default_rng(3).integers(0, MICRO.vocab_size, 300))
     tables = random_tables(MICRO.vocab_size, seed=3)
     session = EvalSession(micro_model(seed=4), cuda_graphs=True)

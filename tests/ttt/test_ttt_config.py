@@ -14,7 +14,12 @@ from pgttt.ttt.errors import EvalError
 def test_defaults_are_the_challenge_settings():
     cfg = EvalConfig()
     assert (cfg.stride, cfg.ttt_epochs, cfg.chunk_tokens, cfg.ttt_lr, cfg.ttt_momentum, cfg.batch_seqs) == (
-        64, 3, 32768, 0.005, 0.9, 32
+        64,
+        3,
+        32768,
+        0.005,
+        0.9,
+        32,
     )
     assert (cfg.grad_clip, cfg.lr_schedule, cfg.optimizer) == (1.0, "cosine", "sgd")
 

@@ -29,8 +29,11 @@ def test_two_ranks_equal_one(two_ranks, name):
     ranks = [json.loads((two_ranks / f"{name}.{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank ends with the all-reduced sums and the merged compliance record
     double = ranks[0]
-    assert (double["tokens"], double["bytes"], double["chunks"]) == (single["tokens"], single["bytes"],
-                                                                    single["chunks"])
+    assert (double["tokens"], double["bytes"], double["chunks"]) == (
+        single["tokens"],
+        single["bytes"],
+        single["chunks"],
+    )
     assert double["val_bpb"] == pytest.approx(single["val_bpb"], rel=0, abs=1e-6)
     assert double["loss_sum"] == pytest.approx(single["loss_sum"], rel=1e-7)
     assert double["compliance"]["scored_exactly_once"] and double["compliance"]["score_before_update"]

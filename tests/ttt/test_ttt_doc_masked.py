@@ -53,10 +53,13 @@ def test_targets_past_the_last_whole_sequence_are_unscored():
     assert plan.batches(0) == [(0, 2), (2, 4)] and plan.unscored_spans() == [(4097, 5001)]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ((4096, 16, 256, 3), "world size 3"),
-    ((4096, 2048, 8192, 1), "val_batch_tokens=8192: must give every rank at least one sequence"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((4096, 16, 256, 3), "world size 3"),
+        ((4096, 2048, 8192, 1), "val_batch_tokens=8192: must give every rank at least one sequence"),
+    ],
+)
 def test_impossible_batching_is_refused(args, message):
     with pytest.raises(EvalError, match=message):
         plan_doc_masked(*args)
@@ -71,8 +74,9 @@ def segments(row: np.ndarray, seq_len: int) -> list[tuple[int, int]]:
     return pieces
 
 
-def twin(model, tokens: np.ndarray, entries: np.ndarray, seq_len: int, batch_seqs: int,
-         units: dict) -> tuple[float, int, int]:
+def twin(
+    model, tokens: np.ndarray, entries: np.ndarray, seq_len: int, batch_seqs: int, units: dict
+) -> tuple[float, int, int]:
     """Every segment of every packed row scored as a row of its own (RoPE is relative and SmearGate is
     reset at BOS, so only the attention mask can differ; piece cuts only matter without SmearGate). ``units``
     gets each document's [first scored position, tokens, bytes, loss] under the position of its BOS."""
@@ -169,9 +173,27 @@ def test_pgttt_eval_doc_masked(tmp_path, capsys):
     tensors = {n: quantize_rows(p, default_scheme(n, p)) for n, p in model.state_dict().items()}
     path = tmp_path / "model.bin"
     save_model_bin(path, config, tensors, tokenizer=tokenizer_identity(tokenizer), provenance={})
-    code = main(["eval", "--checkpoint", str(path), "--tokenizer", str(tokenizer), "--device", "cpu",
-                 "--val", str(shared_path("data", "gutenberg_sp1024")), "--protocol", "doc_masked",
-                 "--max-tokens", "1000", "--val-batch-tokens", str(8 * 128 * 3), "--json", "--quiet"])
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(path),
+            "--tokenizer",
+            str(tokenizer),
+            "--device",
+            "cpu",
+            "--val",
+            str(shared_path("data", "gutenberg_sp1024")),
+            "--protocol",
+            "doc_masked",
+            "--max-tokens",
+            "1000",
+            "--val-batch-tokens",
+            str(8 * 128 * 3),
+            "--json",
+            "--quiet",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     # 1,000 targets: 7 sequences of 128, batches of 3: 2 batches, 1 sequence and the last 104 targets unscored.

@@ -139,8 +139,9 @@ def test_val_ids_beyond_the_model_vocab_are_refused(tmp_path, sp1024_tokenizer):
 def test_adapt_patterns_that_leave_nothing_are_refused():
     val = ValSet.from_tokens(np.random.default_rng(0).integers(0, MICRO.vocab_size, 100))
     with pytest.raises(EvalError, match="no parameter is left to adapt"):
-        EvalSession(micro_model()).evaluate(val, random_tables(MICRO.vocab_size), EvalConfig(
-            seq_len=16, adapt_exclude=("*",), stride=4), device="cpu")
+        EvalSession(micro_model()).evaluate(
+            val, random_tables(MICRO.vocab_size), EvalConfig(seq_len=16, adapt_exclude=("*",), stride=4), device="cpu"
+        )
 
 
 def test_progress_is_monotonic_and_cancel_stops_within_one_batch(val_dir, sp1024_tokenizer):
@@ -208,8 +209,9 @@ def test_ttt_lowers_bpb_on_a_text_unlike_the_training_text():
     base = EvalConfig(seq_len=32, stride=16, chunk_tokens=256, batch_seqs=8, ttt_lr=0.05, ttt_momentum=0.9)
     sliding = session.evaluate(target, tables, EvalConfig(**{**base.to_dict(), "ttt_epochs": 0}), device="cpu")
     ttt = session.evaluate(target, tables, EvalConfig(**{**base.to_dict(), "ttt_epochs": 2}), device="cpu")
-    in_domain = session.evaluate(ValSet.from_tokens(language(10, 3000)), tables,
-                                 EvalConfig(**{**base.to_dict(), "ttt_epochs": 0}), device="cpu")
+    in_domain = session.evaluate(
+        ValSet.from_tokens(language(10, 3000)), tables, EvalConfig(**{**base.to_dict(), "ttt_epochs": 0}), device="cpu"
+    )
     assert in_domain.val_bpb < sliding.val_bpb  # the pretraining learned the source language
     assert ttt.val_bpb < sliding.val_bpb - 0.1, (ttt.val_bpb, sliding.val_bpb)
     assert ttt.compliance["score_before_update"]

@@ -70,9 +70,14 @@ def test_padding_to_a_multiple_of_64_entries():
     assert cu.tolist() == [0, 8, 8, 8]
 
 
-@pytest.mark.parametrize(("bos", "n", "message"), [
-    ([0, 12], 12, "within 0..11"), ([4, 2], 12, "strictly increasing"), ([-1], 4, "within 0..3"),
-])
+@pytest.mark.parametrize(
+    ("bos", "n", "message"),
+    [
+        ([0, 12], 12, "within 0..11"),
+        ([4, 2], 12, "strictly increasing"),
+        ([-1], 4, "within 0..3"),
+    ],
+)
 def test_bad_positions_are_refused(bos, n, message):
     with pytest.raises(ValueError, match=message):
         build_cu_seqlens(bos, n)

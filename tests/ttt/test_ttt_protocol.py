@@ -41,11 +41,22 @@ def run_both(tokens: np.ndarray, cfg: EvalConfig, static_shapes: bool = False):
     steps = Steps(engine_model, compiled=False, static_shapes=static_shapes)
     run = run_chunked(engine_model, trim_stream(tokens, cfg.seq_len, cfg.max_tokens), TABLES, cfg, steps=steps)
     ref = reference_eval(
-        reference_model, trim(tokens.tolist(), cfg.seq_len, cfg.max_tokens),
-        TABLES.base_bytes.tolist(), TABLES.has_leading_space.tolist(), TABLES.is_boundary.tolist(),
-        seq_len=cfg.seq_len, stride=cfg.stride, epochs=cfg.ttt_epochs, chunk_tokens=cfg.chunk_tokens,
-        lr=cfg.ttt_lr, momentum=cfg.ttt_momentum, batch_seqs=cfg.batch_seqs, grad_clip=cfg.grad_clip,
-        lr_schedule=cfg.lr_schedule, optimizer=cfg.optimizer, adapt_include=cfg.adapt_include,
+        reference_model,
+        trim(tokens.tolist(), cfg.seq_len, cfg.max_tokens),
+        TABLES.base_bytes.tolist(),
+        TABLES.has_leading_space.tolist(),
+        TABLES.is_boundary.tolist(),
+        seq_len=cfg.seq_len,
+        stride=cfg.stride,
+        epochs=cfg.ttt_epochs,
+        chunk_tokens=cfg.chunk_tokens,
+        lr=cfg.ttt_lr,
+        momentum=cfg.ttt_momentum,
+        batch_seqs=cfg.batch_seqs,
+        grad_clip=cfg.grad_clip,
+        lr_schedule=cfg.lr_schedule,
+        optimizer=cfg.optimizer,
+        adapt_include=cfg.adapt_include,
         adapt_exclude=cfg.adapt_exclude,
     )
     return run, ref, engine_model, reference_model
@@ -137,8 +148,9 @@ def test_epochs_zero_is_the_sliding_window_number():
     assert math.isclose(chunked.loss_sum, one_chunk.loss_sum, rel_tol=LOSS_RTOL)
     assert math.isclose(chunked.val_bpb, ref["val_bpb"], rel_tol=LOSS_RTOL)
     # A zero learning rate trains without changing a weight: the sliding number again.
-    frozen, _, model, _ = run_both(tokens, EvalConfig(**{**sliding.to_dict(), "chunk_tokens": 37, "ttt_epochs": 2,
-                                                           "ttt_lr": 0.0}))
+    frozen, _, model, _ = run_both(
+        tokens, EvalConfig(**{**sliding.to_dict(), "chunk_tokens": 37, "ttt_epochs": 2, "ttt_lr": 0.0})
+    )
     assert any(c.lr == 0.0 for c in frozen.chunks)
     assert math.isclose(frozen.loss_sum, one_chunk.loss_sum, rel_tol=LOSS_RTOL)
     for a, b in zip(model.parameters(), MODEL.parameters(), strict=True):

@@ -32,7 +32,9 @@ def test_sidecars_are_found_and_never_read_as_tokens(tmp_path):
     folder = caseops_dir(tmp_path, SHARDS)
     assert [f.name for f in resolve_val_files(folder)] == ["fineweb_val_000000.bin", "fineweb_val_000001.bin"]
     assert [f.name for f in resolve_val_files(folder / "fineweb_val_*.bin")] == [
-        "fineweb_val_000000.bin", "fineweb_val_000001.bin"]
+        "fineweb_val_000000.bin",
+        "fineweb_val_000001.bin",
+    ]
     val = load_val(folder, vocab_size=10)
     assert val.tokens.tolist() == [1, 5, 6, 7, 1, 9, 1, 8, 8, 1, 2]
     assert val.sidecar.tolist() == [0, 3, 1, 2, 0, 4, 0, 2, 2, 0, 5]
@@ -88,8 +90,9 @@ def test_a_missing_or_orphan_sidecar_is_refused(tmp_path):
     assert "no byte sidecar fineweb_val_bytes_000001.bin" in str(err.value)
     orphan = caseops_dir(tmp_path / "b", [SHARDS[0]])
     write_shard(orphan / "fineweb_val_bytes_000003.bin", [0, 1])
-    with pytest.raises(DataError, match="fineweb_val_bytes_000003.bin: a byte sidecar without its token shard "
-                                        "fineweb_val_000003.bin"):
+    with pytest.raises(
+        DataError, match="fineweb_val_bytes_000003.bin: a byte sidecar without its token shard fineweb_val_000003.bin"
+    ):
         load_val(orphan)
 
 
