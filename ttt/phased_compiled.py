@@ -1,5 +1,5 @@
 """The phased protocol's chunk step, plain (``per_token_loss``) and compiled (``PhasedStep``, the fast twin
-``phased.score_batch`` takes as ``chunk_step``).
+``phased_batch.score_batch`` takes as ``chunk_step``).
 
 ``PhasedStep`` runs the plain function through ``torch.compile`` with fixed shapes. A chunk step's window
 width (the longest window of the step, at most ``ttt_eval_seq_len``) is rounded up to a power of two, at least
