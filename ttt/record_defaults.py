@@ -45,6 +45,14 @@ _LORA_0410 = {
     "ttt_beta2": 0.999,
     "ttt_weight_decay": 0.5,
 }
+# 04-23 (#1787) and its successors #1851, #1868: alpha/r scaling, warm-started A, weight decay 1.0.
+_LORA_0423 = {
+    "ttt_lora_rank": 96,
+    "ttt_lora_alpha": 144.0,
+    "ttt_warm_start_a": True,
+    "ttt_beta2": 0.999,
+    "ttt_weight_decay": 1.0,
+}
 _PHASES_0414 = {"phased_ttt_prefix_docs": 2000, "phased_ttt_num_phases": 3}
 _NO_PHASES = {"phased_ttt_prefix_docs": 0, "phased_ttt_num_phases": 1}
 
@@ -70,16 +78,7 @@ RECORD_TTT_DEFAULTS: dict[str, dict[str, Any]] = {
     "pr1729": _row(**_LORA_0410, ttt_chunk_size=48, **_PHASES_0414),  # 04-18
     "pr1736": _row(**_LORA_0410, ttt_chunk_size=48, **_PHASES_0414),  # 04-19
     "pr1769": _row(**_LORA_0410, ttt_chunk_size=48, **_PHASES_0414),  # 04-22
-    # 04-23: alpha/r scaling, warm-started A, weight decay 1.0.
-    "pr1787": _row(
-        ttt_lora_rank=96,
-        ttt_lora_alpha=144.0,
-        ttt_warm_start_a=True,
-        ttt_beta2=0.999,
-        ttt_weight_decay=1.0,
-        ttt_chunk_size=48,
-        **_PHASES_0414,
-    ),
+    "pr1787": _row(**_LORA_0423, ttt_chunk_size=48, **_PHASES_0414),  # 04-23
     # 04-27, 1.0611 (leaderboard top): rank 80, beta2 0.99, wd 0.5, 3 phases over 2500 documents.
     "pr1855": _row(
         ttt_lora_rank=80,
@@ -91,24 +90,8 @@ RECORD_TTT_DEFAULTS: dict[str, dict[str, Any]] = {
         phased_ttt_prefix_docs=2500,
         phased_ttt_num_phases=3,
     ),
-    "pr1851": _row(
-        ttt_lora_rank=96,
-        ttt_lora_alpha=144.0,
-        ttt_warm_start_a=True,
-        ttt_beta2=0.999,
-        ttt_weight_decay=1.0,
-        ttt_chunk_size=48,
-        **_PHASES_0414,
-    ),
-    "pr1868": _row(
-        ttt_lora_rank=96,
-        ttt_lora_alpha=144.0,
-        ttt_warm_start_a=True,
-        ttt_beta2=0.999,
-        ttt_weight_decay=1.0,
-        ttt_chunk_size=48,
-        **_PHASES_0414,
-    ),  # 04-29: #1851's code
+    "pr1851": _row(**_LORA_0423, ttt_chunk_size=48, **_PHASES_0414),
+    "pr1868": _row(**_LORA_0423, ttt_chunk_size=48, **_PHASES_0414),  # 04-29: #1851's code
 }
 
 # As-run values that are not the script's os.environ default (spec 1b): a rerun with defaults differs.
