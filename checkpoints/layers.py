@@ -81,6 +81,11 @@ class Rotary(nn.Module):
         self._cache: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
 
     def cos_sin(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling() and not self.yarn:
+            # Without base scaling the tables depend on nothing but the length: a graph makes its own, so none
+            # guards on a cached table and a dynamic length stays dynamic (phased_compiled's one graph).
+            cos, sin = self._tables(seq_len, device)
+            return cos.to(dtype), sin.to(dtype)
         key = (seq_len, str(device))
         tables = self._cache.get(key)
         if tables is None:

@@ -1,17 +1,20 @@
 """The phased protocol's chunk step, plain (``per_token_loss``) and compiled (``PhasedStep``, the fast twin
 ``phased_batch.score_batch`` takes as ``chunk_step``).
 
-``PhasedStep`` runs the plain function through ``torch.compile`` with fixed shapes. A chunk step's window
-width (the longest window of the step, at most ``ttt_eval_seq_len``) is rounded up to a power of two, at least
-``SMALLEST_WIDTH`` (``bucket``), the extra columns zero ids to the right of every row: the model is causal, so
-the scored columns see exactly the inputs they saw. Rows are the adapter set's slots (the batch's documents):
-every batch but the queue's first has ``ttt_batch_size`` of them. One graph serves each (rows, width), forward
+``PhasedStep`` runs the plain function through ``torch.compile``. Its rows are the adapter set's slots (the
+batch's documents: ``ttt_batch_size`` in every batch but the queue's first) and its width a step's longest
+window (at most ``ttt_eval_seq_len``). Both are dynamic dimensions of one graph, so every batch and step of a
+job runs the graph compiled once, unpadded (a graph makes its own rotary tables; a batch of one document gets a
+graph of its own, as Dynamo specialises a size of 1). A model whose RoPE base grows past its train_seq_len
+(``rope_yarn``), or ``dynamic=False``, gets static graphs instead, one per (rows, padded width): the width is
+rounded up to a power of two, at least ``SMALLEST_WIDTH`` (``bucket``), the extra columns zero ids to the right
+of every row (the model is causal, so the scored columns see exactly the inputs they saw). A graph runs forward
 and backward; a step without training runs the training graph too (its backward never runs), so no inference
-graph is compiled. A shape is compiled on dummy adapters, twice, so that real calls find it ready: by
+graph is compiled. A graph is compiled on dummy adapters, twice, so that real calls find it ready: by
 ``warm_up`` (``EvalSession`` warms every batch size of a job's queue before the job, and ``ttt_batch_size`` in
-``EvalSession.warmup``), or else when first met. A shape that fails to compile runs the plain step from then
-on (``failed`` says why). The LoRA optimizer is the fused one on CUDA (the same formula). With ``cuda_graphs``
-the graphs replay as CUDA graphs (Inductor's ``reduce-overhead``): off unless measured.
+``EvalSession.warmup``), or else when first met. A shape that fails to compile runs the plain step from then on
+(``failed`` says why). The LoRA optimizer is the fused one on CUDA (the same formula). With ``cuda_graphs`` the
+graphs replay as CUDA graphs (Inductor's ``reduce-overhead``): off unless measured.
 """
 
 from __future__ import annotations
@@ -78,16 +81,21 @@ class PhasedStep:
     """``__call__`` is ``per_token_loss``'s signature and numbers; ``optimizer`` is ``lora_optimizer``'s."""
 
     def __init__(
-        self, *, cuda_graphs: bool = False, backend: str | Callable = "inductor", smallest_width: int = SMALLEST_WIDTH
+        self,
+        *,
+        cuda_graphs: bool = False,
+        backend: str | Callable = "inductor",
+        smallest_width: int = SMALLEST_WIDTH,
+        dynamic: bool = True,
     ) -> None:
-        self.cuda_graphs, self.smallest_width = cuda_graphs, smallest_width
+        self.cuda_graphs, self.smallest_width, self.dynamic = cuda_graphs, smallest_width, dynamic
         self.ready: set[tuple[Any, ...]] = set()
         self.failed: dict[tuple[Any, ...], str] = {}  # shapes that would not compile: why (they run eagerly)
         # A graph per (rows, bucket); a service sees a few chunk sizes and windows: 64 is plenty.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # backend: "aot_eager" traces and guards as Inductor's graphs do without generating code (the CPU tests).
         mode = "reduce-overhead" if cuda_graphs else None
-        self.compiled = torch.compile(per_token_loss, dynamic=False, backend=backend, mode=mode)
+        self.compiled = torch.compile(per_token_loss, dynamic=None if dynamic else False, backend=backend, mode=mode)
 
     def optimizer(self, params: list[Tensor], **settings: Any) -> torch.optim.Optimizer:
         return lora_optimizer(params, **settings, fused=params[0].is_cuda)
@@ -95,13 +103,14 @@ class PhasedStep:
     def __call__(
         self, model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet, precision: str
     ) -> Tensor:
-        width = bucket(x.size(1), _rotary_limit(model), self.smallest_width)
+        width = self._width(model, x.size(1))
         key = self._key(model, x.size(0), width, positions.size(1), adapters, precision)
         if key not in self.ready and key not in self.failed:
             self._compile(key, model, x.size(0), width, positions.size(1), adapters, precision)
         if key in self.failed:
             return per_token_loss(model, x, positions, y, adapters, precision)
-        return self._run(model, F.pad(x, (0, width - x.size(1))), positions, y, adapters, precision)
+        x = x if width == x.size(1) else F.pad(x, (0, width - x.size(1)))
+        return self._run(model, x, positions, y, adapters, precision)
 
     def warm_up(self, model: GPT, config: EvalConfig, rows: int | None = None) -> None:
         """Compile every shape a batch of ``rows`` documents (default ``ttt_batch_size``) of ``config``
@@ -120,16 +129,36 @@ class PhasedStep:
             model.cache_rotary(width, device)
         a = [torch.zeros(rows, shapes.rank, shapes.model_dim) for _ in shapes.draws()]
         adapters = AdapterSet(shapes, a, config.lora_scale, device)
-        for width in sorted({bucket(w, _rotary_limit(model), self.smallest_width) for w in step_widths(config)}):
+        # Widest first: a dynamic graph is traced (and its kernels tuned) at the width most of the work has.
+        for width in sorted({self._width(model, w) for w in step_widths(config)}, reverse=True):
             key = self._key(model, rows, width, config.ttt_chunk_size, adapters, config.precision)
             if key not in self.ready and key not in self.failed:
                 self._compile(key, model, rows, width, config.ttt_chunk_size, adapters, config.precision)
 
-    @staticmethod
-    def _key(model: GPT, rows: int, width: int, size: int, adapters: AdapterSet, precision: str) -> tuple[Any, ...]:
+    def _width(self, model: GPT, width: int) -> int:
+        """The width a step of ``width`` columns runs at: its own on a dynamic graph, else its bucket."""
+        limit = _rotary_limit(model)
+        return width if self._dynamic(model) else bucket(width, limit, self.smallest_width)
+
+    def _dynamic(self, model: GPT) -> bool:
+        return self.dynamic and _rotary_limit(model) is None
+
+    def _key(
+        self, model: GPT, rows: int, width: int, size: int, adapters: AdapterSet, precision: str
+    ) -> tuple[Any, ...]:
+        """A graph's shape. The dynamic graph serves every width and every row count but 1 (Dynamo specialises
+        a dimension of size 1, so a batch of one document has a graph of its own): ``None`` for both."""
+        if self._dynamic(model):
+            rows, width = (1 if rows == 1 else None), None
         return (id(model), rows, width, size, adapters.shapes, adapters.scale, precision)
 
     def _run(self, model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet, precision: str) -> Tensor:
+        if self._dynamic(model):
+            if x.size(0) > 1:  # the rows: every input's first dimension
+                for t in (x, positions, y, *adapters.parameters()):
+                    torch._dynamo.mark_dynamic(t, 0)
+            if x.size(1) > 1:
+                torch._dynamo.mark_dynamic(x, 1)  # the window width
         if self.cuda_graphs:
             # A new step: the last replay's outputs (its losses, the gradients it made) are read no more.
             torch.compiler.cudagraph_mark_step_begin()
