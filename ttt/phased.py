@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from pgttt.api.units import UnitSums
 from pgttt.checkpoints.model import GPT
@@ -31,7 +30,8 @@ from .distributed import World
 from .documents import Batch, Doc, find_documents, make_queue, num_chunks, select_documents
 from .errors import EvalCancelled, EvalError
 from .global_sgd import global_sgd
-from .lora import AdapterSet, DrawStream, Shapes, shapes_for
+from .lanes import DrawAhead, Lane, plan
+from .lora import shapes_for
 from .phased_batch import BatchTrace, score_batch
 from .phased_compiled import PhasedStep, batch_sizes
 from .protocol import CancelEvent, Compiled, Progress, ProgressFn, ProtocolRun
@@ -73,29 +73,6 @@ class PhasedRun:
         if self.bytes <= 0:
             raise EvalError(f"the {self.tokens} scored tokens stand for 0 bytes: bits per byte is undefined")
         return self.loss_sum / (math.log(2.0) * self.bytes)
-
-
-class Lane:
-    """One emulated rank's adapters: its draw stream and its reusable (warm-started) set."""
-
-    def __init__(self, seed: int) -> None:
-        self.draws = DrawStream(seed)
-        self.pending: Tensor | None = None
-        self.reusable: AdapterSet | None = None
-
-    def build(self, shapes: Shapes, bsz: int) -> None:
-        """A new reusable set (at the start and after each phase), drawn when first used."""
-        self.pending, self.reusable = self.draws.reserve(shapes, bsz), None
-
-    def adapters(self, shapes: Shapes, bsz: int, config: EvalConfig, device: torch.device) -> AdapterSet:
-        if bsz != config.ttt_batch_size:  # another size: a brand-new set (spec 2.6)
-            return AdapterSet(shapes, self.draws.draw(shapes, bsz), config.lora_scale, device)
-        if self.reusable is None:
-            assert self.pending is not None
-            a = DrawStream.draw_from(self.pending, shapes, bsz)
-            self.reusable = AdapterSet(shapes, a, config.lora_scale, device)
-        self.reusable.reset(None if config.ttt_warm_start_a else self.draws.draw(shapes, bsz))
-        return self.reusable
 
 
 def run_phased(
@@ -149,8 +126,8 @@ def run_phased(
     step = 2 * max(num_chunks(d, config.ttt_chunk_size) for d in docs) + 2  # ledger order: batch, chunk, kind
     scoring_s = training_s = global_s = 0.0
 
-    for lane in lanes.values():
-        lane.build(shapes, config.ttt_batch_size)
+    sizes = [len(b.docs) for b in queue]
+    ahead = DrawAhead(lanes, plan(sizes, pauses, list(lanes), config.emulate_ranks), shapes, config)
 
     def report(stage: str) -> None:
         if cancel is not None and cancel.is_set():
@@ -172,59 +149,57 @@ def run_phased(
                 )
             )
 
-    for seg, (first, last) in enumerate(segments(len(queue), pauses)):
-        for q in range(first, last):
-            v = virtual_rank(q, pauses, config.emulate_ranks)
-            docs_done += len(queue[q].docs)
-            if v not in lanes:
-                continue  # another real rank's batch
-            report("scoring")
-            adapters = lanes[v].adapters(shapes, len(queue[q].docs), config, device)
-            trace = score_batch(
-                model, queue[q], adapters, stream, nbytes, config, log, units, order=q * step, chunk_step=chunk_step
-            )
-            trace.queue_index, trace.emulated_rank, trace.phases_done = q, v, seg
-            traces.append(trace)
-            done_cost += cost[q]
-            scored += trace.tokens
-            scoring_s, training_s = scoring_s + trace.scoring_s, training_s + trace.training_s
-        if seg < len(pauses):  # the pause after this segment: phase seg + 1
-            report("global_sgd")
-            t0 = time.perf_counter()
-            selected = selected_documents(queue, pauses[seg], bounds[seg])
-            remaining = pauses[seg] < len(queue)  # weights nobody scores with are not trained
-            sgd = (
-                global_sgd(
-                    model,
-                    tokens,
-                    selected,
-                    config,
-                    world=world,
-                    log=log,
-                    order=pauses[seg] * step - 1,
-                    precision=precision,
+    with ahead:  # its thread stops however the loop ends
+        for seg, (first, last) in enumerate(segments(len(queue), pauses)):
+            for q in range(first, last):
+                v = virtual_rank(q, pauses, config.emulate_ranks)
+                docs_done += len(queue[q].docs)
+                if v not in lanes:
+                    continue  # another real rank's batch
+                report("scoring")
+                adapters = lanes[v].adapters(ahead.next(), shapes, config, device)
+                trace = score_batch(
+                    model, queue[q], adapters, stream, nbytes, config, log, units, order=q * step, chunk_step=chunk_step
                 )
-                if remaining
-                else None
-            )
-            phases.append(
-                {
-                    "phase": seg + 1,
-                    "boundary": bounds[seg],
-                    "batches_completed": pauses[seg],
-                    "docs_completed": sum(len(b.docs) for b in queue[: pauses[seg]]),
-                    "docs_selected": len(selected),
-                    "trained": remaining,
-                    "stream_tokens": sgd.stream_tokens if sgd else None,
-                    "global_chunks": sgd.num_chunks if sgd else None,
-                    "chunks": sgd.chunks if sgd else [],
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
-            global_s += time.perf_counter() - t0
-            if remaining:
-                for lane in lanes.values():
-                    lane.build(shapes, config.ttt_batch_size)
+                trace.queue_index, trace.emulated_rank, trace.phases_done = q, v, seg
+                traces.append(trace)
+                done_cost += cost[q]
+                scored += trace.tokens
+                scoring_s, training_s = scoring_s + trace.scoring_s, training_s + trace.training_s
+            if seg < len(pauses):  # the pause after this segment: phase seg + 1
+                report("global_sgd")
+                t0 = time.perf_counter()
+                selected = selected_documents(queue, pauses[seg], bounds[seg])
+                remaining = pauses[seg] < len(queue)  # weights nobody scores with are not trained
+                sgd = (
+                    global_sgd(
+                        model,
+                        tokens,
+                        selected,
+                        config,
+                        world=world,
+                        log=log,
+                        order=pauses[seg] * step - 1,
+                        precision=precision,
+                    )
+                    if remaining
+                    else None
+                )
+                phases.append(
+                    {
+                        "phase": seg + 1,
+                        "boundary": bounds[seg],
+                        "batches_completed": pauses[seg],
+                        "docs_completed": sum(len(b.docs) for b in queue[: pauses[seg]]),
+                        "docs_selected": len(selected),
+                        "trained": remaining,
+                        "stream_tokens": sgd.stream_tokens if sgd else None,
+                        "global_chunks": sgd.num_chunks if sgd else None,
+                        "chunks": sgd.chunks if sgd else [],
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
+                global_s += time.perf_counter() - t0
     return _finish(
         world,
         log,

@@ -149,7 +149,7 @@ class PhasedStep:
         """A graph's shape. The dynamic graph serves every width and every row count but 1 (Dynamo specialises
         a dimension of size 1, so a batch of one document has a graph of its own): ``None`` for both."""
         if self._dynamic(model):
-            rows, width = (1 if rows == 1 else None), None
+            return (id(model), 1 if rows == 1 else None, None, size, adapters.shapes, adapters.scale, precision)
         return (id(model), rows, width, size, adapters.shapes, adapters.scale, precision)
 
     def _run(self, model: GPT, x: Tensor, positions: Tensor, y: Tensor, adapters: AdapterSet, precision: str) -> Tensor:
