@@ -365,8 +365,22 @@ def test_unknown_names_and_refused_keys_stop_before_any_job(tmp_path):
 
 def test_ctrl_c_cancels_the_jobs_in_flight(tmp_path):
     server = FakeServer("http://a:1", polls=10**9)  # jobs never finish on their own
-    server.on_submit = lambda s: _thread.interrupt_main() if len(s.submitted) == 4 else None
-    outcome = runner(tmp_path, server, concurrency=4).run(parse_spec(SPEC).expand())
+    sweep = runner(tmp_path, server, concurrency=4)
+
+    def ctrl_c_until_heard() -> None:
+        # interrupt_main only marks the interrupt for the main thread's next bytecode; a finalizer that runs
+        # there (garbage collection of an earlier test's objects) can swallow it, and the sweep would wait for
+        # ever. So Ctrl-C again, twice a second, until the runner has started cancelling.
+        while not sweep._stop.is_set():
+            _thread.interrupt_main()
+            sweep._stop.wait(0.5)
+
+    def on_submit(s: FakeServer) -> None:
+        if len(s.submitted) == 4:
+            threading.Thread(target=ctrl_c_until_heard, daemon=True).start()
+
+    server.on_submit = on_submit
+    outcome = sweep.run(parse_spec(SPEC).expand())
     assert outcome.interrupted and outcome.done == 0
     assert len(server.submitted) == 4 and sorted(server.deleted) == sorted(server.jobs)
     assert outcome.cancelled == 4 and all(j["state"] == "cancelled" for j in server.jobs.values())
