@@ -14,6 +14,7 @@ building, which gives the same values without holding sets nobody uses.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -102,6 +103,14 @@ class AdapterSet:
 
     def parameters(self) -> list[Tensor]:
         return [*self.a, *self.b]
+
+    def rows_from(self, first: int) -> AdapterSet:
+        """The adapters of slots ``first`` on, as views: a step's gradients reach this set's tensors, zero at
+        the slots before ``first`` (the documents a batch has finished)."""
+        view = copy.copy(self)
+        view.a, view.b = [t[first:] for t in self.a], [t[first:] for t in self.b]
+        view.bsz = self.bsz - first
+        return view
 
     def reset(self, redrawn: list[Tensor] | None) -> None:
         """A new batch: B = 0, and A re-drawn unless warm-started (``redrawn`` None)."""

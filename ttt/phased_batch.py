@@ -55,8 +55,14 @@ def score_batch(
     """Spec 2.5 for one batch: for each chunk step c, score every document's chunk c in its window, then
     one LoRA step (``ttt_grad_steps``) on the chunk's mean loss of the documents that have a later chunk.
     Each document's sums go to ``units`` (keyed by its index in the stream). ``chunk_step``: a twin of
-    ``phased_compiled.per_token_loss`` with an ``optimizer`` for ``lora_optimizer``
-    (``phased_compiled.PhasedStep``); None: the plain ones."""
+    ``phased_compiled.per_token_loss`` with an ``optimizer`` for ``lora_optimizer`` and a ``first_row``
+    (``phased_compiled.PhasedStep``); None: the plain ones.
+
+    A batch's documents are in ascending length, so those it has finished are its first rows: a step runs
+    from the first row still scoring (or from the row ``chunk_step.first_row`` says). A finished document's
+    row scores nothing and its loss is weighted 0, so its adapters' gradient is exactly 0 either way; the
+    optimizer still steps every slot (AdamW's decay and momentum move a finished slot's A, which a
+    warm-started set keeps), so the numbers are those of running every row."""
     loss_fn = per_token_loss if chunk_step is None else chunk_step
     device, docs = stream.device, batch.docs
     size, window, bsz = config.ttt_chunk_size, config.ttt_eval_seq_len, len(docs)
@@ -91,8 +97,10 @@ def score_batch(
             lo.append(w.chunk_offset if w else 0)
             hi.append(w.chunk_offset + w.chunk_length if w else 0)
         trained = [int(c < n - 1) for n in chunks]
+        finished = next((i for i, n in enumerate(chunks) if n > c), bsz)  # the first rows, done scoring
+        first = finished if chunk_step is None else chunk_step.first_row(model, finished, bsz)
         # One copy to the device, from pinned memory: the host does not wait for the device's earlier work.
-        rows = torch.tensor([starts, lengths, lo, hi, trained])
+        rows = torch.tensor([starts[first:], lengths[first:], lo[first:], hi[first:], trained[first:]])
         rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows
         cols = torch.arange(width, device=device)
         index = rows[0, :, None] + cols
@@ -104,15 +112,15 @@ def score_batch(
         # Every row's scored and trained columns lie in the window's last `size` columns (a full chunk's, and a
         # last chunk's within them): the output layer and the last block run there only, the same numbers.
         at = torch.arange(offset, offset + size, device=device)
-        positions, y, scored, index = at.expand(bsz, size), y[:, at], scored[:, at], index[:, at]
-        train, trains = rows[4].bool(), any(trained)
+        positions, y, scored, index = at.expand(bsz - first, size), y[:, at], scored[:, at], index[:, at]
+        train, trains, live = rows[4].bool(), any(trained), adapters.rows_from(first)
         with torch.set_grad_enabled(trains):
-            per_token = loss_fn(model, x, positions, y, adapters, config.precision)
+            per_token = loss_fn(model, x, positions, y, live, config.precision)
         with torch.no_grad():
             mask = scored.double()
             parts = (per_token.double() * mask, mask, nbytes[index.clamp(max=len(nbytes) - 1)].double() * mask)
             sums += torch.stack([part.sum() for part in parts])
-            doc_sums += torch.stack([part.sum(dim=1) for part in parts])
+            doc_sums[:, first:] += torch.stack([part.sum(dim=1) for part in parts])
         log.score(
             order + 2 * c,
             [
@@ -126,7 +134,7 @@ def score_batch(
         if trains:
             for g in range(config.ttt_grad_steps):
                 if g > 0:
-                    per_token = loss_fn(model, x, positions, y, adapters, config.precision)
+                    per_token = loss_fn(model, x, positions, y, live, config.precision)
                 per_doc = per_token.mean(dim=-1)
                 optimizer.zero_grad(set_to_none=True)
                 (per_doc * train.float()).sum().backward()

@@ -1,11 +1,12 @@
 """The phased protocol's chunk step, plain (``per_token_loss``) and compiled (``PhasedStep``, the fast twin
 ``phased_batch.score_batch`` takes as ``chunk_step``).
 
-``PhasedStep`` runs the plain function through ``torch.compile``. Its rows are the adapter set's slots (the
-batch's documents: ``ttt_batch_size`` in every batch but the queue's first) and its width a step's longest
-window (at most ``ttt_eval_seq_len``). Both are dynamic dimensions of one graph, so every batch and step of a
-job runs the graph compiled once, unpadded (a graph makes its own rotary tables; a batch of one document gets a
-graph of its own, as Dynamo specialises a size of 1). A model whose RoPE base grows past its train_seq_len
+``PhasedStep`` runs the plain function through ``torch.compile``. Its rows are the batch's documents still
+scoring (``ttt_batch_size`` at a batch's start in every batch but the queue's first, fewer as documents end,
+at least 2: ``first_row``) and its width a step's longest window (at most ``ttt_eval_seq_len``). Both are
+dynamic dimensions of one graph, so every batch and step of a job runs the graph compiled once, unpadded (a
+graph makes its own rotary tables; a batch of one document gets a graph of its own, as Dynamo specialises a
+size of 1). A model whose RoPE base grows past its train_seq_len
 (``rope_yarn``), or ``dynamic=False``, gets static graphs instead, one per (rows, padded width): the width is
 rounded up to a power of two, at least ``SMALLEST_WIDTH`` (``bucket``), the extra columns zero ids to the right
 of every row (the model is causal, so the scored columns see exactly the inputs they saw). A graph runs forward
@@ -112,6 +113,12 @@ class PhasedStep:
         x = x if width == x.size(1) else F.pad(x, (0, width - x.size(1)))
         return self._run(model, x, positions, y, adapters, precision)
 
+    def first_row(self, model: GPT, finished: int, rows: int) -> int:
+        """The first row a step of a batch of ``rows`` documents runs from, when its first ``finished`` are done
+        (``phased_batch.score_batch``): the dynamic graph leaves at least 2 rows (one more would be a graph of
+        its own); static graphs run every row (every row count would be one)."""
+        return min(finished, max(rows - 2, 0)) if self._dynamic(model) else 0
+
     def warm_up(self, model: GPT, config: EvalConfig, rows: int | None = None) -> None:
         """Compile every shape a batch of ``rows`` documents (default ``ttt_batch_size``) of ``config``
         (resolved) takes; weights unchanged."""
@@ -175,15 +182,16 @@ class PhasedStep:
         device = next(model.parameters()).device
         model.cache_rotary(width, device)  # eagerly, so no graph guards on the rotary cache
         dummy = AdapterSet(
-            adapters.shapes, [torch.zeros_like(a, device="cpu") for a in adapters.a], adapters.scale, device
+            adapters.shapes, [torch.zeros(rows, *a.shape[1:]) for a in adapters.a], adapters.scale, device
         )
+        live = dummy.rows_from(0)  # views, as score_batch passes them
         x = torch.zeros(rows, width, dtype=torch.long, device=device)
         positions = torch.arange(width - size, width, device=device).expand(rows, size)
         y = torch.zeros(rows, size, dtype=torch.long, device=device)
         try:
             for _ in range(2):
                 with torch.enable_grad():
-                    self._run(model, x, positions, y, dummy, precision).sum().backward()
+                    self._run(model, x, positions, y, live, precision).sum().backward()
                 for t in dummy.parameters():  # as score_batch does: a replay's gradients are never read later
                     t.grad = None
         except Exception as exc:  # noqa: BLE001 - any compile failure: this shape runs the plain step
