@@ -12,6 +12,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 
@@ -160,15 +161,30 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None)
     return y
 
 
+# SDPA's backends on CUDA, in the order tried: its FlashAttention (where it cannot run, e.g. with a mask or in
+# fp32, the memory-efficient kernel) before cuDNN's, which plans every new shape on the host (about 3 ms a call
+# in the phased protocol, whose shapes change at every step: bench/RESULTS.md run 21).
+CUDA_SDPA_ORDER = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False, gqa: bool = False
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` on (batch, seq, heads, head_dim), with ``CUDA_SDPA_ORDER`` on CUDA."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=gqa).transpose(1, 2)
+    with sdpa_kernel(CUDA_SDPA_ORDER, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=gqa).transpose(1, 2)
+
+
 def _sdpa_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    y = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        is_causal=True,
-        enable_gqa=q.size(2) != k.size(2),
-    )
-    return y.transpose(1, 2)
+    return _sdpa(q, k, v, is_causal=True, gqa=q.size(2) != k.size(2))
 
 
 def attention_at(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
@@ -183,8 +199,7 @@ def attention_at(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cu_seqlens:
     groups = q.size(2) // k.size(2)
     if groups > 1:  # query head h reads key/value head h // groups, as enable_gqa does
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return y.transpose(1, 2)
+    return _sdpa(q, k, v, attn_mask=mask)
 
 
 def gather_positions(x: Tensor, positions: Tensor) -> Tensor:
