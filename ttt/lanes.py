@@ -86,11 +86,14 @@ def plan(queue_sizes: Sequence[int], pauses: list[int], lanes: Sequence[int], em
 
 class DrawAhead:
     """Runs ``plan`` on a thread; ``next()`` returns the next batch's ``Draw`` (the thread's error, if it had
-    one), and the thread stays at most one batch ahead. ``close`` stops it (a cancelled or failed evaluation)."""
+    one), and the thread stays at most one batch ahead. ``close`` stops it (a cancelled or failed evaluation).
+    ``pin``: the draws come in pinned memory (for a CUDA device: their copies there do not stop the host)."""
 
-    def __init__(self, lanes: dict[int, Lane], work: Iterator, shapes: Shapes, config: EvalConfig) -> None:
+    def __init__(
+        self, lanes: dict[int, Lane], work: Iterator, shapes: Shapes, config: EvalConfig, *, pin: bool = False
+    ) -> None:
         assert config.ttt_batch_size is not None  # resolved (EvalConfig.resolved)
-        self._batch_size = config.ttt_batch_size
+        self._batch_size, self._pin = config.ttt_batch_size, pin
         self._ready: queue.Queue[Draw | BaseException] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -103,10 +106,16 @@ class DrawAhead:
             for kind, v, *size in work:
                 if kind == "build":
                     lanes[v].build(shapes, self._batch_size)
-                elif not self._put(lanes[v].draw(shapes, size[0], config)):
+                elif not self._put(self._pinned(lanes[v].draw(shapes, size[0], config))):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the evaluation, which raises it
             self._put(exc)
+
+    def _pinned(self, draw: Draw) -> Draw:
+        if not self._pin:
+            return draw
+        new, first, redraw = ([t.pin_memory() for t in a] if a is not None else None for a in vars(draw).values())
+        return Draw(new, first, redraw)
 
     def _put(self, item: Draw | BaseException) -> bool:
         while not self._stop.is_set():

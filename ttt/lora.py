@@ -95,7 +95,7 @@ class AdapterSet:
 
     def __init__(self, shapes: Shapes, a: list[Tensor], scale: float, device: torch.device) -> None:
         self.shapes, self.scale, self.bsz = shapes, scale, a[0].size(0)
-        self.a = [t.to(device).requires_grad_(True) for t in a]
+        self.a = [t.to(device, non_blocking=True).requires_grad_(True) for t in a]
         self.b = [
             torch.zeros(self.bsz, out, shapes.rank, device=device, requires_grad=True) for _, _, out in shapes.draws()
         ]
@@ -119,7 +119,7 @@ class AdapterSet:
                 b.zero_()
             if redrawn is not None:
                 for a, new in zip(self.a, redrawn, strict=True):
-                    a.copy_(new)
+                    a.copy_(new, non_blocking=True)
 
     def _apply(self, i: int, inp: Tensor) -> Tensor:
         a, b = self.a[i].to(inp.dtype), self.b[i].to(inp.dtype)

@@ -127,7 +127,8 @@ def run_phased(
     scoring_s = training_s = global_s = 0.0
 
     sizes = [len(b.docs) for b in queue]
-    ahead = DrawAhead(lanes, plan(sizes, pauses, list(lanes), config.emulate_ranks), shapes, config)
+    work = plan(sizes, pauses, list(lanes), config.emulate_ranks)
+    ahead = DrawAhead(lanes, work, shapes, config, pin=device.type == "cuda")
 
     def report(stage: str) -> None:
         if cancel is not None and cancel.is_set():
