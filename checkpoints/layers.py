@@ -12,7 +12,6 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 
@@ -161,26 +160,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None)
     return y
 
 
-# SDPA's backends on CUDA, in the order tried: its FlashAttention (where it cannot run, e.g. with a mask or in
-# fp32, the memory-efficient kernel) before cuDNN's, which plans every new shape on the host (about 3 ms a call
-# in the phased protocol, whose shapes change at every step: bench/RESULTS.md run 21).
-CUDA_SDPA_ORDER = [
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.MATH,
-]
+def prefer_flash_attention() -> None:
+    """Process-wide: SDPA on CUDA never takes cuDNN's kernel, which plans every new shape on the host (2.5 ms
+    forward, 3.4 ms backward a call in the phased protocol, whose shapes change at every step: bench/RESULTS.md
+    run 21); FlashAttention runs where it can, else the memory-efficient kernel, else math. The engine calls it
+    before it compiles anything on a CUDA device (``EvalSession.worker``). A global setting, not an
+    ``sdpa_kernel`` block inside the model: a compiled graph holding that block is one AOTAutograd will not
+    cache, so a restarted server compiled the phased step again (run 22)."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def _sdpa(
     q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False, gqa: bool = False
 ) -> Tensor:
-    """``F.scaled_dot_product_attention`` on (batch, seq, heads, head_dim), with ``CUDA_SDPA_ORDER`` on CUDA."""
+    """``F.scaled_dot_product_attention`` on (batch, seq, heads, head_dim)."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=gqa).transpose(1, 2)
-    with sdpa_kernel(CUDA_SDPA_ORDER, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=gqa).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=gqa).transpose(1, 2)
 
 
 def _sdpa_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -21,9 +21,16 @@ def use_compile_cache(directory: str | Path) -> Path:
 
 
 def cache_counts() -> dict[str, int]:
-    """Inductor's FX-graph and AOTAutograd cache hits and misses in this process so far."""
+    """Inductor's FX-graph and AOTAutograd cache hits and misses (and graphs AOTAutograd would not cache) in this
+    process so far."""
     from torch._dynamo.utils import counters
 
-    names = ("fxgraph_cache_hit", "fxgraph_cache_miss", "autograd_cache_hit", "autograd_cache_miss")
+    names = (
+        "fxgraph_cache_hit",
+        "fxgraph_cache_miss",
+        "autograd_cache_hit",
+        "autograd_cache_miss",
+        "autograd_cache_bypass",
+    )
     seen = {**counters["inductor"], **counters["aot_autograd"]}
     return {name: int(seen.get(name, 0)) for name in names}

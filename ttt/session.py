@@ -23,6 +23,7 @@ from torch import Tensor
 from pgttt import __version__
 from pgttt.api.units import UnitSums
 from pgttt.checkpoints.config import ModelConfig
+from pgttt.checkpoints.layers import prefer_flash_attention
 from pgttt.checkpoints.model import GPT, apply_precision
 
 from .bytes import ByteTables, byte_source, load_byte_tables
@@ -191,6 +192,8 @@ class EvalSession:
         key = (str(device), precision)
         with self._lock:
             if key not in self._workers:
+                if device.type == "cuda":
+                    prefer_flash_attention()  # before any graph is compiled: the graphs bake in the kernel
                 model = apply_precision(copy.deepcopy(self.template).to(device), precision).eval()
                 pristine = {n: p.detach().to(device) for n, p in self.template.named_parameters()}
                 self._workers[key] = _Worker(model, pristine)

@@ -41,6 +41,6 @@ def test_a_second_process_loads_the_graphs_the_first_compiled(tmp_path):
     second = compile_once(tmp_path / "cache")
     # Loaded whole (AOTAutograd's cache, which holds Inductor's graphs) or graph by graph; compiled: never.
     assert second["autograd_cache_hit"] + second["fxgraph_cache_hit"] >= 1
-    assert second["fxgraph_cache_miss"] == second["autograd_cache_miss"] == 0
+    assert second["fxgraph_cache_miss"] == second["autograd_cache_miss"] == second["autograd_cache_bypass"] == 0
     elsewhere = compile_once(tmp_path / "other")
     assert elsewhere["fxgraph_cache_hit"] == elsewhere["autograd_cache_hit"] == 0  # the folder held them
