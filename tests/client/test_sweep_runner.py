@@ -7,6 +7,7 @@ import _thread
 import itertools
 import json
 import re
+import signal
 import threading
 
 import httpx
@@ -363,6 +364,16 @@ def test_unknown_names_and_refused_keys_stop_before_any_job(tmp_path):
     assert runner(tmp_path, locked, api_key="right").run(parse_spec(SPEC).expand()).done == 6
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler for the test: interrupt_main does nothing while SIGINT is ignored or handled
+    by something else, as code an earlier test ran in this process may leave it (the full suite hung once)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.usefixtures("python_ctrl_c")
 def test_ctrl_c_cancels_the_jobs_in_flight(tmp_path):
     server = FakeServer("http://a:1", polls=10**9)  # jobs never finish on their own
     sweep = runner(tmp_path, server, concurrency=4)
