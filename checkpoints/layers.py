@@ -6,7 +6,8 @@ Formulas follow spec sections 3 and 5 (``../shared/spec``); names are the record
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Literal, Protocol
 
 import torch
@@ -160,14 +161,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None)
     return y
 
 
-def prefer_flash_attention() -> None:
-    """Process-wide: SDPA on CUDA never takes cuDNN's kernel, which plans every new shape on the host (2.5 ms
-    forward, 3.4 ms backward a call in the phased protocol, whose shapes change at every step: bench/RESULTS.md
-    run 21); FlashAttention runs where it can, else the memory-efficient kernel, else math. The engine calls it
-    before it compiles anything on a CUDA device (``EvalSession.worker``). A global setting, not an
-    ``sdpa_kernel`` block inside the model: a compiled graph holding that block is one AOTAutograd will not
-    cache, so a restarted server compiled the phased step again (run 22)."""
-    torch.backends.cuda.enable_cudnn_sdp(False)
+@contextlib.contextmanager
+def cudnn_attention(allowed: bool) -> Iterator[None]:
+    """Process-wide for the block, restored after it: whether SDPA on CUDA may take cuDNN's attention kernel.
+
+    cuDNN's kernel is the fastest on Hopper for shapes it has planned, but it plans every new shape on the host
+    (2.5 ms forward, 3.4 ms backward a call: bench/RESULTS.md run 21). Fixed-shape protocols (chunked TTT, whose
+    windows are all ``seq_len`` long) take it; protocols whose shapes change at every step (the phased one) run
+    FlashAttention, else the memory-efficient kernel, else math. ``EvalSession`` sets it around a protocol's
+    warm-up and run: compiled graphs bake in the kernel chosen while they are traced. A global setting, not an
+    ``sdpa_kernel`` block inside the model: a compiled graph holding that block is one AOTAutograd will not cache,
+    so a restarted server compiled the phased step again (run 22). Being global, two protocols must not run at
+    once in one process (the service runs one worker process per device)."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(allowed)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def _sdpa(

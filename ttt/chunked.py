@@ -251,6 +251,7 @@ class Chunked:
     """The chunked protocol as ``EvalSession`` runs it (``protocol.Protocol``)."""
 
     name = "chunked"
+    cudnn_attention = True  # every window is seq_len long: a few shapes, each planned once
 
     @staticmethod
     def compiled_steps(model: GPT, compiled: Compiled) -> Steps:

@@ -262,6 +262,7 @@ class DocMasked:
     """The document-masked pass as ``EvalSession`` runs it (``protocol.Protocol``): nothing to compile or train."""
 
     name = "doc_masked"
+    cudnn_attention = False  # one attention call per document segment, each of its own length
 
     def warm_up(
         self,

@@ -272,6 +272,7 @@ class Phased:
     """The phased protocol as ``EvalSession`` runs it (``protocol.Protocol``)."""
 
     name = "phased"
+    cudnn_attention = False  # the (rows, width) of a chunk step change at every step
 
     @staticmethod
     def compiled_step(compiled: Compiled) -> PhasedStep:

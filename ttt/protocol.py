@@ -120,6 +120,8 @@ class Protocol(typing.Protocol):
     """One evaluation protocol, as ``EvalSession`` runs it. ``config`` is always resolved (``EvalConfig.resolved``)."""
 
     name: str  # its EvalConfig.protocol
+    # Whether SDPA on CUDA may take cuDNN's kernel (checkpoints.layers.cudnn_attention): for fixed shapes only.
+    cudnn_attention: bool
 
     def warm_up(
         self,

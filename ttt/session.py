@@ -23,7 +23,7 @@ from torch import Tensor
 from pgttt import __version__
 from pgttt.api.units import UnitSums
 from pgttt.checkpoints.config import ModelConfig
-from pgttt.checkpoints.layers import prefer_flash_attention
+from pgttt.checkpoints.layers import cudnn_attention
 from pgttt.checkpoints.model import GPT, apply_precision
 
 from .bytes import ByteTables, byte_source, load_byte_tables
@@ -192,8 +192,6 @@ class EvalSession:
         key = (str(device), precision)
         with self._lock:
             if key not in self._workers:
-                if device.type == "cuda":
-                    prefer_flash_attention()  # before any graph is compiled: the graphs bake in the kernel
                 model = apply_precision(copy.deepcopy(self.template).to(device), precision).eval()
                 pristine = {n: p.detach().to(device) for n, p in self.template.named_parameters()}
                 self._workers[key] = _Worker(model, pristine)
@@ -217,10 +215,11 @@ class EvalSession:
         for seq_len in seq_lens or [config.seq_len]:  # None: the checkpoint's train_seq_len
             cfg = replace(config, seq_len=seq_len).resolved(self.config, device)
             worker = self.worker(device, resolved_shape(cfg)[1])
-            with worker.lock:
+            protocol = PROTOCOLS[cfg.protocol]
+            with worker.lock, cudnn_attention(protocol.cudnn_attention):
                 for size in world_sizes:
                     for rank in range(size):
-                        PROTOCOLS[cfg.protocol].warm_up(
+                        protocol.warm_up(
                             worker.model, self._compiled(worker), cfg, World(rank, size), static_training=True
                         )
         return time.perf_counter() - t0
@@ -255,7 +254,7 @@ class EvalSession:
         data_s = time.perf_counter() - t_start
 
         worker = self.worker(device, precision)
-        with worker.lock:
+        with worker.lock, cudnn_attention(protocol.cudnn_attention):  # the graphs bake in the kernel they trace
             t0 = time.perf_counter()
             protocol.warm_up(worker.model, self._compiled(worker), cfg, world, tokens=tokens)
             warmup_s = time.perf_counter() - t0

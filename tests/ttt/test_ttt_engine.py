@@ -13,9 +13,10 @@ import torch
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.checkpoints.model import GPT, init_weights
 from pgttt.ttt import EvalCancelled, EvalConfig, EvalError, EvalSession, ValSet, load_val
+from pgttt.ttt.chunked import Chunked
 from pgttt.ttt.compliance import ComplianceLog, check_compliance
 from pgttt.ttt.projection import project_full_eval
-from pgttt.ttt.session import ENGINE_VERSION
+from pgttt.ttt.session import ENGINE_VERSION, PROTOCOLS
 from tests.helpers.ttt import (
     MICRO,
     assert_units_add_up,
@@ -278,3 +279,39 @@ def test_merged_rank_logs_order_scoring_before_training():
     rank1.score(1, [(16, 21)], 5)
     record = check_compliance(ComplianceLog.merge([rank0, rank1]), 20)
     assert record["scored_exactly_once"] and record["score_before_update"]
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_a_protocol_warms_up_and_runs_with_its_own_cudnn_attention_choice(val_dir, sp1024_tokenizer, allowed):
+    # Compiled graphs bake in the SDPA kernel chosen while they are traced, so the session sets the protocol's
+    # choice around its warm-up and its run, and gives the process its own setting back afterwards.
+    seen: list[tuple[str, bool]] = []
+
+    class Recording(Chunked):
+        cudnn_attention = allowed
+
+        def warm_up(self, *args, **kwargs):
+            seen.append(("warm_up", torch.backends.cuda.cudnn_sdp_enabled()))
+            return super().warm_up(*args, **kwargs)
+
+        def run(self, *args, **kwargs):
+            seen.append(("run", torch.backends.cuda.cudnn_sdp_enabled()))
+            return super().run(*args, **kwargs)
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    session = EvalSession(micro_model())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(PROTOCOLS, "chunked", Recording())
+        session.evaluate(val_dir, sp1024_tokenizer, TTT, device="cpu")
+        session.warmup(TTT, device="cpu")
+    assert seen == [("warm_up", allowed), ("run", allowed), ("warm_up", allowed)]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_only_fixed_shape_protocols_take_cudnn_attention():
+    # cuDNN plans every new shape on the host: chunked TTT's windows have one length, the phased step's change.
+    assert {name: p.cudnn_attention for name, p in PROTOCOLS.items()} == {
+        "chunked": True,
+        "phased": False,
+        "doc_masked": False,
+    }
