@@ -154,9 +154,9 @@ class _ChunkedRun:
                 self.report("scoring", c, plan.scored_tokens(lo, b))
                 e = min(b + batch_seqs, hi)
                 rows = batch_seqs if self.steps.static_shapes else e - b
-                loss, mask = score_windows(self.steps, self.batches, b, e, rows, self.precision)
+                loss, scored = score_windows(self.steps, self.batches, b, e, rows, self.precision)
                 chunk_loss += loss
-                observed += mask.sum()
+                observed += scored
         local = [plan.scored_tokens(lo, hi), int(plan.window_bytes[lo:hi].sum())]
         sums = torch.cat(
             (torch.stack((chunk_loss, observed.double())), torch.tensor(local, dtype=torch.float64, device=device))

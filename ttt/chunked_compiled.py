@@ -38,9 +38,11 @@ class Steps:
     """The protocol's two model calls, compiled or plain; shapes already warmed up are remembered.
 
     Compiled, every scoring batch is padded to ``batch_seqs`` rows (``static_shapes``), so one graph serves
-    every batch. Training batches whose shape was warmed up (``warm_up``) run static graphs; any other
-    batch size runs one graph with a dynamic batch dimension, so a new chunk size never compiles. Run 5
-    (bench/RESULTS.md) measured the dynamic graph 14-22% slower than static ones.
+    every batch; window 0, the one window scored at every position, runs alone through the plain function
+    (``score_first``): once an evaluation, it is not worth a graph of its own. Training batches whose shape was
+    warmed up (``warm_up``) run static graphs; any other batch size runs one graph with a dynamic batch
+    dimension, so a new chunk size never compiles. Run 5 (bench/RESULTS.md) measured the dynamic graph 14-22%
+    slower than static ones.
 
     With ``cuda_graphs`` (the default) the static training graphs are replayed as CUDA graphs (Inductor's
     ``reduce-overhead`` mode): one launch instead of ~1,000 kernel launches a step. A gang's ranks train
@@ -65,6 +67,7 @@ class Steps:
             # A frame of its own, so its dynamic graph is cached apart from model.loss's static ones.
             return model.loss(x, y)
 
+        self.score_first = score
         if compiled:
             # Each (shape, adapted set) is its own graph; a service sees a few seq_lens, never 8 is too few.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -100,11 +103,6 @@ class Batches:
         self.ends = torch.from_numpy(plan.ends).to(device)
         self.score_from = torch.from_numpy(plan.score_from).to(device)
         self.offsets = torch.arange(plan.seq_len, device=device)
-
-    def scored_positions(self, lo: int, hi: int) -> int:
-        """Positions per window the batch gathers: ``stride`` unless a window scores more (window 0)."""
-        longest = int((self.plan.ends[lo:hi] - self.plan.score_from[lo:hi]).max())
-        return self.plan.stride if longest <= self.plan.stride else self.plan.seq_len
 
     def score(self, lo: int, hi: int, rows: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Windows ``lo .. hi-1`` padded to ``rows`` rows: inputs, scored positions, targets, mask."""
@@ -142,10 +140,20 @@ def training(model: GPT, params: list[torch.nn.Parameter]) -> Iterator[None]:
 
 
 def score_windows(steps: Steps, batches: Batches, lo: int, hi: int, rows: int, precision: str) -> tuple[Tensor, Tensor]:
-    """Summed loss and mask of windows ``lo .. hi-1`` in a batch of ``rows`` rows (gradients off)."""
-    x, positions, targets, mask = batches.score(lo, hi, rows, batches.scored_positions(lo, hi))
-    with autocast(precision, x.device):
-        return steps.score(x, positions, targets, mask), mask
+    """Summed loss and number of scored positions of windows ``lo .. hi-1`` (gradients off), in a batch of ``rows``
+    rows at the stride's width. Window 0 scores every position: it runs first, alone (``Steps.score_first``), and
+    the batch holds the others (``rows`` less one when the batch is not padded)."""
+    loss = torch.zeros((), dtype=torch.float64, device=batches.stream.device)
+    observed = torch.zeros((), dtype=torch.int64, device=batches.stream.device)
+    with autocast(precision, batches.stream.device):
+        if lo == 0:
+            x, positions, targets, mask = batches.score(0, 1, 1, batches.plan.seq_len)
+            loss, observed = loss + steps.score_first(x, positions, targets, mask), observed + mask.sum()
+            lo, rows = 1, rows if steps.static_shapes else rows - 1
+        if hi > lo:
+            x, positions, targets, mask = batches.score(lo, hi, rows, batches.plan.stride)
+            loss, observed = loss + steps.score(x, positions, targets, mask), observed + mask.sum()
+    return loss, observed
 
 
 def train_loss(
@@ -176,19 +184,18 @@ def warm_up(
     world = world or World.current()
     device = next(model.parameters()).device
     (length, precision), rows = resolved_shape(config), config.batch_seqs
-    total = length * (rows + 1)  # enough windows for a batch with window 0 and a full batch without it
+    total = length * (rows + 1)  # enough windows for a full batch after window 0
     plan = plan_windows(total, length, config.stride, config.chunk_tokens, np.zeros(total, dtype=np.int64))
     batches = Batches(plan, torch.zeros(total + 1, dtype=torch.long, device=device))
     model.requires_grad_(False)
     model.cache_rotary(length, device)
-    with torch.no_grad():
-        for lo in (0, 1):
-            hi = min(lo + rows, plan.num_windows)
-            shape = ("score", rows, length, batches.scored_positions(lo, hi))
-            if shape not in steps.warmed:
-                for _ in range(2):
-                    score_windows(steps, batches, lo, hi, rows if steps.static_shapes else hi - lo, precision)
-                steps.warmed.add(shape)
+    shape = ("score", rows, length, config.stride)
+    if shape not in steps.warmed:
+        hi = min(1 + rows, plan.num_windows)
+        with torch.no_grad():
+            for _ in range(2):
+                score_windows(steps, batches, 1, hi, rows if steps.static_shapes else hi - 1, precision)
+        steps.warmed.add(shape)
     chunk_seqs = config.chunk_tokens // length if config.ttt_epochs > 0 else 0
     shares = (share(count, world.rank, world.size) for count in {min(rows, chunk_seqs), chunk_seqs % rows} - {0})
     counts = {b - a for a, b in shares} - {0}
