@@ -153,8 +153,7 @@ class _ChunkedRun:
             for b in range(lo, hi, batch_seqs):
                 self.report("scoring", c, plan.scored_tokens(lo, b))
                 e = min(b + batch_seqs, hi)
-                rows = batch_seqs if self.steps.static_shapes else e - b
-                loss, scored = score_windows(self.steps, self.batches, b, e, rows, self.precision)
+                loss, scored = score_windows(self.steps, self.batches, b, e, batch_seqs, self.precision)
                 chunk_loss += loss
                 observed += scored
         local = [plan.scored_tokens(lo, hi), int(plan.window_bytes[lo:hi].sum())]

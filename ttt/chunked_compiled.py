@@ -139,18 +139,21 @@ def training(model: GPT, params: list[torch.nn.Parameter]) -> Iterator[None]:
         model.requires_grad_(False)
 
 
-def score_windows(steps: Steps, batches: Batches, lo: int, hi: int, rows: int, precision: str) -> tuple[Tensor, Tensor]:
-    """Summed loss and number of scored positions of windows ``lo .. hi-1`` (gradients off), in a batch of ``rows``
-    rows at the stride's width. Window 0 scores every position: it runs first, alone (``Steps.score_first``), and
-    the batch holds the others (``rows`` less one when the batch is not padded)."""
+def score_windows(
+    steps: Steps, batches: Batches, lo: int, hi: int, batch_seqs: int, precision: str
+) -> tuple[Tensor, Tensor]:
+    """Summed loss and number of scored positions of windows ``lo .. hi-1`` (gradients off), in one batch at the
+    stride's width: padded to ``batch_seqs`` rows with ``static_shapes``, else as many rows as windows. Window 0
+    scores every position: it runs first, alone (``Steps.score_first``), and the batch holds the others."""
     loss = torch.zeros((), dtype=torch.float64, device=batches.stream.device)
     observed = torch.zeros((), dtype=torch.int64, device=batches.stream.device)
     with autocast(precision, batches.stream.device):
         if lo == 0:
             x, positions, targets, mask = batches.score(0, 1, 1, batches.plan.seq_len)
             loss, observed = loss + steps.score_first(x, positions, targets, mask), observed + mask.sum()
-            lo, rows = 1, rows if steps.static_shapes else rows - 1
+            lo = 1
         if hi > lo:
+            rows = batch_seqs if steps.static_shapes else hi - lo
             x, positions, targets, mask = batches.score(lo, hi, rows, batches.plan.stride)
             loss, observed = loss + steps.score(x, positions, targets, mask), observed + mask.sum()
     return loss, observed
@@ -194,7 +197,7 @@ def warm_up(
         hi = min(1 + rows, plan.num_windows)
         with torch.no_grad():
             for _ in range(2):
-                score_windows(steps, batches, 1, hi, rows if steps.static_shapes else hi - 1, precision)
+                score_windows(steps, batches, 1, hi, rows, precision)
         steps.warmed.add(shape)
     chunk_seqs = config.chunk_tokens // length if config.ttt_epochs > 0 else 0
     shares = (share(count, world.rank, world.size) for count in {min(rows, chunk_seqs), chunk_seqs % rows} - {0})
