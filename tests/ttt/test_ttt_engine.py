@@ -17,6 +17,7 @@ from pgttt.ttt.chunked import Chunked
 from pgttt.ttt.compliance import ComplianceLog, check_compliance
 from pgttt.ttt.projection import project_full_eval
 from pgttt.ttt.session import ENGINE_VERSION, PROTOCOLS
+from tests.helpers.phased import phased, stream, tiny_model
 from tests.helpers.ttt import (
     MICRO,
     assert_units_add_up,
@@ -310,10 +311,28 @@ def test_a_protocol_warms_up_and_runs_with_its_own_cudnn_attention_choice(val_di
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
-def test_only_fixed_shape_protocols_take_cudnn_attention():
-    # cuDNN plans every new shape on the host: chunked TTT's windows have one length, the phased step's change.
-    assert {name: p.cudnn_attention for name, p in PROTOCOLS.items()} == {
-        "chunked": True,
-        "phased": False,
-        "doc_masked": False,
+def test_a_phased_job_runs_without_cudnn_attention_and_a_chunked_job_with_it(val_dir, sp1024_tokenizer):
+    # cuDNN plans every new shape on the host: the phased step's (rows, width) change at every step, chunked TTT's
+    # windows have one length. Each job starts from the process setting it must not keep.
+    ids, _ = stream(tokens=700, docs=8, seed=5)
+    jobs = {
+        "phased": (tiny_model(seed=3), ValSet.from_tokens(ids), random_tables(1024, seed=5), phased()),
+        "chunked": (micro_model(), val_dir, sp1024_tokenizer, TTT),
     }
+    seen: dict[str, bool] = {}
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, (model, val, tokenizer, config) in jobs.items():
+                protocol = PROTOCOLS[name]
+
+                def run(*args, _run=protocol.run, _name=name, **kwargs):
+                    seen[_name] = torch.backends.cuda.cudnn_sdp_enabled()
+                    return _run(*args, **kwargs)
+
+                patch.setattr(protocol, "run", run)
+                torch.backends.cuda.enable_cudnn_sdp(name == "phased")
+                EvalSession(model).evaluate(val, tokenizer, config, device="cpu")
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    assert seen == {"phased": False, "chunked": True}
