@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import traceback
@@ -215,6 +216,38 @@ def chunked_cases(bench: Bench, shared: Path) -> None:
         stream_set = load_val(folder, session.config.vocab_size)
         ref_bpb = gpu.get("reference_h200", {}).get("val_bpb", {}).get("throughput_stream_ttt_3_32768")
         bench.case(name, lambda: run(name, stream_set, EvalConfig(), ref_bpb))
+        if bench.args.stream_variants:
+            stream_variants(bench, session, run, data_dir, tokenizer, ref_bpb)
+
+
+def stream_variants(
+    bench: Bench, session: EvalSession, run: Any, data_dir: Path, tokenizer: Path, ref_bpb: float | None
+) -> None:
+    """Two readings of the reference's 2M stream run that ours may not share, alone and together, TTT 3/32K each
+    (diagnostic, for the bpb the reference printed): the stream from the *trimmed* val (600,065 tokens) then the
+    train shard, and the stream run from weights a compat TTT 3/32K run left adapted (a harness reusing one model)."""
+    val = open_shard(data_dir / "fineweb_val_000000.bin")
+    train = open_shard(data_dir / "fineweb_train_000000.bin")
+    trimmed_val = np.asarray(val)[: ((len(val) - 1) // 2048) * 2048 + 1]
+    folder = bench.args.out / "stream_trimmed_val"
+    folder.mkdir(exist_ok=True)
+    write_shard(folder / "fineweb_val_000000.bin", np.concatenate([trimmed_val, np.asarray(train)])[:2_000_001])
+    trimmed = load_val(folder, session.config.vocab_size)
+    stream = load_val(bench.args.out / "stream", session.config.vocab_size)
+    worker = session.worker(torch.device("cuda"), "bf16")
+
+    def from_adapted(val: Any) -> dict[str, Any]:
+        session.evaluate(data_dir, tokenizer, EvalConfig(), device="cuda")  # leaves the weights adapted
+        pristine = worker.pristine
+        worker.pristine = {n: p.detach().clone() for n, p in worker.model.named_parameters()}
+        try:
+            return run("2M stream ttt 3/32K", val, EvalConfig(), ref_bpb)
+        finally:
+            worker.pristine = pristine
+
+    bench.case("2M stream from trimmed val", lambda: run("2M stream ttt 3/32K", trimmed, EvalConfig(), ref_bpb))
+    bench.case("2M stream from compat-TTT weights", lambda: from_adapted(stream))
+    bench.case("2M stream trimmed val, compat-TTT weights", lambda: from_adapted(trimmed))
 
 
 def frontier_cases(bench: Bench, shared: Path, checkpoint: Path) -> None:
@@ -362,9 +395,17 @@ def main() -> int:
         help="one more row: the compiled phased step over every row of a batch, finished documents' too",
     )
     parser.add_argument("--no-chunked", action="store_true", help="the frontier family only")
+    parser.add_argument(
+        "--stream-variants",
+        action="store_true",
+        help="three more 2M stream rows: other readings of the reference's stream run (stream_variants)",
+    )
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    pgttt_log = logging.getLogger("pgttt")  # the engine's own lines: each warm-up graph's seconds
+    pgttt_log.setLevel(logging.INFO)
+    pgttt_log.addHandler(logging.StreamHandler(sys.stdout))
     if args.compile_cache is not None:
         log(f"compile cache {use_compile_cache(args.compile_cache)}")
     name = torch.cuda.get_device_name()

@@ -10,6 +10,8 @@ and one gather each; only the scored positions go through the output layer.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +26,8 @@ from .config import EvalConfig
 from .distributed import World
 from .plan import Plan, plan_windows, share
 from .protocol import resolved_shape
+
+log = logging.getLogger(__name__)
 
 
 def score_batch(model: GPT, x: Tensor, positions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -194,30 +198,36 @@ def warm_up(
     model.cache_rotary(length, device)
     shape = ("score", rows, length, config.stride)
     if shape not in steps.warmed:
+        t0 = time.perf_counter()
         hi = min(1 + rows, plan.num_windows)
         with torch.no_grad():
             for _ in range(2):
                 score_windows(steps, batches, 1, hi, rows, precision)
         steps.warmed.add(shape)
+        log.info(
+            "chunked warm-up: scoring %d x %d (width %d) %.1f s", rows, length, config.stride, time.perf_counter() - t0
+        )
     chunk_seqs = config.chunk_tokens // length if config.ttt_epochs > 0 else 0
     shares = (share(count, world.rank, world.size) for count in {min(rows, chunk_seqs), chunk_seqs % rows} - {0})
     counts = {b - a for a, b in shares} - {0}
     adapted = tuple(id(p) for p in params)
 
-    def train_twice(count: int) -> None:
+    def train_twice(count: int, what: str) -> None:
+        t0 = time.perf_counter()
         with training(model, params):
             for _ in range(2):
                 train_loss(steps, batches, 0, count, precision, adapted).backward()
                 for p in params:  # as run_chunked does before each step (a CUDA graph's replay reuses them)
                     p.grad = None
+        log.info("chunked warm-up: training %s (%d x %d) %.1f s", what, count, length, time.perf_counter() - t0)
 
     if counts and ("train-any", length, adapted) not in steps.warmed:
         # The dynamic-batch graph, at a size no static graph takes: it serves chunk sizes no warm-up saw.
-        train_twice(max(2, max(counts) + 1))
+        train_twice(max(2, max(counts) + 1), "any batch size")
         steps.warmed.add(("train-any", length, adapted))
     for count in counts:
         train_shape = (count, length, adapted)
         if train_shape in steps.static_batches or not (static_training or count == 1):
             continue  # the dynamic graph takes it as it is (a batch of one is always specialised)
         steps.static_batches.add(train_shape)  # first, so that these calls compile the static graph
-        train_twice(count)
+        train_twice(count, "static")

@@ -3,6 +3,7 @@ numbers, and after warm-up an evaluation (TTT, or sliding with the same shapes) 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 
@@ -22,7 +23,7 @@ from tests.helpers.ttt import (
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-def test_compiled_equals_plain_and_warm_up_covers_every_shape():
+def test_compiled_equals_plain_and_warm_up_covers_every_shape(caplog: pytest.LogCaptureFixture):
     val = ValSet.from_tokens(np.random.default_rng(5).integers(0, MICRO.vocab_size, 400))
     tables = random_tables(MICRO.vocab_size, seed=5)
     # 384 targets: window 0's batch (all positions scored), full batches, a short last batch in each chunk
@@ -31,8 +32,15 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape():
     compiled_config = EvalConfig(**base, compile=True)
     session = EvalSession(micro_model(seed=9))  # fresh: warm-up is the first thing its model runs
     before = counters["stats"]["unique_graphs"]
-    warm_s = session.warmup(compiled_config, device="cpu")
+    with caplog.at_level(logging.INFO, logger="pgttt.ttt.chunked_compiled"):
+        warm_s = session.warmup(compiled_config, device="cpu")
     graphs = counters["stats"]["unique_graphs"]
+    # Each graph's compile is logged with its shape and seconds, so a slow start can be read off the log.
+    assert [r.getMessage().rsplit(" ", 2)[0] for r in caplog.records] == [
+        "chunked warm-up: scoring 3 x 16 (width 4)",
+        "chunked warm-up: training any batch size (3 x 16)",
+        "chunked warm-up: training static (2 x 16)",
+    ]
     # One graph per shape: scoring at the stride, training at the warmed batch size (static) and at any other
     # (dynamic batch). Window 0, scored at every position, runs plain: no graph of its own. A fourth would mean
     # a graph guards on state that changes after its first call (the rotary tables' cache did).
