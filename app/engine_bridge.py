@@ -240,7 +240,7 @@ class DeviceEngine:
         if compile_cache is not None:  # in the worker process, before it compiles anything
             use_compile_cache(compile_cache)
         self.device = torch.device(device)
-        self.world_sizes = world_sizes  # jobs of 1 GPU and the gangs this device may join: warmed at start
+        self.world_sizes = world_sizes  # jobs of 1 GPU and the gangs this device may join (warmup_rest)
         self.cuda_graphs = cuda_graphs
         self.sessions: dict[str, EvalSession] = {}
         self._val: dict[tuple[str, int], ValSet] = {}
@@ -254,6 +254,14 @@ class DeviceEngine:
         self.sessions[spec.name] = session
 
     def warmup(self) -> None:
+        """What a job of one GPU with the default config runs: the worker is ready after this. The graph for
+        batch sizes no warm-up saw and the gangs' training shares wait for ``warmup_rest``."""
+        for session in self.sessions.values():
+            session.warmup(device=self.device, fallback=False)
+
+    def warmup_rest(self) -> None:
+        """The rest, once the worker is ready and nothing is queued (``WarmOrder``); jobs before it run those
+        shapes uncompiled, never waiting for a compile."""
         for session in self.sessions.values():
             session.warmup(device=self.device, world_sizes=self.world_sizes)
 

@@ -34,7 +34,12 @@ class StopOrder:
     """Exit after the current job."""
 
 
-Order = RunOrder | LoadOrder | StopOrder
+@dataclass(frozen=True)
+class WarmOrder:
+    """Compile what the start's warm-up left out (the engine's ``warmup_rest``): sent once, when nothing is queued."""
+
+
+Order = RunOrder | LoadOrder | StopOrder | WarmOrder
 
 # ---- reports: worker -> server --------------------------------------------------------------------
 

@@ -202,6 +202,11 @@ class Scheduler:
     def dispatch(self) -> None:
         if not self._started:
             return
+        self._dispatch_jobs()
+        if not self.pending:  # jobs first: the graphs a start left out compile when nothing waits
+            self.pool.warm_rest()
+
+    def _dispatch_jobs(self) -> None:
         while self.pending:
             job = self.live[self.pending[0]]
             alive = self.alive

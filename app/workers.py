@@ -39,13 +39,14 @@ from .messages import (
     StartFailed,
     StateReport,
     StopOrder,
+    WarmOrder,
 )
 
 log = logging.getLogger("pgttt.app.workers")
 SPAWN = multiprocessing.get_context("spawn")
 
-# Worker states, as /readyz and /metrics show them.
-WORKER_STATES = ("starting", "loading", "warming", "idle", "busy", "restarting", "failed")
+# Worker states, as /readyz and /metrics show them. "compiling": ready, compiling what the start left out.
+WORKER_STATES = ("starting", "loading", "warming", "idle", "busy", "compiling", "restarting", "failed")
 # Seconds before starting a worker again, by how many starts in a row have failed (0: it died in a job).
 RESTART_DELAYS_S = (0.0, 1.0, 3.0, 7.0, 15.0)
 PROGRESS_INTERVAL_S = 0.2
@@ -140,6 +141,18 @@ def worker_main(
                     report.send(LoadFailed(spec.name, f"{type(exc).__name__}: {exc}"))
             case RunOrder():
                 _run(engine, order, report, cancel, device)
+            case WarmOrder():
+                _warm_rest(engine, report, device)
+
+
+def _warm_rest(engine: Any, report: _Reporter, device: str) -> None:
+    """The graphs the start left out. Jobs meanwhile run those shapes uncompiled, so a failure here only
+    leaves them so: it is logged, and the worker serves on."""
+    try:
+        engine.warmup_rest()
+    except Exception:  # noqa: BLE001
+        log.error("worker on %s: compiling the remaining graphs failed:\n%s", device, traceback.format_exc())
+    report.send(StateReport("idle", _memory(device)))
 
 
 def _run(engine: Any, order: RunOrder, report: _Reporter, cancel: Any, device: str) -> None:
@@ -201,10 +214,11 @@ class Worker:
     conn: Any = field(default=None, repr=False)
     cancel: Any = field(default=None, repr=False)
     last_error: str | None = None
+    warm_pending: bool = False  # the start's warm-up left graphs to a WarmOrder
 
     @property
     def ready(self) -> bool:
-        return self.state in ("idle", "busy")
+        return self.state in ("idle", "busy", "compiling")
 
 
 class WorkerPool:
@@ -240,6 +254,7 @@ class WorkerPool:
         parent_conn, child_conn = SPAWN.Pipe()
         worker.cancel = SPAWN.Event()
         worker.conn, worker.state, worker.job_id = parent_conn, "starting", None
+        worker.warm_pending = self._warmup
         worker.process = SPAWN.Process(
             target=worker_main,
             args=(
@@ -332,6 +347,17 @@ class WorkerPool:
             worker.conn.send(order)
         except OSError:
             pass  # it just died: its exit report fails the job
+
+    def warm_rest(self) -> None:
+        """Send the idle workers whose start left graphs out their ``WarmOrder`` (the scheduler calls this when
+        nothing is queued): each is "compiling", ready but not idle, until it reports idle again."""
+        for worker in self.idle():
+            if worker.warm_pending:
+                worker.state, worker.warm_pending = "compiling", False
+                try:
+                    worker.conn.send(WarmOrder())
+                except OSError:
+                    pass  # it just died: it starts again
 
     def load(self, spec: Any) -> None:
         """Tell every live worker to load a newly registered checkpoint (after its current job)."""

@@ -78,6 +78,21 @@ def case_name(case: dict) -> str:
     return f"compat ttt {case['epochs']}/{case['chunk_tokens'] // 1024}K"
 
 
+def compat_config(case: dict) -> EvalConfig:
+    """A ``compat/expected.json`` GPU case's settings."""
+    if case["kind"] == "sliding":
+        return EvalConfig(seq_len=case["seq_len"], stride=case["stride"], ttt_epochs=0)
+    return EvalConfig(
+        seq_len=case["seq_len"],
+        stride=case["stride"],
+        ttt_epochs=case["epochs"],
+        chunk_tokens=case["chunk_tokens"],
+        ttt_lr=case["lr"],
+        ttt_momentum=case["momentum"],
+        batch_seqs=case["batch_seqs"],
+    )
+
+
 def log(*args: object) -> None:
     print(*args, flush=True)
 
@@ -228,20 +243,8 @@ def main() -> int:
         run("2M stream ttt 3/32K", stream_set, EvalConfig(), None, None)
 
     for case in gpu["cases"]:
-        if case["kind"] == "sliding":
-            cfg = EvalConfig(seq_len=case["seq_len"], stride=case["stride"], ttt_epochs=0)
-            tol = gpu["tolerance_bpb"]["sliding"]
-        else:
-            cfg = EvalConfig(
-                seq_len=case["seq_len"],
-                stride=case["stride"],
-                ttt_epochs=case["epochs"],
-                chunk_tokens=case["chunk_tokens"],
-                ttt_lr=case["lr"],
-                ttt_momentum=case["momentum"],
-                batch_seqs=case["batch_seqs"],
-            )
-            tol = gpu["tolerance_bpb"]["ttt"]
+        cfg = compat_config(case)
+        tol = gpu["tolerance_bpb"]["sliding" if case["kind"] == "sliding" else "ttt"]
         run(case_name(case), data_dir, cfg, case["val_bpb"], tol)
 
     if not args.skip_stream and not args.quick:

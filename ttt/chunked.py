@@ -267,9 +267,10 @@ class Chunked:
         *,
         tokens: np.ndarray | None = None,
         static_training: bool = False,
+        fallback: bool | None = None,
     ) -> None:
         """In an evaluation (not ``EvalSession.warmup``), a new training batch size takes the dynamic-batch graph
-        instead of a compile of its own (``chunked_compiled.warm_up``)."""
+        instead of a compile of its own, or runs plain while that graph is deferred (``chunked_compiled.warm_up``)."""
         if config.compile:
             warm_up(
                 model,
@@ -278,6 +279,7 @@ class Chunked:
                 adapted_params(model, config),
                 world,
                 static_training=static_training,
+                fallback=fallback,
             )
 
     def run(

@@ -45,8 +45,9 @@ class Steps:
     every batch; window 0, the one window scored at every position, runs alone through the plain function
     (``score_first``): once an evaluation, it is not worth a graph of its own. Training batches whose shape was
     warmed up (``warm_up``) run static graphs; any other batch size runs one graph with a dynamic batch
-    dimension, so a new chunk size never compiles. Run 5 (bench/RESULTS.md) measured the dynamic graph 14-22%
-    slower than static ones.
+    dimension (the fallback), so a new chunk size never compiles, or the plain ``GPT.loss`` while the fallback
+    is deferred to a later warm-up (``fallback_deferred``). Run 5 (bench/RESULTS.md) measured the dynamic graph
+    14-22% slower than static ones; compiling it took 84 s of a 175 s cold warm-up on an H200 (run 26).
 
     With ``cuda_graphs`` (the default) the static training graphs are replayed as CUDA graphs (Inductor's
     ``reduce-overhead`` mode): one launch instead of ~1,000 kernel launches a step. A gang's ranks train
@@ -63,6 +64,9 @@ class Steps:
         self.warmed: set[tuple[Any, ...]] = set()
         # (sequences, seq_len, ids of the adapted parameters) of the training batches with static graphs.
         self.static_batches: set[tuple[int, int, tuple[int, ...]]] = set()
+        # (seq_len, ids of the adapted parameters) the dynamic-batch graph serves; other batches run plain.
+        self.dynamic_batches: set[tuple[int, tuple[int, ...]]] = set()
+        self.fallback_deferred = False  # an explicit warm-up left the dynamic graph to a later one
 
         def score(x: Tensor, positions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
             return score_batch(model, x, positions, targets, mask)
@@ -86,6 +90,8 @@ class Steps:
                         # again (run_chunked drops the gradients first), so this replay may reuse their memory.
                         torch.compiler.cudagraph_mark_step_begin()
                     return static_loss(x, y)
+                if (x.size(1), adapted) not in self.dynamic_batches:
+                    return model.loss(x, y)  # no graph for it yet: plain, never a compile inside a job
                 # A batch of one sequence is specialised (and warmed up) separately even here.
                 torch._dynamo.maybe_mark_dynamic(x, 0)
                 torch._dynamo.maybe_mark_dynamic(y, 0)
@@ -181,13 +187,16 @@ def warm_up(
     world: World | None = None,
     *,
     static_training: bool = True,
+    fallback: bool | None = None,
 ) -> None:
     """Run every batch shape an evaluation with ``config`` (resolved) uses, through its own batch builders,
     so it never compiles. Each shape runs twice: a guard the first call leaves behind (a cache filled on
     the way) fails on the second, which compiles the graph that real calls then reuse. Training batch
     sizes get static graphs with ``static_training`` (an explicit warm-up); otherwise the dynamic-batch
-    graph takes them and nothing new compiles. ``params``: the parameters TTT adapts (``chunked.adapted_params``).
-    Weights unchanged."""
+    graph takes them and nothing new compiles. ``fallback``: whether to compile that dynamic-batch graph:
+    False defers it to a later warm-up that passes True (batches without a graph run plain meanwhile), None
+    does what the last explicit choice said (compile, unless deferred). ``params``: the parameters TTT adapts
+    (``chunked.adapted_params``). Weights unchanged."""
     world = world or World.current()
     device = next(model.parameters()).device
     (length, precision), rows = resolved_shape(config), config.batch_seqs
@@ -221,13 +230,15 @@ def warm_up(
                     p.grad = None
         log.info("chunked warm-up: training %s (%d x %d) %.1f s", what, count, length, time.perf_counter() - t0)
 
-    if counts and ("train-any", length, adapted) not in steps.warmed:
+    if fallback is not None:
+        steps.fallback_deferred = not fallback
+    if counts and not steps.fallback_deferred and (length, adapted) not in steps.dynamic_batches:
         # The dynamic-batch graph, at a size no static graph takes: it serves chunk sizes no warm-up saw.
+        steps.dynamic_batches.add((length, adapted))  # first, so that these calls compile it
         train_twice(max(2, max(counts) + 1), "any batch size")
-        steps.warmed.add(("train-any", length, adapted))
     for count in counts:
         train_shape = (count, length, adapted)
         if train_shape in steps.static_batches or not (static_training or count == 1):
-            continue  # the dynamic graph takes it as it is (a batch of one is always specialised)
+            continue  # the dynamic graph or the plain loss takes it (a batch of one is always specialised)
         steps.static_batches.add(train_shape)  # first, so that these calls compile the static graph
         train_twice(count, "static")

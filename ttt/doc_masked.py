@@ -273,6 +273,7 @@ class DocMasked:
         *,
         tokens: np.ndarray | None = None,
         static_training: bool = False,
+        fallback: bool | None = None,
     ) -> None:
         pass
 

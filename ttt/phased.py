@@ -288,9 +288,10 @@ class Phased:
         *,
         tokens: np.ndarray | None = None,
         static_training: bool = False,
+        fallback: bool | None = None,
     ) -> None:
-        """Every batch size of ``tokens``' queue (without them, ``ttt_batch_size``); the step's graphs are all
-        static, so ``static_training`` changes nothing."""
+        """Every batch size of ``tokens``' queue (without them, ``ttt_batch_size``); the step has one graph per
+        batch size and no fallback, so ``static_training`` and ``fallback`` change nothing."""
         if config.compile:
             step = self.compiled_step(compiled)
             for rows in [config.ttt_batch_size] if tokens is None else batch_sizes(tokens, config):

@@ -132,10 +132,14 @@ class Protocol(typing.Protocol):
         *,
         tokens: np.ndarray | None = None,
         static_training: bool = False,
+        fallback: bool | None = None,
     ) -> None:
         """Compile what ``config`` needs on ``model`` (the shapes of ``tokens``' evaluation when given), so the
         evaluation itself never compiles; nothing when ``config.compile`` is off. ``static_training``: an
-        explicit warm-up (``EvalSession.warmup``), which may compile graphs an evaluation would not."""
+        explicit warm-up (``EvalSession.warmup``), which may compile graphs an evaluation would not.
+        ``fallback``: a protocol's graph for shapes no warm-up saw, if it has one (chunked: training batches of
+        any size): False leaves it to a later warm-up that passes True, and evaluations until then run those
+        shapes uncompiled; None: as the last explicit warm-up chose."""
         ...
 
     def run(

@@ -204,11 +204,14 @@ class EvalSession:
         device: str | torch.device | None = None,
         seq_lens: list[int | None] | None = None,
         world_sizes: Iterable[int] = (1,),
+        fallback: bool = True,
     ) -> float:
         """Compile every batch shape of ``config`` (at each of ``seq_lens``), so no evaluation compiles;
         training batches get static graphs at the shares of every rank of each of ``world_sizes`` (jobs
-        this device may run with others). Returns the seconds spent; nothing happens when compilation is
-        off (the default on CPUs)."""
+        this device may run with others). ``fallback=False`` leaves out the graph that serves shapes no
+        warm-up saw (``Protocol.warm_up``): a service ready sooner, which compiles it later with another
+        call (``fallback=True``; shapes already compiled are skipped) while evaluations run those shapes
+        uncompiled. Returns the seconds spent; nothing happens when compilation is off (the default on CPUs)."""
         device = torch.device(device) if device is not None else default_device()
         config = config or EvalConfig()
         t0 = time.perf_counter()
@@ -220,7 +223,12 @@ class EvalSession:
                 for size in world_sizes:
                     for rank in range(size):
                         protocol.warm_up(
-                            worker.model, self._compiled(worker), cfg, World(rank, size), static_training=True
+                            worker.model,
+                            self._compiled(worker),
+                            cfg,
+                            World(rank, size),
+                            static_training=True,
+                            fallback=fallback,
                         )
         return time.perf_counter() - t0
 

@@ -408,6 +408,25 @@ def test_non_finite_numbers_are_null_in_json():
     json.dumps(out, allow_nan=False)
 
 
+def test_a_worker_compiles_what_its_start_left_out_once_ready_and_jobs_then_wait_in_the_queue(tmp_path, monkeypatch):
+    from tests.helpers.app import EngineSlowToWarmTheRest
+
+    rest_log = tmp_path / "rest.log"
+    monkeypatch.setenv("PGTTT_TEST_REST_LOG", str(rest_log))  # the spawned worker inherits it
+    settings = Settings(checkpoint_dirs=[DEMO], data_dirs=[DEMO], state_dir=tmp_path, devices=["cpu"])
+    app = create_app(settings, engine_factory=EngineSlowToWarmTheRest)
+    worker = app.state.service.pool.workers[0]
+    with TestClient(app) as c:
+        wait_for(lambda: worker.state == "compiling", 90, "the worker to compile the rest")
+        r = c.get("/readyz")
+        assert r.status_code == 200 and r.json()["workers"][0]["state"] == "compiling"
+        job = c.post("/eval", json=QUICK).json()
+        assert job["state"] == "queued"  # not sent to a worker that is compiling
+        assert wait_job(c, job["id"])["state"] == "succeeded"
+        assert worker.state == "idle" and not worker.warm_pending
+    assert len(rest_log.read_text().splitlines()) == 1  # once a start, not after every job
+
+
 def test_workers_that_cannot_start_are_retried_then_marked_failed(tmp_path):
     from tests.helpers.app import EngineThatCannotStart
 

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import torch
 
+from pgttt.app.engine_bridge import DeviceEngine
 from pgttt.app.settings import demo_dir
 from pgttt.checkpoints.config import PRESETS
 from pgttt.checkpoints.format import save_model_bin
@@ -159,6 +160,17 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
+
+
+class EngineSlowToWarmTheRest(DeviceEngine):
+    """The real engine, whose compile of what its start left out (``warmup_rest``) takes 5 s more and writes a
+    line to the file ``$PGTTT_TEST_REST_LOG`` each call."""
+
+    def warmup_rest(self) -> None:
+        with open(os.environ["PGTTT_TEST_REST_LOG"], "a") as log:
+            log.write(f"{time.time()}\n")
+        time.sleep(5)
+        super().warmup_rest()
 
 
 class EngineThatCannotStart:

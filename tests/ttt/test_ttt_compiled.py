@@ -82,6 +82,35 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape(caplog: pytest.Log
     assert sliding.val_bpb != compiled.val_bpb
 
 
+def test_a_warm_up_that_defers_the_fallback_graph_runs_other_batch_sizes_plain_until_a_later_one():
+    # What a server does to be ready sooner: the default config's graphs first, the dynamic-batch graph after.
+    # A seq_len no other test compiles: graphs serve every model of the same shapes, and would be counted there.
+    base = dict(seq_len=12, stride=4, ttt_epochs=1, chunk_tokens=24, batch_seqs=3, ttt_lr=0.05, precision="fp32")
+    val = ValSet.from_tokens(np.random.default_rng(6).integers(0, MICRO.vocab_size, 300))
+    tables = random_tables(MICRO.vocab_size, seed=6)
+    default = EvalConfig(**base, compile=True)
+    other = EvalConfig(**{**base, "chunk_tokens": 36}, compile=True)  # 3 sequences a chunk; the default trains 2
+    plain = EvalSession(micro_model(seed=6)).evaluate(val, tables, replace(other, compile=False), device="cpu")
+    session = EvalSession(micro_model(seed=6))
+    before = counters["stats"]["unique_graphs"]
+    session.warmup(default, device="cpu", fallback=False)
+    ready = counters["stats"]["unique_graphs"]
+    assert ready - before == 2  # scoring and the static training graph of the default config only
+    steps = session.worker(torch.device("cpu"), "fp32").twins[("chunked", True)]
+    assert steps.fallback_deferred and not steps.dynamic_batches
+
+    deferred = session.evaluate(val, tables, other, device="cpu")
+    assert counters["stats"]["unique_graphs"] == ready, "a job compiled the deferred graph"
+    assert math.isclose(deferred.loss_sum, plain.loss_sum, rel_tol=1e-6)
+
+    session.warmup(default, device="cpu")  # later: only the fallback compiles
+    assert counters["stats"]["unique_graphs"] == ready + 1
+    assert not steps.fallback_deferred and steps.dynamic_batches
+    served = session.evaluate(val, tables, other, device="cpu")
+    assert counters["stats"]["unique_graphs"] == ready + 1, "the fallback graph did not serve the other size"
+    assert math.isclose(served.loss_sum, plain.loss_sum, rel_tol=1e-6)
+
+
 def test_warm_up_covers_the_training_shares_of_gangs():
     # 5 sequences a chunk in batches of 3: one GPU trains on 3 and 2; each of two ranks on 2 and 1, or 1 and 1.
     config = EvalConfig(
