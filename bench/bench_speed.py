@@ -157,6 +157,7 @@ class Bench:
                 f"{r['graphs']:>6}"
             )
         log(f"bf16 matmul rate {self.rate:.0f} TFLOP/s; GPU kind {self.kind}; compile cache {cache_counts()}")
+        log(f"compile times (s, by phase, the whole process):\n{torch._dynamo.utils.compile_times()}")
 
 
 def chunked_cases(bench: Bench, shared: Path) -> None:
@@ -198,7 +199,6 @@ def chunked_cases(bench: Bench, shared: Path) -> None:
     t0 = time.perf_counter()
     session.warmup(EvalConfig(), device="cuda", seq_lens=[2048])
     log(f"chunked warm-up, the rest (the fallback graph) {time.perf_counter() - t0:.1f} s")
-    log(f"compile times:\n{torch._dynamo.utils.compile_times()}")
     for name, (cfg, bpb) in cases.items():
         bench.case(name, lambda name=name, cfg=cfg, bpb=bpb: run(name, data_dir, cfg, bpb))
     name = "2M stream ttt 3/32K"
