@@ -153,7 +153,8 @@ class WorkerPool:
         reason = _describe_exit(worker, worker.process.exitcode)
         job_id = worker.job_id
         worker.job_id = None
-        if worker.state in ("starting", "loading", "warming") or worker.last_error:
+        # Dying while compiling what the start left out counts too, so that a compile that always kills it ends.
+        if worker.state in ("starting", "loading", "warming", "compiling") or worker.last_error:
             worker.start_failures += 1
         log.warning("worker %d (%s) exited: %s", worker.index, worker.device, reason)
         self._on_exit(worker, job_id, reason)
