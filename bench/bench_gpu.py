@@ -31,7 +31,7 @@ import torch
 
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.ttt.config import EvalConfig
-from pgttt.ttt.data import load_val, open_shard, write_shard
+from pgttt.ttt.data import load_val, open_shard, trim_stream, write_shard
 from pgttt.ttt.session import EvalSession
 
 # GPU kind -> where ``gpu_bf16`` in compat/expected.json keeps the reference evaluators' seconds on that kind.
@@ -91,6 +91,17 @@ def compat_config(case: dict) -> EvalConfig:
         ttt_momentum=case["momentum"],
         batch_seqs=case["batch_seqs"],
     )
+
+
+def throughput_stream(data_dir: Path, tokens: int, *, trim_val: int | None = None) -> np.ndarray:
+    """``expected.json``'s ``throughput_stream``: the val shard's tokens then the train shard's, the first
+    ``tokens + 1``. ``trim_val``: the val part cut to its ``usable + 1`` at that seq_len first (a reading of the
+    reference's run that ``bench_speed.py --stream-variants`` tries)."""
+    val = np.asarray(open_shard(data_dir / "fineweb_val_000000.bin"))
+    if trim_val is not None:
+        val = trim_stream(val, trim_val)
+    train = np.asarray(open_shard(data_dir / "fineweb_train_000000.bin"))
+    return np.concatenate([val, train])[: tokens + 1]
 
 
 def log(*args: object) -> None:
@@ -232,12 +243,8 @@ def main() -> int:
         warm_s += session.warmup(EvalConfig(chunk_tokens=65536), device=device, seq_lens=[2048])
     log(f"load {load_s:.1f}s, warm-up {warm_s:.1f}s ({time.perf_counter() - t0:.1f}s wall)")
 
-    stream_info = gpu["throughput_stream"]
-    val = open_shard(data_dir / "fineweb_val_000000.bin")
-    train = open_shard(data_dir / "fineweb_train_000000.bin")
-    stream = np.concatenate([np.asarray(val), np.asarray(train)])[: stream_info["tokens"] + 1]
     tmp = Path(tempfile.mkdtemp())
-    write_shard(tmp / "fineweb_val_000000.bin", stream)
+    write_shard(tmp / "fineweb_val_000000.bin", throughput_stream(data_dir, gpu["throughput_stream"]["tokens"]))
     stream_set = load_val(tmp, model_cfg.vocab_size)
     if args.quick:
         run("2M stream ttt 3/32K", stream_set, EvalConfig(), None, None)

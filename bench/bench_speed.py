@@ -34,13 +34,21 @@ from typing import Any
 import numpy as np
 import torch
 from bench_frontier import GPU_TOLERANCE, case_config
-from bench_gpu import case_name, compat_config, flops_per_token, gpu_kind, matmul_tflops, reference_seconds
+from bench_gpu import (
+    case_name,
+    compat_config,
+    flops_per_token,
+    gpu_kind,
+    matmul_tflops,
+    reference_seconds,
+    throughput_stream,
+)
 from torch._dynamo.utils import counters
 
 from pgttt.checkpoints.config import ModelConfig
 from pgttt.ttt import EvalConfig, EvalSession, load_val
 from pgttt.ttt.compile_cache import cache_counts, use_compile_cache
-from pgttt.ttt.data import open_shard, write_shard
+from pgttt.ttt.data import write_shard
 from pgttt.ttt.documents import chunk_window, find_documents, num_chunks, select_documents
 from pgttt.ttt.phased_compiled import PhasedStep
 
@@ -203,40 +211,46 @@ def chunked_cases(bench: Bench, shared: Path) -> None:
         bench.case(name, lambda name=name, cfg=cfg, bpb=bpb: run(name, data_dir, cfg, bpb))
     name = "2M stream ttt 3/32K"
     if bench.wanted(name):
-        stream_info = gpu["throughput_stream"]
-        val = open_shard(data_dir / "fineweb_val_000000.bin")
-        train = open_shard(data_dir / "fineweb_train_000000.bin")
-        stream = np.concatenate([np.asarray(val), np.asarray(train)])[: stream_info["tokens"] + 1]
-        folder = bench.args.out / "stream"
-        folder.mkdir(exist_ok=True)
-        write_shard(folder / "fineweb_val_000000.bin", stream)
-        stream_set = load_val(folder, session.config.vocab_size)
+        tokens = gpu["throughput_stream"]["tokens"]
+        stream = stream_set(bench.args.out / "stream", throughput_stream(data_dir, tokens), session)
         ref_bpb = gpu.get("reference_h200", {}).get("val_bpb", {}).get("throughput_stream_ttt_3_32768")
-        bench.case(name, lambda: run(name, stream_set, EvalConfig(), ref_bpb))
+        bench.case(name, lambda: run(name, stream, EvalConfig(), ref_bpb))
         if bench.args.stream_variants:
-            stream_variants(bench, session, run, data_dir, tokenizer, ref_bpb)
+            trimmed = throughput_stream(data_dir, tokens, trim_val=session.config.train_seq_len)
+            trimmed_set = stream_set(bench.args.out / "stream_trimmed_val", trimmed, session)
+            stream_variants(bench, session, run, data_dir, tokenizer, (stream, trimmed_set), ref_bpb)
+
+
+def stream_set(folder: Path, tokens: np.ndarray, session: EvalSession) -> Any:
+    """``tokens`` written to ``folder`` as its val shard, and loaded."""
+    folder.mkdir(exist_ok=True)
+    write_shard(folder / "fineweb_val_000000.bin", tokens)
+    return load_val(folder, session.config.vocab_size)
 
 
 def stream_variants(
-    bench: Bench, session: EvalSession, run: Any, data_dir: Path, tokenizer: Path, ref_bpb: float | None
+    bench: Bench,
+    session: EvalSession,
+    run: Any,
+    data_dir: Path,
+    tokenizer: Path,
+    streams: tuple[Any, Any],
+    ref_bpb: float | None,
 ) -> None:
     """Two readings of the reference's 2M stream run that ours may not share, alone and together, TTT 3/32K each
-    (diagnostic, for the bpb the reference printed): the stream from the *trimmed* val (600,065 tokens) then the
-    train shard, and the stream run from weights a compat TTT 3/32K run left adapted (a harness reusing one model)."""
-    val = open_shard(data_dir / "fineweb_val_000000.bin")
-    train = open_shard(data_dir / "fineweb_train_000000.bin")
-    trimmed_val = np.asarray(val)[: ((len(val) - 1) // 2048) * 2048 + 1]
-    folder = bench.args.out / "stream_trimmed_val"
-    folder.mkdir(exist_ok=True)
-    write_shard(folder / "fineweb_val_000000.bin", np.concatenate([trimmed_val, np.asarray(train)])[:2_000_001])
-    trimmed = load_val(folder, session.config.vocab_size)
-    stream = load_val(bench.args.out / "stream", session.config.vocab_size)
+    (diagnostic, for the bpb the reference printed): ``streams`` are ours and the one cut from the *trimmed* val
+    (600,065 tokens) then the train shard; the other reading runs from the weights a compat TTT 3/32K run left
+    adapted (a harness reusing one model)."""
+    stream, trimmed = streams
     worker = session.worker(torch.device("cuda"), "bf16")
+    adapted: dict[str, torch.Tensor] = {}  # the compat run's weights, from its first use
 
     def from_adapted(val: Any) -> dict[str, Any]:
-        session.evaluate(data_dir, tokenizer, EvalConfig(), device="cuda")  # leaves the weights adapted
+        if not adapted:
+            session.evaluate(data_dir, tokenizer, EvalConfig(), device="cuda")  # leaves the weights adapted
+            adapted.update({n: p.detach().clone() for n, p in worker.model.named_parameters()})
         pristine = worker.pristine
-        worker.pristine = {n: p.detach().clone() for n, p in worker.model.named_parameters()}
+        worker.pristine = adapted
         try:
             return run("2M stream ttt 3/32K", val, EvalConfig(), ref_bpb)
         finally:
