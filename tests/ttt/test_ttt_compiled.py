@@ -23,7 +23,7 @@ from tests.helpers.ttt import (
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-def test_compiled_equals_plain_and_warm_up_covers_every_shape(caplog: pytest.LogCaptureFixture):
+def test_compiled_equals_plain_and_a_warm_up_in_two_stages_covers_every_shape(caplog: pytest.LogCaptureFixture):
     val = ValSet.from_tokens(np.random.default_rng(5).integers(0, MICRO.vocab_size, 400))
     tables = random_tables(MICRO.vocab_size, seed=5)
     # 384 targets: window 0's batch (all positions scored), full batches, a short last batch in each chunk
@@ -31,28 +31,30 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape(caplog: pytest.Log
     base = dict(seq_len=16, stride=4, ttt_epochs=2, chunk_tokens=40, batch_seqs=3, ttt_lr=0.05, precision="fp32")
     compiled_config = EvalConfig(**base, compile=True)
     session = EvalSession(micro_model(seed=9))  # fresh: warm-up is the first thing its model runs
+
+    def messages() -> list[str]:
+        return [r.getMessage().rsplit(" ", 2)[0] for r in caplog.records]  # less the seconds
+
     before = counters["stats"]["unique_graphs"]
+    # What a server does to be ready sooner: the default config's graphs first, the dynamic-batch graph later.
     with caplog.at_level(logging.INFO, logger="pgttt.ttt.chunked_compiled"):
-        warm_s = session.warmup(compiled_config, device="cpu")
-    graphs = counters["stats"]["unique_graphs"]
+        warm_s = session.warmup(compiled_config, device="cpu", fallback=False)
+    ready = counters["stats"]["unique_graphs"]
     # Each graph's compile is logged with its shape and seconds, so a slow start can be read off the log.
-    assert [r.getMessage().rsplit(" ", 2)[0] for r in caplog.records] == [
-        "chunked warm-up: scoring 3 x 16 (width 4)",
-        "chunked warm-up: training any batch size (3 x 16)",
-        "chunked warm-up: training static (2 x 16)",
-    ]
-    # One graph per shape: scoring at the stride, training at the warmed batch size (static) and at any other
-    # (dynamic batch). Window 0, scored at every position, runs plain: no graph of its own. A fourth would mean
-    # a graph guards on state that changes after its first call (the rotary tables' cache did).
-    assert graphs - before == 3
+    assert messages() == ["chunked warm-up: scoring 3 x 16 (width 4)", "chunked warm-up: training static (2 x 16)"]
+    # One graph per shape: scoring at the stride, training at the warmed batch size. Window 0, scored at every
+    # position, runs plain: no graph of its own. A third would mean a graph guards on state that changes after
+    # its first call (the rotary tables' cache did).
+    assert ready - before == 2
     steps = session.worker(torch.device("cpu"), "fp32").twins[("chunked", True)]
+    assert steps.fallback_deferred and not steps.dynamic_batches
 
     def static_shapes() -> set[tuple[int, int]]:
         return {(count, length) for count, length, _ in steps.static_batches}
 
     assert static_shapes() == {(2, 16)}
     compiled = session.evaluate(val, tables, compiled_config, device="cpu")
-    assert counters["stats"]["unique_graphs"] == graphs, "the evaluation compiled after warm-up"
+    assert counters["stats"]["unique_graphs"] == ready, "the evaluation compiled after warm-up"
     assert compiled.timings["warmup_s"] < 0.01 < warm_s
 
     reference = EvalSession(micro_model(seed=9))
@@ -67,14 +69,26 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape(caplog: pytest.Log
     ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
-    # Another chunk size (3 sequences a chunk, not 2) takes the dynamic-batch graph: nothing compiles, and no
-    # static graph is added outside an explicit warm-up.
+    # Another chunk size (3 sequences a chunk, not 2) before the second stage: its batches run plain, and
+    # nothing compiles inside the job.
     other = EvalConfig(**{**base, "chunk_tokens": 48}, compile=True)
-    session.evaluate(val, tables, other, device="cpu")
-    assert counters["stats"]["unique_graphs"] == graphs, "a new chunk size compiled"
-    assert static_shapes() == {(2, 16)}
     plain_other = EvalSession(micro_model(seed=9)).evaluate(val, tables, replace(other, compile=False), device="cpu")
-    assert math.isclose(session.evaluate(val, tables, other, device="cpu").loss_sum, plain_other.loss_sum, rel_tol=1e-6)
+    deferred = session.evaluate(val, tables, other, device="cpu")
+    assert counters["stats"]["unique_graphs"] == ready, "a job compiled the deferred graph"
+    assert math.isclose(deferred.loss_sum, plain_other.loss_sum, rel_tol=1e-6)
+
+    # The second stage compiles only the dynamic-batch graph, which then takes that size; no static graph is
+    # added outside an explicit warm-up.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pgttt.ttt.chunked_compiled"):
+        session.warmup(compiled_config, device="cpu")
+    assert messages() == ["chunked warm-up: training any batch size (3 x 16)"]
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == ready + 1 and not steps.fallback_deferred and steps.dynamic_batches
+    served = session.evaluate(val, tables, other, device="cpu")
+    assert counters["stats"]["unique_graphs"] == graphs, "the dynamic-batch graph did not serve the other size"
+    assert static_shapes() == {(2, 16)}
+    assert math.isclose(served.loss_sum, plain_other.loss_sum, rel_tol=1e-6)
 
     # Scoring graphs do not depend on what TTT adapts: a sliding evaluation reuses them.
     sliding = session.evaluate(val, tables, EvalConfig(**{**base, "ttt_epochs": 0}, compile=True), device="cpu")
@@ -82,44 +96,16 @@ def test_compiled_equals_plain_and_warm_up_covers_every_shape(caplog: pytest.Log
     assert sliding.val_bpb != compiled.val_bpb
 
 
-def test_a_warm_up_that_defers_the_fallback_graph_runs_other_batch_sizes_plain_until_a_later_one():
-    # What a server does to be ready sooner: the default config's graphs first, the dynamic-batch graph after.
-    # A seq_len no other test compiles: graphs serve every model of the same shapes, and would be counted there.
-    base = dict(seq_len=12, stride=4, ttt_epochs=1, chunk_tokens=24, batch_seqs=3, ttt_lr=0.05, precision="fp32")
-    val = ValSet.from_tokens(np.random.default_rng(6).integers(0, MICRO.vocab_size, 300))
-    tables = random_tables(MICRO.vocab_size, seed=6)
-    default = EvalConfig(**base, compile=True)
-    other = EvalConfig(**{**base, "chunk_tokens": 36}, compile=True)  # 3 sequences a chunk; the default trains 2
-    plain = EvalSession(micro_model(seed=6)).evaluate(val, tables, replace(other, compile=False), device="cpu")
-    session = EvalSession(micro_model(seed=6))
-    before = counters["stats"]["unique_graphs"]
-    session.warmup(default, device="cpu", fallback=False)
-    ready = counters["stats"]["unique_graphs"]
-    assert ready - before == 2  # scoring and the static training graph of the default config only
-    steps = session.worker(torch.device("cpu"), "fp32").twins[("chunked", True)]
-    assert steps.fallback_deferred and not steps.dynamic_batches
-
-    deferred = session.evaluate(val, tables, other, device="cpu")
-    assert counters["stats"]["unique_graphs"] == ready, "a job compiled the deferred graph"
-    assert math.isclose(deferred.loss_sum, plain.loss_sum, rel_tol=1e-6)
-
-    session.warmup(default, device="cpu")  # later: only the fallback compiles
-    assert counters["stats"]["unique_graphs"] == ready + 1
-    assert not steps.fallback_deferred and steps.dynamic_batches
-    served = session.evaluate(val, tables, other, device="cpu")
-    assert counters["stats"]["unique_graphs"] == ready + 1, "the fallback graph did not serve the other size"
-    assert math.isclose(served.loss_sum, plain.loss_sum, rel_tol=1e-6)
-
-
 def test_warm_up_covers_the_training_shares_of_gangs():
-    # 5 sequences a chunk in batches of 3: one GPU trains on 3 and 2; each of two ranks on 2 and 1, or 1 and 1.
+    # 2 sequences a chunk in batches of 3: one GPU trains on 2, each of two ranks on 1. (The shapes of the test
+    # above, so that only the gang's share compiles.)
     config = EvalConfig(
-        seq_len=16, stride=4, ttt_epochs=1, chunk_tokens=80, batch_seqs=3, precision="fp32", compile=True
+        seq_len=16, stride=4, ttt_epochs=1, chunk_tokens=32, batch_seqs=3, precision="fp32", compile=True
     )
     session = EvalSession(micro_model(seed=2))
     session.warmup(config, device="cpu", world_sizes=(1, 2))
     steps = session.worker(torch.device("cpu"), "fp32").twins[("chunked", True)]
-    assert {(count, length) for count, length, _ in steps.static_batches} == {(3, 16), (2, 16), (1, 16)}
+    assert {(count, length) for count, length, _ in steps.static_batches} == {(2, 16), (1, 16)}
     graphs = counters["stats"]["unique_graphs"]
     session.evaluate(
         ValSet.from_tokens(np.arange(300) % MICRO.vocab_size),
@@ -134,7 +120,7 @@ def test_the_cuda_graphs_option_reaches_the_training_graphs_and_leaves_the_numbe
     # On the CPU Inductor runs reduce-overhead graphs without CUDA graphs: this checks the plumbing (session,
     # worker, steps) and that marking each training step does not change what the protocol computes.
     config = EvalConfig(
-        seq_len=16, stride=4, ttt_epochs=2, chunk_tokens=80, batch_seqs=3, precision="fp32", compile=True
+        seq_len=16, stride=4, ttt_epochs=2, chunk_tokens=32, batch_seqs=3, precision="fp32", compile=True
     )
     val = ValSet.from_tokens(np.random.default_rng(3).integers(0, MICRO.vocab_size, 300))
     tables = random_tables(MICRO.vocab_size, seed=3)
