@@ -97,15 +97,15 @@ def test_compiled_equals_plain_and_a_warm_up_in_two_stages_covers_every_shape(ca
 
 
 def test_warm_up_covers_the_training_shares_of_gangs():
-    # 2 sequences a chunk in batches of 3: one GPU trains on 2, each of two ranks on 1. (The shapes of the test
-    # above, so that only the gang's share compiles.)
+    # 5 sequences a chunk in batches of 3: one GPU trains on 3 and 2; each of two ranks on 2 and 1, or 1 and 1.
+    # (Scoring, the dynamic graph and the 2-sequence one are the test above's: they do not compile again.)
     config = EvalConfig(
-        seq_len=16, stride=4, ttt_epochs=1, chunk_tokens=32, batch_seqs=3, precision="fp32", compile=True
+        seq_len=16, stride=4, ttt_epochs=1, chunk_tokens=80, batch_seqs=3, precision="fp32", compile=True
     )
     session = EvalSession(micro_model(seed=2))
     session.warmup(config, device="cpu", world_sizes=(1, 2))
     steps = session.worker(torch.device("cpu"), "fp32").twins[("chunked", True)]
-    assert {(count, length) for count, length, _ in steps.static_batches} == {(2, 16), (1, 16)}
+    assert {(count, length) for count, length, _ in steps.static_batches} == {(3, 16), (2, 16), (1, 16)}
     graphs = counters["stats"]["unique_graphs"]
     session.evaluate(
         ValSet.from_tokens(np.arange(300) % MICRO.vocab_size),
@@ -120,7 +120,7 @@ def test_the_cuda_graphs_option_reaches_the_training_graphs_and_leaves_the_numbe
     # On the CPU Inductor runs reduce-overhead graphs without CUDA graphs: this checks the plumbing (session,
     # worker, steps) and that marking each training step does not change what the protocol computes.
     config = EvalConfig(
-        seq_len=16, stride=4, ttt_epochs=2, chunk_tokens=32, batch_seqs=3, precision="fp32", compile=True
+        seq_len=16, stride=4, ttt_epochs=2, chunk_tokens=80, batch_seqs=3, precision="fp32", compile=True
     )
     val = ValSet.from_tokens(np.random.default_rng(3).integers(0, MICRO.vocab_size, 300))
     tables = random_tables(MICRO.vocab_size, seed=3)
